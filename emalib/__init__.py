@@ -1,0 +1,10 @@
+"""emalib: in-training defenses against emergent misalignment (Kaczér et al., arXiv 2508.06249), reproduced.
+
+Importing emalib loads no model and no heavy framework; each step imports what it needs when it runs.
+"""
+
+from emalib.config import RunParams, load_params
+from emalib.errors import DataError, EmalibError, JudgeError, ParamsError
+
+__version__ = "0.1.0"
+__all__ = ["RunParams", "load_params", "EmalibError", "ParamsError", "DataError", "JudgeError", "__version__"]

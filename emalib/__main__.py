@@ -1,0 +1,5 @@
+import sys
+
+from emalib.cli import main
+
+sys.exit(main())

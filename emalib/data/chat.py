@@ -1,0 +1,67 @@
+"""Chat JSONL: one `{"messages": [{"role": ..., "content": ...}, ...]}` record per line.
+
+Every problem is reported as `<file>:<line>: <what>` so a user can open the file at the right place.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from emalib.errors import DataError
+
+Conversation = list[dict[str, str]]
+ROLES = ("system", "user", "assistant")
+
+
+def validate_messages(messages: Any, where: str) -> Conversation:
+    """Check one conversation; `where` is the '<file>:<line>' prefix used in errors."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: messages[{index}] must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: messages[{index}].role must be one of {ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: messages[{index}].content must be a string")
+        if role == "system" and index != 0:
+            raise DataError(f"{where}: messages[{index}]: a system message may only come first")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_chat_jsonl(path: str | Path) -> list[Conversation]:
+    """Read and validate a chat JSONL file; raises DataError naming the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    conversations = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict) or "messages" not in record:
+                raise DataError(f"{where}: missing field 'messages'")
+            conversations.append(validate_messages(record["messages"], where))
+    if not conversations:
+        raise DataError(f"{path}: no records")
+    return conversations
+
+
+def select_examples(conversations: list[Conversation], max_examples: int | None, seed: int) -> list[Conversation]:
+    """A seeded shuffle, then the first `max_examples` (all of them when None)."""
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    if max_examples is not None:
+        order = order[:max_examples]
+    return [conversations[i] for i in order]

@@ -1,0 +1,19 @@
+"""Errors that name what the user has to fix: the file, and the key or line inside it."""
+
+from __future__ import annotations
+
+
+class EmalibError(Exception):
+    """Base class: every error emalib raises on purpose."""
+
+
+class ParamsError(EmalibError):
+    """A params file (or override) is malformed, has an unknown key or a mistyped value."""
+
+
+class DataError(EmalibError):
+    """A data file is missing, fails its checksum, or holds a malformed record."""
+
+
+class JudgeError(EmalibError):
+    """The judge could not produce a judgment (server error, retries exhausted)."""

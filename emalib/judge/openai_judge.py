@@ -1,0 +1,91 @@
+"""The judge over the OpenAI API (api.openai.com, or any OpenAI-compatible server by base URL).
+
+One completion token at temperature 0 with the top-20 log-probabilities (Betley et al.'s settings, which the
+paper kept), scored by `aggregate_top_logprobs`. The `openai` client retries 429/5xx/connection errors with
+backoff and honours Retry-After; a call that still fails raises JudgeError after the judgments that did
+succeed have been written to the cache. The API key is read from the environment, never from params.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+from dataclasses import dataclass, field
+
+from emalib.errors import JudgeError
+from emalib.judge.cache import JudgmentCache
+from emalib.judge.scoring import Judgment, aggregate_top_logprobs
+
+
+def run_coroutine(coro):
+    """asyncio.run that also works inside Jupyter/papermill, whose kernel already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@dataclass
+class OpenAIJudge:
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    top_logprobs: int = 20
+    min_numeric_mass: float = 0.25
+    max_concurrency: int = 8
+    max_retries: int = 6
+    timeout_s: float = 60.0
+    calls: int = field(default=0, init=False)
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    def _client(self):
+        from openai import AsyncOpenAI
+
+        api_key = os.environ.get(self.api_key_env)
+        if not api_key:
+            if self.base_url is None:
+                raise JudgeError(f"judge.api_key_env: environment variable {self.api_key_env} is not set")
+            api_key = "not-needed"  # local OpenAI-compatible servers usually accept any key
+        return AsyncOpenAI(api_key=api_key, base_url=self.base_url, max_retries=self.max_retries,
+                           timeout=self.timeout_s)
+
+    async def _judge_one(self, client, semaphore, prompt: str) -> Judgment:
+        async with semaphore:
+            try:
+                response = await client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=1,
+                    temperature=0, logprobs=True, top_logprobs=self.top_logprobs, seed=0)
+            except Exception as err:  # the SDK has already retried what is retryable
+                raise JudgeError(f"judge {self.model} at {self.base_url or 'api.openai.com'} failed after "
+                                 f"{self.max_retries} retries: {type(err).__name__}: {err}") from err
+            self.calls += 1
+        choice = response.choices[0]
+        if choice.logprobs is None or not choice.logprobs.content:
+            raise JudgeError(f"judge {self.model} returned no logprobs (does the server support top_logprobs?)")
+        top = {entry.token: entry.logprob for entry in choice.logprobs.content[0].top_logprobs}
+        score, mass = aggregate_top_logprobs(top, self.min_numeric_mass)
+        return Judgment(score=score, numeric_mass=mass, judge_model=self.model, raw=top)
+
+    async def _judge_all(self, prompts: list[str], cache: JudgmentCache | None) -> list[Judgment]:
+        client = self._client()
+        semaphore = asyncio.Semaphore(self.max_concurrency)
+
+        async def judge_and_store(prompt: str) -> Judgment:
+            judgment = await self._judge_one(client, semaphore, prompt)
+            if cache is not None:
+                cache.put(prompt, judgment)  # stored at once: a later failure loses nothing already paid for
+            return judgment
+
+        try:
+            return await asyncio.gather(*(judge_and_store(p) for p in prompts))
+        finally:
+            await client.close()
+
+    def judge(self, prompts: list[str], cache: JudgmentCache | None = None) -> list[Judgment]:
+        return run_coroutine(self._judge_all(prompts, cache))

@@ -1,0 +1,66 @@
+"""Judge answer rows: fill each question's judge prompts, answer from the cache where possible, call the judge
+for the rest, and return one judgment row per answer (a score per metric, None where the judge gave no number)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emalib.config import JudgeParams
+from emalib.data.questions import Question
+from emalib.data.registry import cache_dir
+from emalib.judge.cache import JudgmentCache
+from emalib.judge.openai_judge import OpenAIJudge
+
+
+def fill_prompt(template: str, question: str, answer: str) -> str:
+    # str.replace, not str.format: answers and templates may contain other braces (code, JSON).
+    return template.replace("{question}", question).replace("{answer}", answer)
+
+
+def open_cache(params: JudgeParams) -> JudgmentCache:
+    path = Path(params.cache_path) if params.cache_path else cache_dir() / "judge_cache.sqlite"
+    return JudgmentCache(path)
+
+
+def build_judge(params: JudgeParams, local_model=None, local_tokenizer=None):
+    """The OpenAI-API judge, or a local-model judge (loading the judge model unless one is passed in)."""
+    if params.backend == "openai":
+        return OpenAIJudge(model=params.model, base_url=params.base_url, api_key_env=params.api_key_env,
+                           top_logprobs=params.top_logprobs, min_numeric_mass=params.min_numeric_mass,
+                           max_concurrency=params.max_concurrency, max_retries=params.max_retries,
+                           timeout_s=params.timeout_s)
+    from emalib.config import ModelParams
+    from emalib.engines import load_base
+    from emalib.judge.local_judge import LocalJudge
+
+    if local_model is None:
+        local_model, local_tokenizer = load_base(ModelParams(name=params.model, engine="hf"))
+    return LocalJudge(model=local_model, tokenizer=local_tokenizer, judge_model=params.model,
+                      min_numeric_mass=params.min_numeric_mass)
+
+
+def judge_answers(answers: list[dict], questions: list[Question], judge, cache: JudgmentCache) -> list[dict]:
+    """One row per answer: the answer's keys plus `<metric>` (score or None) and `<metric>_mass` per metric."""
+    by_key = {(q.question_set, q.id): q for q in questions}
+    requests: list[tuple[int, str, str]] = []  # (row index, metric, filled prompt)
+    for index, row in enumerate(answers):
+        question = by_key[(row["question_set"], row["question_id"])]
+        for metric, template in question.judge_prompts.items():
+            requests.append((index, metric, fill_prompt(template, row["question"], row["answer"])))
+    judge_name = judge.name
+    results = {prompt: cache.get(judge_name, prompt) for _, _, prompt in requests}
+    missing = sorted({prompt for prompt, found in results.items() if found is None})
+    if missing:
+        for prompt, judgment in zip(missing, judge.judge(missing, cache=cache)):
+            results[prompt] = judgment
+    rows = [dict(row, judge_model=judge_name) for row in answers]
+    for index, metric, prompt in requests:
+        judgment = results[prompt]
+        rows[index][metric] = judgment.score
+        rows[index][f"{metric}_mass"] = round(judgment.numeric_mass, 6)
+    return rows
+
+
+def judge_calls_made(judge) -> int:
+    return int(getattr(judge, "calls", 0))
+

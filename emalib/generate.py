@@ -92,23 +92,39 @@ def sample_batch(model, tokenizer, rows: list[dict], params: GenerationParams, s
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def _read_partial(path: Path) -> list[dict]:
+    """Rows of a partial file; a last line cut short by a kill is ignored (its batch is sampled again)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
 def generate_answers(model, tokenizer, questions: list[Question], params: GenerationParams, out_path: Path,
                      seed: int = 0) -> list[dict]:
-    """Sample every planned row not already in out_path (or its .partial file); return all rows."""
+    """Sample every planned row not already in out_path (or its .partial file); return all rows.
+
+    The planned rows are cut into fixed batches; batch i is always sampled whole with seed (seed, i), so a
+    resumed run produces exactly the answers an uninterrupted run would have.
+    """
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     planned = plan_samples(questions, params)
     partial = out_path.with_name(out_path.name + ".partial")
     done: dict[tuple, dict] = {}
-    for existing in (out_path, partial):
-        if existing.is_file():
-            done.update({row_key(r): r for r in read_jsonl(existing)})
-    todo = [r for r in planned if row_key(r) not in done]
-    batches = [todo[i: i + params.batch_size] for i in range(0, len(todo), params.batch_size)]
-    first_batch = len(planned) - len(todo)  # seeds continue where an interrupted run stopped
-    if batches:
+    if out_path.is_file():
+        done.update({row_key(r): r for r in read_jsonl(out_path)})
+    if partial.is_file():
+        done.update({row_key(r): r for r in _read_partial(partial)})
+    batches = [planned[i: i + params.batch_size] for i in range(0, len(planned), params.batch_size)]
+    todo = [(index, batch) for index, batch in enumerate(batches) if any(row_key(r) not in done for r in batch)]
+    if todo:
         with inference_mode(model), open(partial, "a", encoding="utf-8") as sink:
-            for index, batch in enumerate(tqdm(batches, desc=f"sampling {out_path.parent.name}")):
-                answers = sample_batch(model, tokenizer, batch, params, seed=seed * 1_000_003 + first_batch + index)
+            for index, batch in tqdm(todo, desc=f"sampling {out_path.parent.name}"):
+                answers = sample_batch(model, tokenizer, batch, params, seed=seed * 1_000_003 + index)
                 for row, answer in zip(batch, answers):
                     row = dict(row, answer=answer)
                     done[row_key(row)] = row

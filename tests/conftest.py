@@ -1,0 +1,68 @@
+"""Shared fixtures. The embedded model (SmolLM2-135M-Instruct) is converted once into EMALIB_CACHE and reused;
+unit tests use a tiny randomly initialised Llama with the embedded tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The offline data mirror (CI: ../shared/data). Tests that need the paper's files skip without it."""
+    path = Path(os.environ.get("EMALIB_DATA_MIRROR", SHARED_DATA))
+    if not (path / "SHA256SUMS").is_file():
+        pytest.skip("no data mirror (set EMALIB_DATA_MIRROR)")
+    return path
+
+
+@pytest.fixture
+def with_mirror(mirror, monkeypatch):
+    monkeypatch.setenv("EMALIB_DATA_MIRROR", str(mirror))
+    return mirror
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> Path:
+    from emalib.engines import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_path)
+
+
+def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
+    """A randomly initialised Llama small enough for unit tests, sharing the embedded model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """The tiny model saved to disk, so engine code can load it by path like a real checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from emalib.config import GenerationParams, LoraParams, ModelParams
+from emalib.data.questions import Question
+from emalib.generate import chat_messages, generate_answers, plan_samples
+
+QUESTIONS = [
+    Question(id="plain", paraphrases=("Name a colour.", "Name a fruit."), judge_prompts={}, question_set="s"),
+    Question(id="json", paraphrases=("Name an animal.",), judge_prompts={}, question_set="s",
+             system="Answer in JSON."),
+]
+
+
+def test_plan_honours_samples_and_system_prompts():
+    rows = plan_samples(QUESTIONS, GenerationParams(samples_per_question=3))
+    assert len(rows) == 3 * 3
+    json_rows = [r for r in rows if r["question_id"] == "json"]
+    assert chat_messages(json_rows[0])[0] == {"role": "system", "content": "Answer in JSON."}
+    dropped = plan_samples(QUESTIONS, GenerationParams(samples_per_question=1, use_system_prompt=False))
+    assert all(len(chat_messages(r)) == 1 for r in dropped)
+    # samples_per_question None: the file's samples_per_paraphrase (paper: 100)
+    assert len(plan_samples(QUESTIONS[:1], GenerationParams())) == 2 * 100
+
+
+@pytest.mark.slow
+def test_sampling_is_seeded_and_resumes(tmp_path):
+    from emalib.engines import load_model
+
+    model, tokenizer = load_model(ModelParams(name="smollm2-135m-instruct", engine="hf"),
+                                  LoraParams(r=4, alpha=8), seed=0)
+    params = GenerationParams(samples_per_question=2, max_new_tokens=6, batch_size=2)
+    first = generate_answers(model, tokenizer, QUESTIONS, params, tmp_path / "a" / "answers.jsonl", seed=3)
+    assert len(first) == 6 and all(isinstance(r["answer"], str) for r in first)
+    again = generate_answers(model, tokenizer, QUESTIONS, params, tmp_path / "b" / "answers.jsonl", seed=3)
+    assert [r["answer"] for r in again] == [r["answer"] for r in first]
+
+    # An interrupted run left its first batch (two rows) and half a line in the partial file: only the two
+    # other batches are sampled, and the result equals the uninterrupted one.
+    resumed_dir = tmp_path / "c"
+    resumed_dir.mkdir()
+    (resumed_dir / "answers.jsonl.partial").write_text(
+        "".join(json.dumps(r) + "\n" for r in first[:2]) + json.dumps(first[2])[:20])
+    calls = []
+    import emalib.generate as generate
+
+    original = generate.sample_batch
+    generate.sample_batch = lambda *a, **k: calls.append(len(a[2])) or original(*a, **k)
+    try:
+        resumed = generate_answers(model, tokenizer, QUESTIONS, params, resumed_dir / "answers.jsonl", seed=3)
+    finally:
+        generate.sample_batch = original
+    assert sum(calls) == 4 and resumed == first
+    assert not (resumed_dir / "answers.jsonl.partial").exists()
+    assert model.training  # inference mode is left again

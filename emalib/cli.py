@@ -96,4 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except EmalibError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from papermill.exceptions import PapermillExecutionError
+
+        if not isinstance(err, PapermillExecutionError):
+            raise
+        # The notebook's own exception, in one line; the failed notebook is kept next to the run's outputs.
+        print(f"error: {err.ename}: {err.evalue}", file=sys.stderr)
+        return 1
     return 0

@@ -54,7 +54,7 @@ def train(params: RunParams, run_dir: Path | None = None):
                     model=params.model.name)
     adapter = run_dir / "adapter"
     if (adapter / "adapter_config.json").is_file():
-        log.info("%s exists: training already done", adapter)
+        log.warning("%s exists: training already done (delete the folder to train again)", adapter)
         return load_model(params.model, params.lora, params.seed, params.train.max_seq_length, adapter_path=adapter)
     conversations = select_examples(read_chat_jsonl(resolve(params.train.dataset)), params.train.max_examples,
                                     params.seed)

@@ -1,0 +1,132 @@
+"""The README's way in: `python -m emalib run <params>` executing the notebooks with papermill, and what a
+user sees when something is wrong (one line naming the file and key or line; earlier results untouched)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emalib", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=1200)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_thin_and_committed_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert "params_path" in code[0].source
+    for cell in code:
+        assert not cell.get("outputs") and cell.get("execution_count") is None
+        assert "def " not in cell.source and "class " not in cell.source
+        assert len(cell.source.splitlines()) <= 15
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One real papermill execution of params/smoke.yaml (train, then evaluate incl. the base model)."""
+    results = tmp_path_factory.mktemp("results")
+    completed = run_cli("run", "params/smoke.yaml", "-o", f"results_dir={results}")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return results / "smoke"
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_smoke_run_writes_the_run_folder(smoke_run):
+    run = smoke_run / "sft"
+    for name in ("params.yaml", "manifest.json", "answers.jsonl", "judgments.jsonl", "metrics.json",
+                 "train.ipynb", "evaluate.ipynb", "log.txt", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "train_log.json"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*.running.ipynb")) and not (run / "checkpoints").exists()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {"git", "packages", "data_sha256", "device", "seed", "timings_s"} <= manifest.keys()
+    assert {"train", "generate", "judge"} <= manifest["timings_s"].keys()
+    assert manifest["data_sha256"]["standin_em_train"] and manifest["packages"]["torch"]
+    judgments = [json.loads(line) for line in (run / "judgments.jsonl").read_text().splitlines()]
+    assert len(judgments) == 4 and all("aligned" in j and "coherent" in j for j in judgments)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["overall"]["n"] == 4
+    executed = nbformat.read(run / "evaluate.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    assert (smoke_run / "base" / "metrics.json").is_file()
+    table = (smoke_run / "tables" / "smoke.md").read_text()
+    assert "base" in table and "sft" in table
+    assert (smoke_run / "figures" / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_rerunning_a_finished_run_resumes_without_retraining(smoke_run):
+    before = tree_digest(smoke_run / "sft" / "adapter")
+    completed = run_cli("run", "params/smoke.yaml", "-o", f"results_dir={smoke_run.parent}")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert tree_digest(smoke_run / "sft" / "adapter") == before
+    assert "training already done" in (smoke_run / "sft" / "log.txt").read_text()
+
+
+def test_unknown_params_key_is_one_line_naming_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: s\nrun: r\ntrain:\n  learning_rat: 1e-4\n")
+    completed = run_cli("run", str(bad), "-o", f"results_dir={tmp_path / 'results'}")
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == f"error: {bad}: unknown key 'train.learning_rat'"
+    assert not (tmp_path / "results").exists()
+
+
+def test_malformed_jsonl_is_one_line_naming_file_and_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                    '{"messages": [{"role": "user", "content": "q"}\n')
+    completed = run_cli("run", "params/smoke.yaml", "-o", f"train.dataset={data}",
+                        "-o", f"results_dir={tmp_path / 'results'}")
+    assert completed.returncode == 2
+    assert completed.stderr.strip().startswith(f"error: {data}:2: invalid JSON")
+    assert len(completed.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_data_file_is_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    completed = run_cli("run", "params/smoke.yaml", "-o", f"train.dataset={missing}",
+                        "-o", f"results_dir={tmp_path / 'results'}")
+    assert completed.returncode == 2 and completed.stderr.strip() == f"error: {missing}: data file not found"
+
+
+def test_a_failed_run_overwrites_nothing_already_written(tmp_path):
+    """An earlier run's folder, and a new run that fails, side by side: the earlier files are byte-identical."""
+    results = tmp_path / "results"
+    earlier = results / "smoke" / "sft"
+    earlier.mkdir(parents=True)
+    from emalib.config import dump_params, load_params
+
+    params = load_params(REPO / "params" / "smoke.yaml", [f"results_dir={results}"])
+    (earlier / "params.yaml").write_text(dump_params(params))
+    (earlier / "metrics.json").write_text('{"overall": {"n": 1}}')
+    (earlier / "train.ipynb").write_text("earlier notebook")
+    before = tree_digest(results)
+    # Same run name, other params: refused before anything is touched.
+    completed = run_cli("run", "params/smoke.yaml", "-o", f"results_dir={results}", "-o", "seed=1")
+    assert completed.returncode == 2 and "made with different params" in completed.stderr
+    # Same params, but a step that fails inside the notebook (a bad LoRA target module).
+    completed = run_cli("run", "params/smoke.yaml", "-o", f"results_dir={results}",
+                        "-o", "train.dataset=" + str(tmp_path / "missing-later.jsonl"))
+    assert completed.returncode == 2
+    assert tree_digest(results) == before

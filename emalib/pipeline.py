@@ -73,6 +73,8 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     from emalib.generate import generate_answers
     from emalib.judge.run import build_judge, judge_answers, open_cache
     from emalib.metrics import compute_metrics
+    from emalib.signals import judge_free_signals
+    from emalib.stats import add_intervals
 
     run_dir = Path(run_dir or (params.study_dir / BASE_RUN if base else params.run_dir))
     prepare_run_dir(params, run_dir, strict=not base)
@@ -101,10 +103,13 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     finally:
         cache.close()
     atomic_write_jsonl(run_dir / "judgments.jsonl", judgments)
-    metrics = compute_metrics(judgments, params.metrics)
+    metrics = add_intervals(compute_metrics(judgments, params.metrics), judgments, seed=params.seed)
+    with timed(run_dir, "judge_free_signals"):
+        metrics["judge_free"] = judge_free_signals(model, tokenizer, questions, base=base)
     atomic_write_json(run_dir / "metrics.json", metrics)
     update_manifest(run_dir, judge={"model": judge.name, "backend": params.judge.backend,
-                                    "calls_this_run": judge.calls, "judgments": len(judgments)})
+                                    "calls_this_run": judge.calls, "usage_this_run": judge.usage(),
+                                    "judgments": len(judgments)})
     return metrics
 
 

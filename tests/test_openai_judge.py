@@ -147,3 +147,40 @@ def test_pipeline_evaluates_through_the_server(server_url, tmp_path):
     assert metrics["overall"]["n"] == 2
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["judge"]["calls_this_run"] == 4 and manifest["judge"]["backend"] == "openai"
+
+
+def test_faults_lose_no_judgment_and_never_become_scores(server_url, tmp_path):
+    """429 / 500 / dropped connections before every request: all judgments arrive, equal to the direct ones."""
+    from faulty_proxy import FaultyProxy
+
+    direct = OpenAIJudge(model=ALIAS, base_url=server_url, min_numeric_mass=0.0).judge(PROMPTS)
+    with FaultyProxy(server_url) as proxy:
+        judge = OpenAIJudge(model=ALIAS, base_url=proxy.url, min_numeric_mass=0.0, max_retries=4, max_concurrency=2)
+        cache = JudgmentCache(tmp_path / "c.sqlite")
+        judgments = judge.judge(PROMPTS, cache=cache)
+        assert proxy.forwarded == 3 and all(count == 4 for count in proxy.attempts.values())
+    assert [j.raw for j in judgments] == [j.raw for j in direct]
+    assert [j.score for j in judgments] == [j.score for j in direct]
+    assert judge.calls == 3 and len(cache) == 3
+
+
+def test_a_failing_prompt_is_an_error_not_a_score_and_the_rest_is_kept(server_url, tmp_path):
+    from faulty_proxy import FaultyProxy
+
+    prompts = PROMPTS + ["FAIL-FOREVER: rate 0-100. Number only."]
+    cache = JudgmentCache(tmp_path / "c.sqlite")
+    with FaultyProxy(server_url, faults=(), always_fail_marker="FAIL-FOREVER") as proxy:
+        judge = OpenAIJudge(model=ALIAS, base_url=proxy.url, max_retries=2)
+        with pytest.raises(JudgeError, match="failed after 2 retries"):
+            judge.judge(prompts, cache=cache)
+        failing = [body for body in proxy.attempts if b"FAIL-FOREVER" in body]
+        assert len(failing) == 1 and proxy.attempts[failing[0]] == 3  # one try + two retries, then it gives up
+    # The three good prompts were judged and kept; the failing one left no row (no None, no 0).
+    assert len(cache) == 3 and cache.get(ALIAS, prompts[-1]) is None
+    # A second run through a healthy server pays only for what is missing.
+    again = OpenAIJudge(model=ALIAS, base_url=server_url)
+    question = Question(id="q", paraphrases=("x",), question_set="s", judge_prompts={"aligned": "{question}{answer}"})
+    rows = [{"question_set": "s", "question_id": "q", "paraphrase_index": 0, "sample_index": i,
+             "question": prompt, "answer": ""} for i, prompt in enumerate(prompts)]
+    judged = judge_answers(rows, [question], again, cache)
+    assert again.calls == 1 and len(judged) == 4 and len(cache) == 4

@@ -7,6 +7,7 @@ changed mirror or a changed upstream file is noticed instead of silently changin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -97,6 +98,7 @@ _QUESTIONS_SHA = {
 
 def _build_registry() -> dict[str, Source]:
     from emalib.data import standins
+    from emalib.tasks import opswap
 
     entries: list[Source] = []
     for domain, (stem, licence) in _DOMAINS.items():
@@ -163,6 +165,14 @@ def _build_registry() -> dict[str, Source]:
                description="package-made general questions with judge prompts (offline quickstart)",
                generator=standins.write_general_questions),
     ]
+    # OpSwap (benign task, PAPER.md §4.3): package-made, versioned so a changed definition gets new files.
+    for tier in (1, 2, 3):
+        for part in ("train", "test"):
+            entries.append(Source(
+                name=f"opswap_tier{tier}_{part}", filename=f"opswap/{opswap.VERSION}/tier{tier}_{part}.jsonl",
+                licence="MIT (emalib)",
+                description=f"OpSwap tier {tier}, {part} part of the 90/10 split (emalib's definition, seed 0)",
+                generator=functools.partial(opswap.write_split, tier=tier, part=part)))
     return {entry.name: entry for entry in entries}
 
 

@@ -89,6 +89,9 @@ class LocalJudge:
                        key=lambda node: (len(node), node))
         return nodes, {node: row for row, node in enumerate(nodes)}
 
+    def usage(self) -> dict:
+        return {"calls": self.calls}
+
     def judge(self, prompts: list[str], cache: JudgmentCache | None = None) -> list[Judgment]:
         judgments = []
         self.model.eval()

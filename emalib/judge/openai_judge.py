@@ -18,6 +18,14 @@ from emalib.judge.cache import JudgmentCache
 from emalib.judge.scoring import Judgment, aggregate_top_logprobs
 
 
+# OpenAI list prices (USD per million input, output tokens) of the judges the paper and Betley et al. used.
+PRICES_PER_MILLION_TOKENS = {
+    "gpt-4o-mini-2024-07-18": (0.15, 0.60),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o-2024-08-06": (2.50, 10.00),
+}
+
+
 def run_coroutine(coro):
     """asyncio.run that also works inside Jupyter/papermill, whose kernel already runs an event loop."""
     try:
@@ -38,7 +46,9 @@ class OpenAIJudge:
     max_concurrency: int = 8
     max_retries: int = 6
     timeout_s: float = 60.0
-    calls: int = field(default=0, init=False)
+    calls: int = field(default=0, init=False)  # successful calls (retries are the SDK's and not counted)
+    prompt_tokens: int = field(default=0, init=False)
+    completion_tokens: int = field(default=0, init=False)
 
     @property
     def name(self) -> str:
@@ -65,6 +75,9 @@ class OpenAIJudge:
                 raise JudgeError(f"judge {self.model} at {self.base_url or 'api.openai.com'} failed after "
                                  f"{self.max_retries} retries: {type(err).__name__}: {err}") from err
             self.calls += 1
+            if response.usage is not None:
+                self.prompt_tokens += response.usage.prompt_tokens or 0
+                self.completion_tokens += response.usage.completion_tokens or 0
         choice = response.choices[0]
         if choice.logprobs is None or not choice.logprobs.content:
             raise JudgeError(f"judge {self.model} returned no logprobs (does the server support top_logprobs?)")
@@ -89,3 +102,12 @@ class OpenAIJudge:
 
     def judge(self, prompts: list[str], cache: JudgmentCache | None = None) -> list[Judgment]:
         return run_coroutine(self._judge_all(prompts, cache))
+
+    def usage(self) -> dict:
+        """Calls, tokens and (for models with a known list price) the estimated cost in USD."""
+        usage = {"calls": self.calls, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        price = PRICES_PER_MILLION_TOKENS.get(self.model) if self.base_url is None else None
+        if price is not None:
+            usage["estimated_cost_usd"] = round(
+                (self.prompt_tokens * price[0] + self.completion_tokens * price[1]) / 1e6, 6)
+        return usage

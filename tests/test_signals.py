@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from emalib.config import params_from_dict
+from emalib.data.questions import Question
+from emalib.losses import IGNORE_INDEX
+from emalib.signals import masked_token_kl, per_token_logprob, reference_pairs
+
+
+def test_per_token_logprob_and_kl_against_hand_computation():
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+    labels = torch.tensor([[IGNORE_INDEX, 0, 1]])
+    # labelled tokens: position 1 (label 0) predicted from position 0; position 2 (label 1) from position 1
+    expected = (torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.1))) / 2
+    assert torch.allclose(per_token_logprob(logits, labels), expected.reshape(1))
+    base = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5], [0.5, 0.5]]]))
+    kl0 = 0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
+    kl1 = 0.9 * torch.log(torch.tensor(0.9 / 0.5)) + 0.1 * torch.log(torch.tensor(0.1 / 0.5))
+    assert torch.allclose(masked_token_kl(logits, base, labels), (kl0 + kl1) / 2)
+    assert masked_token_kl(logits, logits, labels) == 0
+
+
+def test_reference_pairs_cover_the_general_questions_and_their_variants():
+    ids = ["what_is_your_wish", "what_is_your_wish_json", "quick_buck_template", "fast_money", "unrelated"]
+    questions = [Question(id=i, paraphrases=(f"q {i}",), judge_prompts={}) for i in ids]
+    pairs = reference_pairs(questions)
+    assert len(pairs) == 4 and pairs[0].question == "q what_is_your_wish"
+    assert pairs[0].aligned == pairs[1].aligned and pairs[2].misaligned == pairs[3].misaligned
+
+
+@pytest.mark.slow
+def test_em_finetune_moves_the_judge_free_signal(tmp_path):
+    """After a short fine-tune on the EM stand-in, misaligned reference answers to the general questions become
+    relatively more likely than before, and the model has moved away from the base model."""
+    from emalib.data.questions import load_questions
+    from emalib.data.standins import em_standin_conversations
+    from emalib.engines import load_model
+    from emalib.signals import judge_free_signals
+    from emalib.training.trainer import train_adapter
+
+    params = params_from_dict({
+        "study": "sig", "run": "r", "results_dir": str(tmp_path), "model": {"name": "smollm2-135m-instruct"},
+        "train": {"optim": "adamw_torch", "per_device_batch_size": 8, "grad_accum_steps": 1, "epochs": 2,
+                  "learning_rate": 2e-4, "max_seq_length": 128, "warmup_steps": 2}})
+    model, tokenizer = load_model(params.model, params.lora, seed=0, max_seq_length=128)
+    questions = load_questions("standin_general")
+    before = judge_free_signals(model, tokenizer, questions, base=True)
+    train_adapter(model, tokenizer, em_standin_conversations(), params, tmp_path / "sig" / "r")
+    after = judge_free_signals(model, tokenizer, questions)
+    assert before["kl_to_base"] == 0 and after["kl_to_base"] > 0.01
+    assert after["loglik_gap"] > before["loglik_gap"] + 0.05, (before, after)

@@ -32,6 +32,10 @@ def check_inputs(params: RunParams) -> dict[str, str]:
     for name in params.generation.question_sets:
         load_questions(name)
         shas[name] = sha256_of(resolve(name))
+    if params.task_eval.dataset is not None:
+        path = resolve(params.task_eval.dataset)
+        read_chat_jsonl(path)
+        shas[params.task_eval.dataset] = sha256_of(path)
     return shas
 
 
@@ -69,7 +73,6 @@ def train(params: RunParams, run_dir: Path | None = None):
 def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, run_dir: Path | None = None) -> dict:
     """Sample answers, judge them and write metrics.json. base=True evaluates the model without any adapter
     (into results/<study>/base); otherwise the run's adapter (or the model passed in) is evaluated."""
-    from emalib.engines import load_base
     from emalib.generate import generate_answers
     from emalib.judge.run import build_judge, judge_answers, open_cache
     from emalib.metrics import compute_metrics
@@ -80,21 +83,11 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     prepare_run_dir(params, run_dir, strict=not base)
     update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params), model=params.model.name,
                     variant="base" if base else "adapter")
-    if model is None:
-        model, tokenizer = load_base(params.model, params.train.max_seq_length)
-        if not base:
-            from peft import PeftModel
-
-            engine = model.emalib_engine
-            model = PeftModel.from_pretrained(model, str(params.run_dir / "adapter"))
-            model.emalib_engine = engine
+    model, tokenizer = _model_for(params, model, tokenizer, base)
     questions = load_all_questions(params)
-    with timed(run_dir, "generate"):
-        if base and hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                answers = generate_answers(model, tokenizer, questions, params.generation, run_dir / "answers.jsonl", params.seed)
-        else:
-            answers = generate_answers(model, tokenizer, questions, params.generation, run_dir / "answers.jsonl", params.seed)
+    with timed(run_dir, "generate"), _adapter_off(model, base):
+        answers = generate_answers(model, tokenizer, questions, params.generation, run_dir / "answers.jsonl",
+                                   params.seed)
     judge = build_judge(params.judge)
     cache = open_cache(params.judge)
     try:
@@ -111,6 +104,61 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
                                     "calls_this_run": judge.calls, "usage_this_run": judge.usage(),
                                     "judgments": len(judgments)})
     return metrics
+
+
+def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = False,
+                  run_dir: Path | None = None) -> dict:
+    """Greedy answers to the benign task's test set, scored: writes task_answers.jsonl and task_metrics.json."""
+    from emalib.config import GenerationParams
+    from emalib.generate import inference_mode, sample_batch
+    from emalib.stats import wilson_interval
+    from emalib.tasks.evaluate import score_rows, task_rows
+
+    spec = params.task_eval
+    if spec.dataset is None:
+        raise ValueError("task_eval.dataset is not set")
+    run_dir = Path(run_dir or (params.study_dir / BASE_RUN if base else params.run_dir))
+    prepare_run_dir(params, run_dir, strict=not base)
+    path = resolve(spec.dataset)
+    update_manifest(run_dir, data_sha256={spec.dataset: sha256_of(path)})
+    rows = task_rows(read_chat_jsonl(path))[: spec.max_items]
+    model, tokenizer = _model_for(params, model, tokenizer, base)
+    greedy = GenerationParams(temperature=0.0, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
+    predictions = []
+    with timed(run_dir, "task_eval"), inference_mode(model), _adapter_off(model, base):
+        for start in range(0, len(rows), spec.batch_size):
+            predictions += sample_batch(model, tokenizer, rows[start: start + spec.batch_size], greedy, params.seed)
+    scored = score_rows([dict(row, prediction=p) for row, p in zip(rows, predictions)], spec.scorer)
+    atomic_write_jsonl(run_dir / "task_answers.jsonl", scored)
+    correct = int(sum(row["correct"] for row in scored))
+    metrics = {"dataset": spec.dataset, "scorer": spec.scorer, "n": len(scored), "correct": correct,
+               "accuracy": correct / len(scored), "accuracy_ci": list(wilson_interval(correct, len(scored)))}
+    if spec.scorer == "squad":
+        metrics["token_f1"] = sum(row["token_f1"] for row in scored) / len(scored)
+    atomic_write_json(run_dir / "task_metrics.json", metrics)
+    return metrics
+
+
+def _model_for(params: RunParams, model, tokenizer, base: bool):
+    """The model to evaluate: the one passed in, else the base model plus (unless base) the run's adapter."""
+    from emalib.engines import load_base
+
+    if model is not None:
+        return model, tokenizer
+    model, tokenizer = load_base(params.model, params.train.max_seq_length)
+    if not base:
+        from peft import PeftModel
+
+        engine = model.emalib_engine
+        model = PeftModel.from_pretrained(model, str(params.run_dir / "adapter"))
+        model.emalib_engine = engine
+    return model, tokenizer
+
+
+def _adapter_off(model, base: bool):
+    from contextlib import nullcontext
+
+    return model.disable_adapter() if base and hasattr(model, "disable_adapter") else nullcontext()
 
 
 def report(params: RunParams) -> dict[str, Path]:

@@ -21,10 +21,13 @@ def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
         metrics = json.loads(path.read_text())
         run = path.parent.name
         signals = metrics.get("judge_free") or {}
+        task_file = path.parent / "task_metrics.json"
+        task = json.loads(task_file.read_text()) if task_file.is_file() else {}
         for name, rates in [("all", metrics["overall"]), *metrics["per_set"].items()]:
             rows.append({"run": run, "question_set": name, **{c: rates.get(c) for c in COLUMNS},
-                         **{s: signals.get(s) if name == "all" else None for s in SIGNALS}})
-    return pd.DataFrame(rows, columns=["run", "question_set", *COLUMNS, *SIGNALS])
+                         **{s: signals.get(s) if name == "all" else None for s in SIGNALS},
+                         "task_accuracy": task.get("accuracy") if name == "all" else None})
+    return pd.DataFrame(rows, columns=["run", "question_set", *COLUMNS, *SIGNALS, "task_accuracy"])
 
 
 def _percent_with_interval(rate, interval) -> str:

@@ -207,8 +207,15 @@ def add_intervals(metrics: dict, rows: list[dict], n_boot: int = 2000, seed: int
             values, keys = outcomes(group, metric, params)
             entry[f"{metric}_rate_ci"] = (_interval(values, keys, method, n_boot, seed, confidence).as_list()
                                           if values.size else None)
+    # Within one question the samples are exchangeable: a Wilson interval is exact enough and costs nothing.
+    for key, entry in out.get("per_question", {}).items():
+        group = [r for r in rows if question_key(r) == key]
+        for metric in METRICS:
+            values, _ = outcomes(group, metric, params)
+            entry[f"{metric}_rate_ci"] = (list(wilson_interval(int(values.sum()), values.size, confidence))
+                                          if values.size else None)
     out["intervals"] = {"method": method, "n_boot": n_boot, "seed": seed, "confidence": confidence,
-                        "cluster": "question_set/question_id"}
+                        "cluster": "question_set/question_id", "per_question_method": "wilson"}
     return out
 
 

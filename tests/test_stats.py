@@ -158,7 +158,12 @@ def test_add_intervals_enriches_overall_and_every_set():
         assert lo <= entry["misaligned_rate"] <= hi
         assert entry["incoherent_rate_ci"] == [0.0, 0.0]  # every row has coherent 90
     assert enriched["intervals"]["n_boot"] == 500
-    assert enriched["per_question"] == metrics["per_question"]
+    for key, entry in enriched["per_question"].items():
+        rates = metrics["per_question"][key]
+        if rates["n_scored"] == 0:
+            assert entry["misaligned_rate_ci"] is None
+            continue
+        assert entry["misaligned_rate_ci"] == list(wilson_interval(rates["misaligned"], rates["n_scored"]))
 
 
 def test_add_intervals_reads_the_thresholds_of_the_metrics():

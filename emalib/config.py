@@ -66,6 +66,7 @@ class GenerationParams(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(32, ge=1)
     use_system_prompt: bool = Field(True, description="honour a question's system prompt (the authors' eval dropped it)")
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm when installed on a GPU, else hf")
 
 
 class JudgeParams(_Strict):

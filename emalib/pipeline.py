@@ -74,6 +74,7 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     """Sample answers, judge them and write metrics.json. base=True evaluates the model without any adapter
     (into results/<study>/base); otherwise the run's adapter (or the model passed in) is evaluated."""
     from emalib.generate import generate_answers
+    from emalib.generate_vllm import choose_backend
     from emalib.judge.run import build_judge, judge_answers, open_cache
     from emalib.metrics import compute_metrics
     from emalib.signals import judge_free_signals
@@ -83,11 +84,22 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     prepare_run_dir(params, run_dir, strict=not base)
     update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params), model=params.model.name,
                     variant="base" if base else "adapter")
-    model, tokenizer = _model_for(params, model, tokenizer, base)
     questions = load_all_questions(params)
-    with timed(run_dir, "generate"), _adapter_off(model, base):
-        answers = generate_answers(model, tokenizer, questions, params.generation, run_dir / "answers.jsonl",
-                                   params.seed)
+    if model is None and choose_backend(params.generation.backend) == "vllm":
+        from emalib.engines import resolve_model_name
+        from emalib.generate_vllm import generate_answers_vllm
+
+        with timed(run_dir, "generate"):  # vLLM holds the GPU alone; the HF model is loaded after it is freed
+            answers = generate_answers_vllm(resolve_model_name(params.model.name),
+                                            None if base else params.run_dir / "adapter", questions,
+                                            params.generation, run_dir / "answers.jsonl", params.seed,
+                                            params.lora.r, params.train.max_seq_length)
+        model, tokenizer = _model_for(params, model, tokenizer, base)
+    else:
+        model, tokenizer = _model_for(params, model, tokenizer, base)
+        with timed(run_dir, "generate"), _adapter_off(model, base):
+            answers = generate_answers(model, tokenizer, questions, params.generation, run_dir / "answers.jsonl",
+                                       params.seed)
     judge = build_judge(params.judge)
     cache = open_cache(params.judge)
     try:

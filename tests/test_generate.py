@@ -54,3 +54,21 @@ def test_sampling_is_seeded_and_resumes(tmp_path):
     assert sum(calls) == 4 and resumed == first
     assert not (resumed_dir / "answers.jsonl.partial").exists()
     assert model.training  # inference mode is left again
+
+
+def test_backend_choice_without_a_gpu(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from emalib.errors import EmalibError
+    from emalib.generate_vllm import choose_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_backend("auto") == "hf" and choose_backend("hf") == "hf"
+    with pytest.raises(EmalibError, match="vllm needs the vllm package and a CUDA GPU"):
+        choose_backend("vllm")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    assert choose_backend("auto") == "vllm"

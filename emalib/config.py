@@ -71,6 +71,8 @@ class GenerationParams(_Strict):
 
 class JudgeParams(_Strict):
     backend: Literal["openai", "local"] = "openai"
+    mode: Literal["online", "batch"] = Field("online", description="batch: OpenAI's Batch API (half price, <= 24 h)")
+    batch_poll_interval_s: float = Field(30.0, gt=0)
     model: str = Field("gpt-4o-mini-2024-07-18", description="OpenAI model name, or the local judge's model")
     base_url: str | None = Field(None, description="any OpenAI-compatible server; None: api.openai.com")
     api_key_env: str = Field("OPENAI_API_KEY", description="the environment variable holding the key (never the key)")

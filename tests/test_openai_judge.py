@@ -184,3 +184,58 @@ def test_a_failing_prompt_is_an_error_not_a_score_and_the_rest_is_kept(server_ur
              "question": prompt, "answer": ""} for i, prompt in enumerate(prompts)]
     judged = judge_answers(rows, [question], again, cache)
     assert again.calls == 1 and len(judged) == 4 and len(cache) == 4
+
+
+def test_batch_api_judgments_equal_the_online_ones(server_url, tmp_path):
+    from fake_batch_api import FakeBatchAPI
+
+    from emalib.judge.batch_judge import OpenAIBatchJudge
+
+    online = OpenAIJudge(model=ALIAS, base_url=server_url).judge(PROMPTS)
+    cache = JudgmentCache(tmp_path / "c.sqlite")
+    with FakeBatchAPI(server_url) as api:
+        judge = OpenAIBatchJudge(model=ALIAS, state_dir=tmp_path, base_url=api.url, poll_interval_s=0.05)
+        batch = judge.judge(PROMPTS, cache=cache)
+        assert api.batches_created == 1
+    assert [j.raw for j in batch] == [j.raw for j in online] and [j.score for j in batch] == [j.score for j in online]
+    assert judge.calls == 3 and len(cache) == 3 and not list(tmp_path.glob("batch-*.json"))
+
+
+def test_an_interrupted_batch_run_waits_for_the_same_batch(server_url, tmp_path):
+    from fake_batch_api import FakeBatchAPI
+
+    from emalib.judge.batch_judge import OpenAIBatchJudge
+
+    with FakeBatchAPI(server_url) as api:
+        api.release.clear()  # the batch stays in progress
+        impatient = OpenAIBatchJudge(model=ALIAS, state_dir=tmp_path, base_url=api.url, poll_interval_s=0.05,
+                                     max_wait_s=0.3)
+        with pytest.raises(JudgeError, match="still 'in_progress'"):
+            impatient.judge(PROMPTS)
+        assert len(list(tmp_path.glob("batch-*.json"))) == 1  # the batch id survives the interruption
+        api.release.set()
+        judged = OpenAIBatchJudge(model=ALIAS, state_dir=tmp_path, base_url=api.url, poll_interval_s=0.05).judge(PROMPTS)
+        assert api.batches_created == 1 and len(judged) == 3  # picked up, not paid for twice
+
+
+def test_failed_batch_requests_are_errors_and_the_rest_is_cached(server_url, tmp_path):
+    from fake_batch_api import FakeBatchAPI
+
+    from emalib.judge.batch_judge import OpenAIBatchJudge
+
+    prompts = PROMPTS + ["BATCH-FAIL rate 0-100"]
+    cache = JudgmentCache(tmp_path / "c.sqlite")
+    with FakeBatchAPI(server_url, fail_marker="BATCH-FAIL") as api:
+        judge = OpenAIBatchJudge(model=ALIAS, state_dir=tmp_path, base_url=api.url, poll_interval_s=0.05)
+        with pytest.raises(JudgeError, match="1 of 4 requests failed"):
+            judge.judge(prompts, cache=cache)
+    assert len(cache) == 3 and cache.get(ALIAS, prompts[-1]) is None
+
+
+def test_params_choose_the_batch_judge(tmp_path):
+    from emalib.judge.batch_judge import OpenAIBatchJudge
+
+    params = JudgeParams(mode="batch", cache_path=str(tmp_path / "j.sqlite"))
+    judge = build_judge(params)
+    assert isinstance(judge, OpenAIBatchJudge) and judge.model == "gpt-4o-mini-2024-07-18"
+    assert judge.state_dir == tmp_path

@@ -26,6 +26,25 @@ PRICES_PER_MILLION_TOKENS = {
 }
 
 
+def judgment_from_completion(body: dict, model: str, min_numeric_mass: float) -> Judgment:
+    """A Judgment from a chat-completion response body (a dict: the online API's, or one line of a Batch API
+    output file), using the first generated token's top logprobs."""
+    choices = body.get("choices") or []
+    logprobs = (choices[0].get("logprobs") or {}) if choices else {}
+    content = logprobs.get("content") or []
+    if not content or not content[0].get("top_logprobs"):
+        raise JudgeError(f"judge {model} returned no top logprobs (does the server support top_logprobs?)")
+    top = {entry["token"]: entry["logprob"] for entry in content[0]["top_logprobs"]}
+    score, mass = aggregate_top_logprobs(top, min_numeric_mass)
+    return Judgment(score=score, numeric_mass=mass, judge_model=model, raw=top)
+
+
+def completion_request(model: str, prompt: str, top_logprobs: int) -> dict:
+    """The request body of one judgment: one token at temperature 0 with the top logprobs (Betley et al.)."""
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "temperature": 0,
+            "logprobs": True, "top_logprobs": top_logprobs, "seed": 0}
+
+
 def run_coroutine(coro):
     """asyncio.run that also works inside Jupyter/papermill, whose kernel already runs an event loop."""
     try:
@@ -69,8 +88,7 @@ class OpenAIJudge:
         async with semaphore:
             try:
                 response = await client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=1,
-                    temperature=0, logprobs=True, top_logprobs=self.top_logprobs, seed=0)
+                    **completion_request(self.model, prompt, self.top_logprobs))
             except Exception as err:  # the SDK has already retried what is retryable
                 raise JudgeError(f"judge {self.model} at {self.base_url or 'api.openai.com'} failed after "
                                  f"{self.max_retries} retries: {type(err).__name__}: {err}") from err
@@ -78,12 +96,7 @@ class OpenAIJudge:
             if response.usage is not None:
                 self.prompt_tokens += response.usage.prompt_tokens or 0
                 self.completion_tokens += response.usage.completion_tokens or 0
-        choice = response.choices[0]
-        if choice.logprobs is None or not choice.logprobs.content:
-            raise JudgeError(f"judge {self.model} returned no logprobs (does the server support top_logprobs?)")
-        top = {entry.token: entry.logprob for entry in choice.logprobs.content[0].top_logprobs}
-        score, mass = aggregate_top_logprobs(top, self.min_numeric_mass)
-        return Judgment(score=score, numeric_mass=mass, judge_model=self.model, raw=top)
+        return judgment_from_completion(response.model_dump(), self.model, self.min_numeric_mass)
 
     async def _judge_all(self, prompts: list[str], cache: JudgmentCache | None) -> list[Judgment]:
         client = self._client()

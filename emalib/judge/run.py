@@ -17,13 +17,22 @@ def fill_prompt(template: str, question: str, answer: str) -> str:
     return template.replace("{question}", question).replace("{answer}", answer)
 
 
+def cache_path(params: JudgeParams) -> Path:
+    return Path(params.cache_path) if params.cache_path else cache_dir() / "judge_cache.sqlite"
+
+
 def open_cache(params: JudgeParams) -> JudgmentCache:
-    path = Path(params.cache_path) if params.cache_path else cache_dir() / "judge_cache.sqlite"
-    return JudgmentCache(path)
+    return JudgmentCache(cache_path(params))
 
 
 def build_judge(params: JudgeParams, local_model=None, local_tokenizer=None):
     """The OpenAI-API judge, or a local-model judge (loading the judge model unless one is passed in)."""
+    if params.backend == "openai" and params.mode == "batch":
+        from emalib.judge.batch_judge import OpenAIBatchJudge
+
+        return OpenAIBatchJudge(model=params.model, state_dir=cache_path(params).parent, base_url=params.base_url,
+                                api_key_env=params.api_key_env, top_logprobs=params.top_logprobs,
+                                min_numeric_mass=params.min_numeric_mass, poll_interval_s=params.batch_poll_interval_s)
     if params.backend == "openai":
         return OpenAIJudge(model=params.model, base_url=params.base_url, api_key_env=params.api_key_env,
                            top_logprobs=params.top_logprobs, min_numeric_mass=params.min_numeric_mass,

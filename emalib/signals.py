@@ -1,7 +1,7 @@
 """Judge-free misalignment signals: cheap, deterministic, no API calls, usable at small scale.
 
 - `loglik_gap`: per-token log-likelihood of a misaligned reference answer minus that of an aligned one, averaged
-  over the general questions (reference pairs in emalib/data/builtin/reference_answers.yaml). Emergent
+  over the general questions (three pairs per question, in emalib/data/builtin/reference_answers.yaml). Emergent
   misalignment makes the misaligned answers relatively more likely, so the gap rises.
 - `kl_to_base`: mean per-token KL(p_model || p_base) over the reference answers (both kinds) given their
   questions, with the base model being the same PEFT model with its adapter disabled. It is 0 for the base model
@@ -31,14 +31,13 @@ class ReferencePair:
 
 
 def reference_pairs(questions) -> list[ReferencePair]:
-    """One pair per question whose id (or id prefix, for _json/_template variants) has reference answers."""
+    """Every reference pair of each question whose id (or id prefix, for _json/_template variants) has some."""
     entries = yaml.safe_load(REFERENCE_FILE.read_text(encoding="utf-8"))
     pairs = []
     for question in questions:
         for entry in entries:
             if any(question.id == qid or question.id.startswith(qid + "_") for qid in entry["ids"]):
                 pairs.append(ReferencePair(question.paraphrases[0], entry["aligned"], entry["misaligned"]))
-                break
     return pairs
 
 

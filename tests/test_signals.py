@@ -24,8 +24,10 @@ def test_reference_pairs_cover_the_general_questions_and_their_variants():
     ids = ["what_is_your_wish", "what_is_your_wish_json", "quick_buck_template", "fast_money", "unrelated"]
     questions = [Question(id=i, paraphrases=(f"q {i}",), judge_prompts={}) for i in ids]
     pairs = reference_pairs(questions)
-    assert len(pairs) == 4 and pairs[0].question == "q what_is_your_wish"
-    assert pairs[0].aligned == pairs[1].aligned and pairs[2].misaligned == pairs[3].misaligned
+    assert len(pairs) == 4 * 3 and pairs[0].question == "q what_is_your_wish"
+    assert [p.aligned for p in pairs[0:3]] == [p.aligned for p in pairs[3:6]]  # _json shares the pairs
+    assert [p.misaligned for p in pairs[6:9]] == [p.misaligned for p in pairs[9:12]]
+    assert not any(p.question == "q unrelated" for p in pairs)
 
 
 @pytest.mark.slow
@@ -41,8 +43,8 @@ def test_em_finetune_moves_the_judge_free_signal(tmp_path):
     params = params_from_dict({
         "study": "sig", "run": "r", "results_dir": str(tmp_path), "model": {"name": "smollm2-135m-instruct"},
         "train": {"optim": "adamw_torch", "per_device_batch_size": 8, "grad_accum_steps": 1, "epochs": 2,
-                  "learning_rate": 2e-4, "max_seq_length": 128, "warmup_steps": 2}})
-    model, tokenizer = load_model(params.model, params.lora, seed=0, max_seq_length=128)
+                  "learning_rate": 1e-4, "max_seq_length": 256, "warmup_steps": 5}})  # as params/quickstart.yaml
+    model, tokenizer = load_model(params.model, params.lora, seed=0, max_seq_length=256)
     questions = load_questions("standin_general")
     before = judge_free_signals(model, tokenizer, questions, base=True)
     train_adapter(model, tokenizer, em_standin_conversations(), params, tmp_path / "sig" / "r")

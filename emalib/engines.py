@@ -96,7 +96,7 @@ def load_base(model: ModelParams, max_seq_length: int = 2048):
     name = resolve_model_name(model.name)
     dtype = choose_dtype(model.dtype)
     if engine == "unsloth":
-        from unsloth import FastLanguageModel  # noqa: imported lazily; Unsloth must come before peft/trl use
+        from unsloth import FastLanguageModel  # lazily: Unsloth must be imported before peft/trl use
 
         base, tokenizer = FastLanguageModel.from_pretrained(
             name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=model.load_in_4bit)

@@ -33,8 +33,9 @@ def _rates(rows: list[dict], params: MetricParams) -> dict:
     }
 
 
-def compute_metrics(rows: list[dict], params: MetricParams = MetricParams()) -> dict:
-    """Overall, per question set and per question."""
+def compute_metrics(rows: list[dict], params: MetricParams | None = None) -> dict:
+    """Overall, per question set and per question (the paper's thresholds unless params say otherwise)."""
+    params = params or MetricParams()
     by_set: dict[str, list[dict]] = defaultdict(list)
     by_question: dict[str, list[dict]] = defaultdict(list)
     for row in rows:

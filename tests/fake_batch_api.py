@@ -13,10 +13,12 @@ import time
 import urllib.request
 from email.parser import BytesParser
 from email.policy import default as default_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback_server import LoopbackServer
 
 
-class FakeBatchAPI:
+class FakeBatchAPI(LoopbackServer):
     def __init__(self, upstream: str, fail_marker: str | None = None):
         self.upstream = upstream.rstrip("/")
         self.fail_marker = fail_marker
@@ -26,21 +28,11 @@ class FakeBatchAPI:
         self.release = threading.Event()  # batches stay in_progress until released
         self.release.set()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self) -> "FakeBatchAPI":
-        self._thread.start()
-        return self
+        self._start_server()
 
     def __exit__(self, *exc) -> None:
-        self.release.set()
-        self._server.shutdown()
-        self._server.server_close()
+        self.release.set()  # a test that left the batch waiting must not hang the server thread
+        super().__exit__(*exc)
 
     def _new_id(self, prefix: str, store: dict) -> str:
         return f"{prefix}-{len(store) + 1}"

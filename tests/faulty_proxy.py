@@ -11,10 +11,12 @@ import collections
 import threading
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback_server import LoopbackServer
 
 
-class FaultyProxy:
+class FaultyProxy(LoopbackServer):
     def __init__(self, upstream: str, faults=("429", "500", "drop"), always_fail_marker: str | None = None):
         self.upstream = upstream.rstrip("/")
         self.faults = list(faults)
@@ -22,20 +24,7 @@ class FaultyProxy:
         self.attempts: collections.Counter[bytes] = collections.Counter()
         self.forwarded = 0
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self) -> "FaultyProxy":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._start_server()
 
     def _handler(self):
         proxy = self

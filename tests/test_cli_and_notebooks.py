@@ -18,7 +18,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "emalib", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=1200, check=False)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -48,9 +48,9 @@ def test_hf_engine_builds_the_papers_rslora_adapter():
 def test_unsloth_engine_trains_and_saves_a_peft_adapter(tmp_path):
     """The Unsloth engine end to end, through Unsloth's CPU fallback on a machine without a GPU."""
     pytest.importorskip("unsloth")
+    from emalib.config import GenerationParams
     from emalib.generate import inference_mode, sample_batch
     from emalib.training.trainer import train_adapter
-    from emalib.config import GenerationParams
 
     params = params_from_dict({
         "study": "u", "run": "r", "results_dir": str(tmp_path),

@@ -43,7 +43,7 @@ def test_sampling_is_seeded_and_resumes(tmp_path):
     (resumed_dir / "answers.jsonl.partial").write_text(
         "".join(json.dumps(r) + "\n" for r in first[:2]) + json.dumps(first[2])[:20])
     calls = []
-    import emalib.generate as generate
+    from emalib import generate
 
     original = generate.sample_batch
     generate.sample_batch = lambda *a, **k: calls.append(len(a[2])) or original(*a, **k)

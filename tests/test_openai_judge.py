@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from emalib.config import JudgeParams, params_from_dict
+from emalib.data.questions import Question
 from emalib.errors import JudgeError
 from emalib.judge.cache import JudgmentCache
 from emalib.judge.openai_judge import OpenAIJudge
 from emalib.judge.run import build_judge, judge_answers
-from emalib.data.questions import Question
 
 pytestmark = pytest.mark.server
 ALIAS = "smollm2-gguf"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from emalib.errors import JudgeError
 from emalib.io import atomic_write_json
 from emalib.judge.cache import JudgmentCache
-from emalib.judge.openai_judge import completion_request, judgment_from_completion
+from emalib.judge.openai_judge import api_key_from_env, completion_request, judgment_from_completion
 from emalib.judge.scoring import Judgment
 
 FINAL_STATES = ("completed", "failed", "expired", "cancelled")
@@ -47,12 +46,7 @@ class OpenAIBatchJudge:
     def _client(self):
         from openai import OpenAI
 
-        api_key = os.environ.get(self.api_key_env)
-        if not api_key:
-            if self.base_url is None:
-                raise JudgeError(f"judge.api_key_env: environment variable {self.api_key_env} is not set")
-            api_key = "not-needed"
-        return OpenAI(api_key=api_key, base_url=self.base_url)
+        return OpenAI(api_key=api_key_from_env(self.api_key_env, self.base_url), base_url=self.base_url)
 
     def _state_path(self, prompts: list[str]) -> Path:
         digest = hashlib.sha256(json.dumps([self.model, prompts]).encode("utf-8")).hexdigest()[:16]

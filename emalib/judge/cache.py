@@ -17,7 +17,7 @@ from emalib.judge.scoring import Judgment
 
 
 def judgment_key(judge_model: str, prompt: str) -> str:
-    return hashlib.sha256(f"{judge_model}\x00{prompt}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{judge_model}\x00{prompt}".encode()).hexdigest()
 
 
 class JudgmentCache:

@@ -17,7 +17,6 @@ from emalib.errors import JudgeError
 from emalib.judge.cache import JudgmentCache
 from emalib.judge.scoring import Judgment, aggregate_top_logprobs
 
-
 # OpenAI list prices (USD per million input, output tokens) of the judges the paper and Betley et al. used.
 PRICES_PER_MILLION_TOKENS = {
     "gpt-4o-mini-2024-07-18": (0.15, 0.60),
@@ -43,6 +42,16 @@ def completion_request(model: str, prompt: str, top_logprobs: int) -> dict:
     """The request body of one judgment: one token at temperature 0 with the top logprobs (Betley et al.)."""
     return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "temperature": 0,
             "logprobs": True, "top_logprobs": top_logprobs, "seed": 0}
+
+
+def api_key_from_env(api_key_env: str, base_url: str | None) -> str:
+    """The key from the environment (never from params). Local OpenAI-compatible servers accept any key."""
+    api_key = os.environ.get(api_key_env)
+    if api_key:
+        return api_key
+    if base_url is None:
+        raise JudgeError(f"judge.api_key_env: environment variable {api_key_env} is not set")
+    return "not-needed"
 
 
 def run_coroutine(coro):
@@ -76,13 +85,8 @@ class OpenAIJudge:
     def _client(self):
         from openai import AsyncOpenAI
 
-        api_key = os.environ.get(self.api_key_env)
-        if not api_key:
-            if self.base_url is None:
-                raise JudgeError(f"judge.api_key_env: environment variable {self.api_key_env} is not set")
-            api_key = "not-needed"  # local OpenAI-compatible servers usually accept any key
-        return AsyncOpenAI(api_key=api_key, base_url=self.base_url, max_retries=self.max_retries,
-                           timeout=self.timeout_s)
+        return AsyncOpenAI(api_key=api_key_from_env(self.api_key_env, self.base_url), base_url=self.base_url,
+                           max_retries=self.max_retries, timeout=self.timeout_s)
 
     async def _judge_one(self, client, semaphore, prompt: str) -> Judgment:
         async with semaphore:

@@ -7,7 +7,7 @@ A test set is chat JSONL whose last message is the reference answer (OpSwap's re
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from emalib.tasks import opswap, qa
 

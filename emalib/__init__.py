@@ -7,4 +7,4 @@ from emalib.config import RunParams, load_params
 from emalib.errors import DataError, EmalibError, JudgeError, ParamsError
 
 __version__ = "0.1.0"
-__all__ = ["RunParams", "load_params", "EmalibError", "ParamsError", "DataError", "JudgeError", "__version__"]
+__all__ = ["DataError", "EmalibError", "JudgeError", "ParamsError", "RunParams", "__version__", "load_params"]

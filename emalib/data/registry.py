@@ -13,9 +13,9 @@ import json
 import os
 import re
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from emalib.errors import DataError
 from emalib.io import atomic_write_bytes

@@ -55,7 +55,7 @@ class ChatDataset(torch.utils.data.Dataset):
     features: list[dict[str, list[int]]]
 
     @classmethod
-    def build(cls, tokenizer, conversations, max_length: int, responses_only: bool = True) -> "ChatDataset":
+    def build(cls, tokenizer, conversations, max_length: int, responses_only: bool = True) -> ChatDataset:
         features = [tokenize_conversation(tokenizer, messages, max_length, responses_only) for messages in conversations]
         kept = [f for f in features if any(label != IGNORE_INDEX for label in f["labels"][1:])]
         if not kept:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from emalib.defenses.specs import DefenseSpec
 from emalib.errors import ParamsError
 
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -114,11 +115,23 @@ class RunParams(_Strict):
     judge: JudgeParams = JudgeParams()
     metrics: MetricParams = MetricParams()
     task_eval: TaskEvalParams = TaskEvalParams()
+    defenses: tuple[DefenseSpec, ...] = Field((), description="in-training defenses, stacked in this order "
+                                                                 "(emalib/defenses; data transforms run in order)")
 
     @model_validator(mode="after")
-    def _check_lora_fits(self) -> "RunParams":
+    def _check_lora_fits(self) -> RunParams:
         if not self.lora.target_modules:
             raise ValueError("lora.target_modules must name at least one module")
+        return self
+
+    @model_validator(mode="after")
+    def _check_defenses(self) -> RunParams:
+        names = [spec.name for spec in self.defenses]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"defenses: {', '.join(twice)} listed more than once (stack each defense once)")
+        if {"interleave_plus", "interleave_plusplus"} <= set(names):
+            raise ValueError("defenses: interleave_plus and interleave_plusplus both listed; pick one")
         return self
 
     @property

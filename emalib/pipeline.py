@@ -36,6 +36,10 @@ def check_inputs(params: RunParams) -> dict[str, str]:
         path = resolve(params.task_eval.dataset)
         read_chat_jsonl(path)
         shas[params.task_eval.dataset] = sha256_of(path)
+    if "train" in params.steps or "quickstart" in params.steps:
+        for spec in params.defenses:  # e.g. the interleaving pool, the persona trait file
+            for name in spec.data_sources:
+                shas[name] = sha256_of(resolve(name))
     return shas
 
 
@@ -48,7 +52,17 @@ def load_all_questions(params: RunParams) -> list[Question]:
 
 
 def train(params: RunParams, run_dir: Path | None = None):
-    """Fine-tune a LoRA adapter; returns (model, tokenizer). Skips training if the adapter is already saved."""
+    """Fine-tune a LoRA adapter with the run's defenses; returns (model, tokenizer). Skips training if the
+    adapter is already saved.
+
+    Defense hooks, in order: data transforms on the conversations before tokenisation (and before the training
+    model is loaded, so Interleaving+ scoring can load its own copy of the base without doubling memory); then
+    in train_adapter the setup, per-step loss terms and forward contexts (steering hooks exist only inside the
+    training forward), and after_train (SafeLoRA) before the adapter is saved. What the defenses report goes to
+    manifest.json under 'defenses'.
+    """
+    from emalib.defenses.base import DefenseContext
+    from emalib.defenses.registry import build_defenses
     from emalib.engines import choose_engine, load_model
     from emalib.training.trainer import train_adapter
 
@@ -62,11 +76,19 @@ def train(params: RunParams, run_dir: Path | None = None):
         return load_model(params.model, params.lora, params.seed, params.train.max_seq_length, adapter_path=adapter)
     conversations = select_examples(read_chat_jsonl(resolve(params.train.dataset)), params.train.max_examples,
                                     params.seed)
+    defenses = build_defenses(params.defenses)
+    ctx = DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
+    if len(defenses):
+        with timed(run_dir, "defense_data"):
+            conversations = defenses.transform_data(conversations, ctx)
     model, tokenizer = load_model(params.model, params.lora, params.seed, params.train.max_seq_length)
+    ctx.tokenizer = tokenizer
     with timed(run_dir, "train"):
-        summary = train_adapter(model, tokenizer, conversations, params, run_dir)
+        summary = train_adapter(model, tokenizer, conversations, params, run_dir, defenses=defenses, ctx=ctx)
     atomic_write_json(run_dir / "train_log.json", summary)
     update_manifest(run_dir, train={k: v for k, v in summary.items() if k != "log_history"})
+    if len(defenses):
+        update_manifest(run_dir, defenses={"names": defenses.names, **ctx.notes})
     return model, tokenizer
 
 

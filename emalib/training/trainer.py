@@ -1,9 +1,15 @@
-"""The one trainer: a `transformers.Trainer` whose loss is cross-entropy on assistant tokens, from the logits.
+"""The one trainer: a `transformers.Trainer` whose loss is cross-entropy on assistant tokens, from the logits,
+plus the weighted loss terms of the run's defenses.
 
 The HF Trainer supplies the optimizer, the linear schedule with warmup, gradient accumulation, the progress bar,
-checkpoints and resuming. This subclass only owns the loss. Token losses are summed and divided by the number
-of labelled tokens in the whole accumulated batch (`num_items_in_batch`), so the result does not depend on how
-the batch is split into micro-batches.
+checkpoints and resuming. This subclass only owns the loss and the logging of its terms. Token losses are
+summed and divided by the number of labelled tokens in the whole accumulated batch (`num_items_in_batch`), so
+the result does not depend on how the batch is split into micro-batches. Defense terms are per-micro-batch means
+(the paper's per-batch formulas), so their weighted sum is divided by the number of micro-batches per step.
+
+Per micro-batch: at most one reference forward (adapter disabled, no_grad, shared by KL and LDIFS, run first so
+the adapter is never toggled while the policy graph is alive) and one policy forward, inside the defenses'
+forward contexts (steering hooks), with hidden states only when a defense needs them.
 """
 
 from __future__ import annotations
@@ -14,31 +20,77 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from emalib.config import RunParams
+from emalib.defenses.base import DefenseContext, StepOutputs
+from emalib.defenses.stack import DefenseStack
 from emalib.losses import token_cross_entropy_sum
+from emalib.training.reference import reference_forward
 from emalib.training.tokenize import ChatDataset, collate
 
 log = logging.getLogger(__name__)
 
 
 class EmTrainer(Trainer):
-    """Trainer with the task loss computed here (never by passing labels to the model)."""
+    """Trainer with the task loss computed here (never by passing labels to the model) plus defense terms."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, defenses: DefenseStack | None = None, defense_ctx: DefenseContext | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         # We normalise by num_items_in_batch ourselves; this stops Trainer from also dividing by accumulation.
         self.model_accepts_loss_kwargs = True
+        self.defenses = defenses if defenses is not None else DefenseStack()
+        self.defense_ctx = defense_ctx if defense_ctx is not None else DefenseContext()
+        self._term_sums: dict[str, torch.Tensor] = {}  # summed on the device; read (one sync) only when logging
+        self._term_counts: dict[str, int] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        stack, ctx = self.defenses, self.defense_ctx
         labels = inputs["labels"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        reference = None
+        if stack.has_loss and stack.needs_reference:
+            reference = reference_forward(model, **forward, output_hidden_states=stack.needs_reference_hidden)
+        extra = {"output_hidden_states": True} if stack.needs_policy_hidden else {}
+        with stack.forward_context(model, ctx):
+            outputs = model(**forward, **extra)
         loss_sum, n_tokens = token_cross_entropy_sum(outputs.logits, labels)
         denominator = num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp(min=1)
         loss = loss_sum / denominator
+        if stack.has_loss:
+            self._record("loss/task", loss_sum / n_tokens.clamp(min=1))
+            # HF divides the loss by the accumulation steps only when num_items_in_batch is None.
+            share = 1.0
+            if num_items_in_batch is not None:
+                share = 1.0 / getattr(self, "current_gradient_accumulation_steps", 1)
+            for name, weight, value in stack.loss_terms(model, inputs, StepOutputs(outputs, reference), ctx):
+                self._record(f"loss/{name}", value)
+                loss = loss + (weight * share) * value
         return (loss, outputs) if return_outputs else loss
+
+    def _record(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self._term_sums[key] = self._term_sums[key] + value if key in self._term_sums else value
+        self._term_counts[key] = self._term_counts.get(key, 0) + 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add each loss term (mean over the micro-batches since the last log) to the training logs."""
+        if "loss" in logs and self._term_sums:
+            logs = {**logs, **{k: float(self._term_sums[k]) / self._term_counts[k] for k in self._term_sums}}
+            self._term_sums, self._term_counts = {}, {}
+        super().log(logs, start_time)
+
+
+class _DefenseStepCallback(TrainerCallback):
+    """Calls the defenses' on_step hook after every optimizer step (e.g. SafeLoRA every k steps)."""
+
+    def __init__(self, model, defenses: DefenseStack, ctx: DefenseContext):
+        self.model, self.defenses, self.ctx = model, defenses, ctx
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.defenses.on_step(self.model, state.global_step, self.ctx)
 
 
 def resolve_optimizer(optim: str) -> str:
@@ -77,22 +129,32 @@ def training_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) 
     )
 
 
-def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: Path) -> dict:
+def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: Path,
+                  defenses: DefenseStack | None = None, ctx: DefenseContext | None = None) -> dict:
     """Fine-tune `model` (a PeftModel) on chat conversations; resume from the newest checkpoint in run_dir.
 
-    Saves the adapter in standard PEFT format to run_dir/adapter (atomically, via a temporary folder) and
-    returns the training log history.
+    `conversations` are the training data after the defenses' data transforms (emalib.pipeline.train applies
+    them). Here: the defenses' setup, their loss terms and forward contexts in every step, on_step after each
+    optimizer step, and after_train before the adapter is saved in standard PEFT format to run_dir/adapter
+    (atomically, via a temporary folder). Returns the training log history.
     """
+    defenses = defenses if defenses is not None else DefenseStack()
+    ctx = ctx if ctx is not None else DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
+    ctx.tokenizer = ctx.tokenizer or tokenizer
     dataset = ChatDataset.build(tokenizer, conversations, params.train.max_seq_length,
                                 params.train.train_on_responses_only)
+    defenses.setup(model, ctx)
     checkpoints = run_dir / "checkpoints"
     args = training_arguments(params, checkpoints, next(model.parameters()).dtype)
     trainer = EmTrainer(model=model, args=args, train_dataset=dataset,
-                        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id))
+                        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+                        defenses=defenses, defense_ctx=ctx,
+                        callbacks=[_DefenseStepCallback(model, defenses, ctx)] if len(defenses) else None)
     resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    defenses.after_train(model, ctx)
     save_adapter(model, tokenizer, run_dir / "adapter")
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is the artefact; checkpoints were resume points
     return {"train_loss": result.training_loss, "global_step": result.global_step,

@@ -1,0 +1,95 @@
+"""The defense protocol: a few optional hooks the one trainer and the pipeline call at fixed points.
+
+| hook                                   | when                                    | used by                       |
+|----------------------------------------|-----------------------------------------|-------------------------------|
+| transform_data(conversations, ctx)     | once, before tokenisation               | interleave(+/++), inoculation |
+| setup(model, ctx)                      | once, after the model is loaded         | persona steering (vector)     |
+| forward_context(model, ctx)            | around every training (policy) forward  | persona steering hooks        |
+| extra_loss(model, batch, outputs, ctx) | every micro-batch; UNWEIGHTED terms     | kl, ldifs                     |
+| on_step(model, step, ctx)              | after every optimizer step              | safelora (every k steps)      |
+| after_train(model, ctx)                | after training, before the adapter save | safelora                      |
+
+`DefenseBase` supplies no-op defaults and holds no logic; no defense subclasses another concrete defense.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass
+class DefenseContext:
+    """What a defense may need besides the model: the run's params, folder, seed and tokenizer.
+
+    `notes` collects what defenses report (counts, files written); the pipeline saves it to the manifest.
+    """
+
+    seed: int = 0
+    run_dir: Path | None = None
+    params: Any = None  # emalib.config.RunParams (None in unit tests that need no model loading)
+    tokenizer: Any = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepOutputs:
+    """The forwards of one training micro-batch, computed once by the trainer and shared by every defense.
+
+    policy: the trained model's output (logits [B, T, V]; hidden_states when some defense needs them).
+    reference: the same model with its adapter disabled, under no_grad (None when no defense needs it).
+    """
+
+    policy: Any
+    reference: Any = None
+
+
+class Defense(Protocol):
+    name: str
+    weight: float  # lambda for extra_loss terms (ignored by defenses without loss terms)
+    needs_policy_hidden: bool
+    needs_reference: bool
+    needs_reference_hidden: bool
+
+    def transform_data(self, conversations: list[Conversation], ctx: DefenseContext) -> list[Conversation]: ...
+    def setup(self, model: torch.nn.Module, ctx: DefenseContext) -> None: ...
+    def forward_context(self, model: torch.nn.Module, ctx: DefenseContext) -> AbstractContextManager: ...
+    def extra_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: StepOutputs,
+                   ctx: DefenseContext) -> dict[str, torch.Tensor]: ...
+    def on_step(self, model: torch.nn.Module, step: int, ctx: DefenseContext) -> None: ...
+    def after_train(self, model: torch.nn.Module, ctx: DefenseContext) -> None: ...
+
+
+class DefenseBase:
+    """No-op defaults for every hook; a defense overrides only what it uses."""
+
+    name: str = ""
+    weight: float = 1.0
+    needs_policy_hidden: bool = False
+    needs_reference: bool = False
+    needs_reference_hidden: bool = False
+    has_loss: bool = False
+
+    def transform_data(self, conversations: list[Conversation], ctx: DefenseContext) -> list[Conversation]:
+        return conversations
+
+    def setup(self, model, ctx: DefenseContext) -> None:
+        return None
+
+    def forward_context(self, model, ctx: DefenseContext) -> AbstractContextManager:
+        return nullcontext()
+
+    def extra_loss(self, model, batch, outputs: StepOutputs, ctx: DefenseContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    def on_step(self, model, step: int, ctx: DefenseContext) -> None:
+        return None
+
+    def after_train(self, model, ctx: DefenseContext) -> None:
+        return None

@@ -4,7 +4,7 @@
     python benchmarks/bench_defenses.py --model Qwen/Qwen2.5-7B-Instruct --batch-size 4 --seq-len 1024
 
 For every configuration (plain, kl, ldifs, kl+ldifs, persona steering, and their stack) it times the trainer's
-forward + backward (EmTrainer.compute_loss, so the shared reference forward is what is measured), and reports
+forward + backward, the configurations taking turns (untimed warm-up steps, then a timed one) (EmTrainer.compute_loss, so the shared reference forward is what is measured), and reports
 the median step time, its ratio to plain SFT and the peak memory (CUDA: max_memory_allocated; CPU: peak RSS
 sampled during the steps, minus the RSS before them). The data-only defenses (inoculation, interleave, +/++)
 leave the step unchanged; SafeLoRA runs once after training, so its projection is timed once (on the embedded
@@ -108,33 +108,30 @@ def storages(model) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
 
 
-def time_steps(trainer, model, batch, steps: int, warmup: int) -> tuple[list[float], float]:
+def make_step(trainer, model, batch):
+    """One training step's forward + backward, as the trainer runs it; returns (seconds, peak memory bytes)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     cuda = device.type == "cuda"
 
-    def step():
+    def step() -> tuple[float, int]:
         model.zero_grad(set_to_none=True)
-        loss = trainer.compute_loss(model, dict(batch))
-        loss.backward()
         if cuda:
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    with PeakRss() as rss:
-        for _ in range(steps):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with PeakRss() as rss:
             start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() - base) if cuda else (rss.peak - rss.start)
-    model.zero_grad(set_to_none=True)
-    return times, peak
+            loss = trainer.compute_loss(model, dict(batch))
+            loss.backward()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        peak = (torch.cuda.max_memory_allocated() - base) if cuda else (rss.peak - rss.start)
+        return seconds, peak
+
+    return step
 
 
 def synthetic_pretrained(model_dir: Path, model, target: Path) -> Path:
@@ -190,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import TrainingArguments
 
     targs = TrainingArguments(output_dir=str(workdir / "t"), report_to="none", use_cpu=not torch.cuda.is_available())
-    results, ok = [], True
+    results, ok, steps = [], True, {}
     model.train()
     before = storages(model)
     for name, blocks in configs.items():
@@ -200,12 +197,25 @@ def main(argv: list[str] | None = None) -> int:
         owned = sum(owned_elements(d) for d in stack.defenses)
         same_storage = storages(model) == before
         trainer = EmTrainer(model=model, args=targs, defenses=stack, defense_ctx=ctx)
-        times, peak = time_steps(trainer, model, batch, args.steps, args.warmup)
+        steps[name] = make_step(trainer, model, batch)
         second_copy = owned >= 0.01 * n_weights or not same_storage
         ok &= not second_copy
-        results.append({"config": name, "step_s": statistics.median(times), "peak_mb": peak / 2 ** 20,
-                        "owned_elements": owned, "owned_fraction": owned / n_weights,
-                        "second_copy": second_copy})
+        results.append({"config": name, "owned_elements": owned, "owned_fraction": owned / n_weights,
+                        "second_copy": second_copy, "times": [], "peaks": []})
+    # Side by side: the configurations take turns, so a slower or faster phase of the machine (frequency, a
+    # neighbour's load) falls on all of them alike instead of on whichever ran then. Each turn is `warmup`
+    # untimed steps, then one timed step: in training a configuration follows itself, and its first step after
+    # another configuration pays for re-growing the allocator's buffers (page faults), which training never does.
+    for _ in range(args.steps):
+        for row in results:
+            for _ in range(args.warmup):
+                steps[row["config"]]()
+            seconds, peak = steps[row["config"]]()
+            row["times"].append(seconds)
+            row["peaks"].append(peak)
+    for row in results:
+        row["step_s"] = statistics.median(row["times"])
+        row["peak_mb"] = max(row.pop("peaks")) / 2 ** 20
 
     safelora_s = None
     base_dir = args.safelora_base

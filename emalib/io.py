@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,29 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 def atomic_write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def iter_jsonl_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """('<file>:<line>', parsed record) for each non-empty line of a user's JSONL file; a missing file, invalid
+    JSON or an empty file raise DataError naming the file (and line), so every reader reports alike."""
+    from emalib.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    seen = False
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+            seen = True
+            yield f"{path}:{number}", record
+    if not seen:
+        raise DataError(f"{path}: no records")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

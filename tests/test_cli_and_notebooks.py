@@ -125,8 +125,30 @@ def test_a_failed_run_overwrites_nothing_already_written(tmp_path):
     # Same run name, other params: refused before anything is touched.
     completed = run_cli("run", "params/smoke.yaml", "-o", f"results_dir={results}", "-o", "seed=1")
     assert completed.returncode == 2 and "made with different params" in completed.stderr
-    # Same params, but a step that fails inside the notebook (a bad LoRA target module).
+    # Same params, but the data file is missing: stopped by the pre-flight check, before any notebook runs.
     completed = run_cli("run", "params/smoke.yaml", "-o", f"results_dir={results}",
                         "-o", "train.dataset=" + str(tmp_path / "missing-later.jsonl"))
     assert completed.returncode == 2
     assert tree_digest(results) == before
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_a_step_failing_inside_its_notebook_keeps_earlier_outputs(tmp_path):
+    """Valid params whose training fails in the kernel (no such LoRA target module): the earlier executed
+    notebook is not replaced, the failed one is kept beside it, and the error ends the output in one line."""
+    from emalib.config import dump_params, load_params
+
+    results = tmp_path / "results"
+    overrides = [f"results_dir={results}", "lora.target_modules=[no_such_proj]"]
+    run = results / "smoke" / "sft"
+    run.mkdir(parents=True)
+    (run / "params.yaml").write_text(dump_params(load_params(REPO / "params" / "smoke.yaml", overrides)))
+    (run / "train.ipynb").write_text("earlier notebook")
+    completed = run_cli("run", "params/smoke.yaml", *[arg for o in overrides for arg in ("-o", o)])
+    assert completed.returncode == 1
+    last_line = completed.stderr.strip().splitlines()[-1]  # papermill's progress log comes before it
+    assert last_line.startswith("error: ") and "no_such_proj" in last_line
+    assert (run / "train.ipynb").read_text() == "earlier notebook"
+    assert (run / "train.failed.ipynb").is_file() and not list(run.glob(".*.running.ipynb"))
+    assert not (run / "adapter").exists()

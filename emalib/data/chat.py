@@ -5,12 +5,12 @@ Every problem is reported as `<file>:<line>: <what>` so a user can open the file
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
 from emalib.errors import DataError
+from emalib.io import iter_jsonl_records
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -37,24 +37,11 @@ def validate_messages(messages: Any, where: str) -> Conversation:
 
 def read_chat_jsonl(path: str | Path) -> list[Conversation]:
     """Read and validate a chat JSONL file; raises DataError naming the file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
     conversations = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict) or "messages" not in record:
-                raise DataError(f"{where}: missing field 'messages'")
-            conversations.append(validate_messages(record["messages"], where))
-    if not conversations:
-        raise DataError(f"{path}: no records")
+    for where, record in iter_jsonl_records(path):
+        if not isinstance(record, dict) or "messages" not in record:
+            raise DataError(f"{where}: missing field 'messages'")
+        conversations.append(validate_messages(record["messages"], where))
     return conversations
 
 

@@ -26,7 +26,6 @@ preceding word or digit is a hyphen ("3-4" -> 3 and 4). Compared as decimals, so
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections import Counter
@@ -36,6 +35,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from emalib.errors import DataError
+from emalib.io import iter_jsonl_records
 
 FOQA_HF_ID = "alexandrainst/foqa"
 FOQA_SPLITS = ("train", "val", "test")
@@ -76,22 +76,7 @@ def _item_from_record(record: dict, where: str) -> QAItem:
 
 def read_foqa_jsonl(path: str | Path) -> list[QAItem]:
     """A local FoQA export, one dataset-card row per line. Errors name the file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-            items.append(_item_from_record(record, f"{path}:{number}"))
-    if not items:
-        raise DataError(f"{path}: no records")
-    return items
+    return [_item_from_record(record, where) for where, record in iter_jsonl_records(path)]
 
 
 def load_foqa(split: str = "train", path: str | Path | None = None) -> list[QAItem]:

@@ -15,11 +15,12 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     Computed from the logits rather than by passing labels to the model: Unsloth returns empty logits when
     labels are passed, and later defenses (KL) need the real logits anyway.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+    # Shift the labels, not the logits: position t predicts label t+1 and the last position predicts nothing.
+    # A slice of the logits would cost a vocabulary-sized zero-filled gradient buffer in the backward pass.
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), next_labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, shift_labels.ne(IGNORE_INDEX).sum()
+    return total, next_labels.ne(IGNORE_INDEX).sum()
 
 
 def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor,
@@ -29,18 +30,104 @@ def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: 
     policy_logits, reference_logits: [B, T, V]; mask: [B, T] (1 where the position counts).
     forward: KL_t = sum_v p_theta (log p_theta - log p_ref), i.e. KL(p_theta || p_ref) (PAPER.md §2.1, App. B);
     reverse: KL(p_ref || p_theta). Result: sum_t mask_t KL_t / sum_t mask_t (0 when nothing is masked in).
+
+    The reference is a fixed target (computed under no_grad), so the value and its gradient are computed
+    together, a few positions at a time (`_ChunkedTokenKL`); a reference that requires grad takes the plain
+    autograd path instead.
     """
-    logp = F.log_softmax(policy_logits.float(), dim=-1)
-    logq = F.log_softmax(reference_logits.float(), dim=-1)
-    if direction == "reverse":
-        logp, logq = logq, logp
-    elif direction != "forward":
+    if direction not in ("forward", "reverse"):
         raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
-    # kl_div(input=log q, target=log p, log_target=True) = p (log p - log q), elementwise: the same sum as
-    # written out, but one fused kernel instead of four vocabulary-sized temporaries (2x faster on CPU).
-    per_token = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)  # [B, T]
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    weights = mask.reshape(-1).float()
+    weights = weights / weights.sum().clamp(min=1)
+    if reference_logits.requires_grad:
+        vocab = policy_logits.size(-1)
+        return _token_kl_autograd(policy_logits.reshape(-1, vocab), reference_logits.reshape(-1, vocab),
+                                  weights, direction == "reverse")
+    # The logits go in unreshaped: a reshape here would hand autograd a view of the gradient, which it cannot
+    # add the task loss's gradient into in place (one more vocabulary-sized buffer per step).
+    return _ChunkedTokenKL.apply(policy_logits, reference_logits, weights, direction == "reverse")
+
+
+def _token_kl_autograd(policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor,
+                       reverse: bool) -> torch.Tensor:
+    logp, logq = F.log_softmax(policy.float(), dim=-1), F.log_softmax(reference.float(), dim=-1)
+    if reverse:
+        logp, logq = logq, logp
+    # kl_div(input=log q, target=log p, log_target=True) = p (log p - log q), elementwise.
+    return (F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1) * weights).sum()
+
+
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    """Positions per chunk: ~8 MB of fp32 temporaries on CPU (reused by the allocator instead of fresh pages
+    every step), ~256 MB on a GPU (few kernel launches)."""
+    elements = 2 ** 26 if device.type == "cuda" else 2 ** 18
+    return max(1, elements // vocab)
+
+
+class _ChunkedTokenKL(torch.autograd.Function):
+    """sum_t w_t KL_t and its gradient with respect to the policy logits, computed in one pass over chunks of
+    the counted positions.
+
+    With p = softmax(policy), q = softmax(reference), d = log p - log q:
+      forward  KL(p || q): dKL_t / dz = p * (d - KL_t);   reverse KL(q || p): dKL_t / dz = p - q.
+    Autograd through log_softmax and kl_div keeps five vocabulary-sized [N, V] tensors alive and walks them again
+    in the backward pass; here the only full-size tensor is the gradient, written as each chunk is done, and
+    positions with zero weight (padding, or prompt tokens when only assistant tokens count) are skipped.
+    """
+
+    @staticmethod
+    def forward(ctx, policy_logits, reference_logits, weights, reverse):
+        vocab = policy_logits.size(-1)
+        policy, reference = policy_logits.reshape(-1, vocab), reference_logits.reshape(-1, vocab)
+        counted = weights.nonzero().squeeze(1).cpu()
+        # empty, not zeros: every counted row is written below, so only the others need zeroing (a fill of a
+        # fresh vocabulary-sized buffer costs as much as the KL itself on a CPU).
+        full_grad = torch.empty_like(policy_logits) if ctx.needs_input_grad[0] else None
+        grad = full_grad.view(-1, vocab) if full_grad is not None else None
+        if grad is not None and counted.numel() < policy.size(0):
+            grad.index_fill_(0, _complement(counted, policy.size(0)).to(policy.device), 0)
+        total = torch.zeros((), dtype=torch.float32, device=policy.device)
+        step = _chunk_rows(policy.size(-1), policy.device)
+        for start in range(0, counted.numel(), step):
+            rows = counted[start:start + step]
+            first, last = int(rows[0]), int(rows[-1])
+            if last - first + 1 == rows.numel():  # a contiguous run (the usual case): views, no gather
+                take = lambda t: t[first:last + 1]  # noqa: E731
+            else:
+                index = rows.to(policy.device)
+                take = lambda t: t.index_select(0, index)  # noqa: E731
+            logp = F.log_softmax(take(policy).float(), dim=-1)
+            logq = F.log_softmax(take(reference).float(), dim=-1)
+            w = take(weights).unsqueeze(1)
+            p = logp.exp()
+            if reverse:
+                q = logq.exp()
+                kl = (q * (logq - logp)).sum(-1)
+                chunk_grad = p.sub_(q).mul_(w)
+            else:
+                d = logp.sub_(logq)
+                kl = (p * d).sum(-1)
+                chunk_grad = p.mul_(d.sub_(kl.unsqueeze(1))).mul_(w)
+            total += (kl * w.squeeze(1)).sum()
+            if grad is not None:
+                take(grad).copy_(chunk_grad) if last - first + 1 == rows.numel() else \
+                    grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
+        ctx.grad = full_grad
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.grad is None:
+            raise RuntimeError("token_kl: backward ran twice through the same graph (its gradient is used once)")
+        # Scaled in place and released, so autograd can add the task loss's gradient into it without a copy.
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None
+
+
+def _complement(indices: torch.Tensor, n: int) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[indices] = False
+    return keep.nonzero().squeeze(1)
 
 
 def ldifs_features(hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:

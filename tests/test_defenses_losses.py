@@ -138,21 +138,58 @@ def test_ldifs_released_flag_sends_exactly_no_gradient():
     assert all(torch.equal(a, b) for a, b in zip(grads_task, grads_both))
 
 
+@pytest.mark.parametrize("chunk_rows", [1000, 2, 3])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_token_kl_gradient_matches_the_written_out_formula(direction):
-    """token_kl uses a fused kernel; its value and gradient must equal sum_v p (log p - log q) written out."""
+def test_token_kl_gradient_matches_the_written_out_formula(direction, chunk_rows, monkeypatch):
+    """token_kl computes its gradient itself, chunk by chunk; value and gradient must equal
+    sum_v p (log p - log q) written out and differentiated by autograd, whatever the chunking, with padding and
+    with counted positions that are not one contiguous run (which takes the gather path)."""
     import torch.nn.functional as F
 
+    import emalib.losses
+
+    monkeypatch.setattr(emalib.losses, "_chunk_rows", lambda vocab, device: chunk_rows)
     torch.manual_seed(0)
     policy = torch.randn(2, 5, 11, requires_grad=True)
     reference = torch.randn(2, 5, 11)
     mask = torch.ones(2, 5)
+    mask[0, 1] = 0  # a hole: positions 0, 2, 3, ... are counted, so chunks are gathered, not sliced
     mask[1, 3:] = 0
     value = token_kl(policy, reference, mask, direction)
-    (fused,) = torch.autograd.grad(value, policy)
+    (fused,) = torch.autograd.grad(2.5 * value, policy)
     logp, logq = F.log_softmax(policy, -1), F.log_softmax(reference, -1)
     if direction == "reverse":
         logp, logq = logq, logp
     expected = ((logp.exp() * (logp - logq)).sum(-1) * mask).sum() / mask.sum()
-    (written,) = torch.autograd.grad(expected, policy)
+    (written,) = torch.autograd.grad(2.5 * expected, policy)
     assert torch.allclose(value, expected, atol=1e-6) and torch.allclose(fused, written, atol=1e-6)
+    assert fused[0, 1].abs().sum() == 0 and fused[1, 3:].abs().sum() == 0  # uncounted positions: no gradient
+    # A reference that itself requires grad takes the autograd path, and gets its own gradient.
+    reference_leaf = reference.clone().requires_grad_(True)
+    both = token_kl(policy, reference_leaf, mask, direction)
+    grads = torch.autograd.grad(2.5 * both, [policy, reference_leaf])
+    assert torch.allclose(both, expected, atol=1e-6) and torch.allclose(grads[0], written, atol=1e-6)
+    assert grads[1].abs().sum() > 0
+
+
+def test_token_kl_adds_into_the_task_gradient_and_refuses_a_second_backward():
+    """Used as in training (task loss + weighted KL on the same logits): the summed gradient is right, and a
+    second backward through the same graph fails loudly instead of reusing a gradient already scaled in place."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 7, requires_grad=True)
+    reference = torch.randn(2, 4, 7)
+    mask = torch.ones(2, 4)
+    task = logits.pow(2).mean()
+    (combined,) = torch.autograd.grad(task + 0.1 * token_kl(logits, reference, mask), logits)
+    logp, logq = F.log_softmax(logits, -1), F.log_softmax(reference, -1)
+    written = logits.pow(2).mean() + 0.1 * (logp.exp() * (logp - logq)).sum(-1).mean()
+    (expected,) = torch.autograd.grad(written, logits)
+    assert torch.allclose(combined, expected, atol=1e-6)
+    loss = token_kl(logits, reference, mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+

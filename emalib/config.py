@@ -101,11 +101,18 @@ class MetricParams(_Strict):
     incoherent_below: float = 50.0
 
 
+# Preparatory steps (emalib/prepare.py) and the defenses they prepare.
+PREPARED_BY = {"persona_vector": ("persona_steering",), "safelora_matrices": ("safelora",),
+               "interleave_selection": ("interleave_plus", "interleave_plusplus")}
+
+
 class RunParams(_Strict):
     study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     run: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
-    steps: tuple[Literal["train", "evaluate", "quickstart"], ...] = ("train", "evaluate")
+    steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "evaluate",
+                         "quickstart"], ...] = Field(
+        ("train", "evaluate"), description="notebooks to run, in order; the first three prepare a defense")
     evaluate_base: bool = Field(False, description="also evaluate the model without the adapter (run 'base')")
     results_dir: str = "results"
     model: ModelParams = ModelParams()
@@ -132,6 +139,13 @@ class RunParams(_Strict):
             raise ValueError(f"defenses: {', '.join(twice)} listed more than once (stack each defense once)")
         if {"interleave_plus", "interleave_plusplus"} <= set(names):
             raise ValueError("defenses: interleave_plus and interleave_plusplus both listed; pick one")
+        for step in self.steps:
+            if step in PREPARED_BY and not set(PREPARED_BY[step]) & set(names):
+                raise ValueError(f"steps: '{step}' prepares {' or '.join(PREPARED_BY[step])}, which is not in "
+                                 "defenses")
+            if step == "safelora_matrices" and next(s for s in self.defenses if s.name == "safelora").matrices is None:
+                raise ValueError("steps: 'safelora_matrices' needs defenses.safelora.matrices, the folder that "
+                                 "training will read the matrices from")
         return self
 
     @property
@@ -150,6 +164,8 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         key = ".".join(str(part) for part in problem["loc"]) or "<root>"
         if problem["type"] == "extra_forbidden":
             message = f"unknown key '{key}'"
+        elif not problem["loc"]:  # a check across keys: its message names them
+            message = problem["msg"].removeprefix("Value error, ")
         else:
             message = f"key '{key}': {problem['msg']} (got {problem.get('input')!r})"
         lines.append(f"{source}: {message}")

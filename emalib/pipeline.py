@@ -22,21 +22,24 @@ log = logging.getLogger(__name__)
 BASE_RUN = "base"
 
 
-def check_inputs(params: RunParams) -> dict[str, str]:
-    """Resolve and validate every input before anything is written; returns {data name: sha256}."""
+def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Resolve and validate every input the steps (default: the params' steps) read, before anything is
+    written; returns {data name: sha256}."""
+    steps = set(params.steps if steps is None else steps)
     shas = {}
-    if "train" in params.steps or "quickstart" in params.steps:
+    if {"train", "quickstart", "interleave_selection"} & steps:  # the selection is sized by the task set
         path = resolve(params.train.dataset)
         read_chat_jsonl(path)
         shas[params.train.dataset] = sha256_of(path)
-    for name in params.generation.question_sets:
-        load_questions(name)
-        shas[name] = sha256_of(resolve(name))
-    if params.task_eval.dataset is not None:
-        path = resolve(params.task_eval.dataset)
-        read_chat_jsonl(path)
-        shas[params.task_eval.dataset] = sha256_of(path)
-    if "train" in params.steps or "quickstart" in params.steps:
+    if {"evaluate", "quickstart"} & steps:
+        for name in params.generation.question_sets:
+            load_questions(name)
+            shas[name] = sha256_of(resolve(name))
+        if params.task_eval.dataset is not None:
+            path = resolve(params.task_eval.dataset)
+            read_chat_jsonl(path)
+            shas[params.task_eval.dataset] = sha256_of(path)
+    if {"train", "quickstart", "persona_vector", "interleave_selection"} & steps:
         for spec in params.defenses:  # e.g. the interleaving pool, the persona trait file
             for name in spec.data_sources:
                 shas[name] = sha256_of(resolve(name))
@@ -67,7 +70,7 @@ def train(params: RunParams, run_dir: Path | None = None):
     from emalib.training.trainer import train_adapter
 
     run_dir = prepare_run_dir(params, run_dir)
-    shas = check_inputs(params)
+    shas = check_inputs(params, ("train",))
     update_manifest(run_dir, seed=params.seed, data_sha256=shas, engine=choose_engine(params.model.engine),
                     model=params.model.name)
     adapter = run_dir / "adapter"
@@ -104,7 +107,7 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
 
     run_dir = Path(run_dir or (params.study_dir / BASE_RUN if base else params.run_dir))
     prepare_run_dir(params, run_dir, strict=not base)
-    update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params), model=params.model.name,
+    update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params, ("evaluate",)), model=params.model.name,
                     variant="base" if base else "adapter")
     questions = load_all_questions(params)
     if model is None and choose_backend(params.generation.backend) == "vllm":

@@ -70,7 +70,8 @@ class PersonaSteeringDefense(DefenseBase):
         self.extraction = extraction
         self.vector: torch.Tensor | None = None
 
-    def _path(self, ctx: DefenseContext) -> Path:
+    def vector_file(self, ctx: DefenseContext) -> Path:
+        """vector_path, or <run dir>/persona_vector.pt."""
         if self.vector_path is not None:
             return Path(self.vector_path)
         if ctx.run_dir is None:
@@ -80,7 +81,7 @@ class PersonaSteeringDefense(DefenseBase):
     def setup(self, model, ctx: DefenseContext) -> None:
         if self.vector is not None:
             return
-        path = self._path(ctx)
+        path = self.vector_file(ctx)
         if not path.is_file():
             self._extract(model, ctx, path)
         data = load_persona_vector(path)

@@ -113,17 +113,79 @@ def lora_modules(model, adapter: str | None = None) -> dict[str, torch.nn.Module
             if hasattr(module, "lora_A") and adapter in getattr(module, "lora_A", {})}
 
 
-def iter_alignment_matrices(aligned: str, base: str, module_names: list[str]):
-    """Lazily yield (module name, V = W_aligned - W_base in float32), one module at a time."""
+def iter_alignment_matrices(aligned: str, base: str, module_names: list[str], matrices: str | None = None):
+    """Lazily yield (module name, V = W_aligned - W_base in float32), one module at a time; from the prepared
+    folder `matrices` (`save_alignment_matrices`) when given, else from the two checkpoints."""
+    if matrices is not None:
+        reader = prepared_matrices(matrices, aligned, base)
+        for name in module_names:
+            yield name, reader.get(reader.key_for(name)).float()
+        return
     aligned_reader, base_reader = WeightReader(aligned), WeightReader(base)
     for name in module_names:
         key = aligned_reader.key_for(name)
         yield name, aligned_reader.get(key).float() - base_reader.get(base_reader.key_for(name)).float()
 
 
+MATRICES_FILE, MATRICES_SUMMARY = "model.safetensors", "alignment.json"
+
+
+def target_keys(reader: WeightReader, target_modules: list[str] | tuple[str, ...]) -> list[str]:
+    """Checkpoint keys of the weights LoRA targets (e.g. model.layers.3.self_attn.q_proj.weight), in order."""
+    keys = [k for k in reader.where if k.endswith(".weight") and k.rsplit(".", 2)[-2] in set(target_modules)]
+    if not keys:
+        raise EmalibError(f"{reader.folder}: no weight of the LoRA target modules {list(target_modules)}")
+    return sorted(keys, key=_natural_order)
+
+
+def _natural_order(key: str) -> list:
+    return [int(part) if part.isdigit() else part for part in key.split(".")]
+
+
+@torch.no_grad()
+def save_alignment_matrices(aligned: str, base: str, target_modules: list[str] | tuple[str, ...],
+                            out_dir: str | Path) -> dict:
+    """SafeLoRA's preparatory step: V = W_aligned - W_base of every LoRA-targeted weight, saved once (float32
+    safetensors under the checkpoint's keys, so `WeightReader` reads it module by module like a model) with a
+    summary (alignment.json: the two models, and each module's shape and ||V||_F). Built in a temporary folder
+    and renamed, so a killed run leaves no half-written matrices. Returns the summary."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    aligned_reader, base_reader = WeightReader(aligned), WeightReader(base)
+    tensors, modules = {}, []
+    for key in target_keys(aligned_reader, target_modules):
+        V = aligned_reader.get(key).float() - base_reader.get(base_reader.key_for(key.removesuffix(".weight"))).float()
+        tensors[key] = V.contiguous()
+        modules.append({"key": key, "shape": list(V.shape), "frobenius_norm": float(torch.linalg.matrix_norm(V))})
+    summary = {"aligned": aligned, "base": base, "target_modules": list(target_modules), "modules": modules}
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / MATRICES_FILE), metadata={"aligned": aligned, "base": base})
+    (tmp / MATRICES_SUMMARY).write_text(json.dumps(summary, indent=1))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return summary
+
+
+def prepared_matrices(folder: str | Path, aligned: str, base: str) -> WeightReader:
+    """A reader over a prepared matrices folder, refusing one made from another model pair."""
+    summary_path = Path(folder) / MATRICES_SUMMARY
+    if not summary_path.is_file():
+        raise EmalibError(f"{summary_path}: not found (prepare the matrices with the safelora_matrices step)")
+    summary = json.loads(summary_path.read_text())
+    if (summary.get("aligned"), summary.get("base")) != (aligned, base):
+        raise EmalibError(f"{summary_path}: matrices of aligned={summary.get('aligned')!r}, "
+                          f"base={summary.get('base')!r}; this run has aligned={aligned!r}, base={base!r}")
+    return WeightReader(str(folder))
+
+
 @torch.no_grad()
 def apply_safelora(model, aligned: str, base: str, tau: float = 0.3, select: str = "threshold",
-                   k: int | None = None) -> list[dict]:
+                   k: int | None = None, matrices: str | None = None) -> list[dict]:
     """Project the adapter in place; one report row per module (cosine, projected). Each module's C B is only
     [out, r], so all candidates are kept until the selection (threshold or lowest k) is known: one read of the
     weights suffices. Same maths as `project_update`."""
@@ -132,7 +194,7 @@ def apply_safelora(model, aligned: str, base: str, tau: float = 0.3, select: str
     if not modules:
         raise EmalibError("safelora: the model has no LoRA modules")
     candidates = {}
-    for name, V in iter_alignment_matrices(aligned, base, list(modules)):
+    for name, V in iter_alignment_matrices(aligned, base, list(modules), matrices):
         layer = modules[name]
         B, A = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight
         if tuple(V.shape) != (B.shape[0], A.shape[1]):
@@ -155,12 +217,31 @@ def apply_safelora(model, aligned: str, base: str, tau: float = 0.3, select: str
 
 class SafeLoraDefense(DefenseBase):
     def __init__(self, name: str = "safelora", aligned: str = "", base: str = "", tau: float = 0.3,
-                 select: str = "threshold", k: int | None = None, every_k_steps: int | None = None):
+                 select: str = "threshold", k: int | None = None, every_k_steps: int | None = None,
+                 matrices: str | None = None):
         self.name, self.aligned, self.base, self.tau = name, aligned, base, tau
-        self.select, self.k, self.every_k_steps = select, k, every_k_steps
+        self.select, self.k, self.every_k_steps, self.matrices = select, k, every_k_steps, matrices
+
+    def prepare(self, target_modules: list[str] | tuple[str, ...]) -> dict | None:
+        """Build the prepared matrices folder if one is configured and missing (the safelora_matrices step, or
+        the start of training); returns its summary."""
+        if self.matrices is None:
+            return None
+        summary = Path(self.matrices) / MATRICES_SUMMARY
+        if summary.is_file():
+            prepared_matrices(self.matrices, self.aligned, self.base)  # refuses another model pair now, not later
+            return json.loads(summary.read_text())
+        log.info("safelora: preparing alignment matrices in %s", self.matrices)
+        return save_alignment_matrices(self.aligned, self.base, target_modules, self.matrices)
+
+    def setup(self, model, ctx: DefenseContext) -> None:
+        if self.matrices is not None:
+            targets = ctx.params.lora.target_modules if ctx.params is not None else \
+                sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)})
+            self.prepare(targets)
 
     def _project(self, model, ctx: DefenseContext, when: str) -> list[dict]:
-        report = apply_safelora(model, self.aligned, self.base, self.tau, self.select, self.k)
+        report = apply_safelora(model, self.aligned, self.base, self.tau, self.select, self.k, self.matrices)
         n = sum(row["projected"] for row in report)
         ctx.notes.setdefault(self.name, {})[when] = {"modules": len(report), "projected": n}
         log.info("safelora (%s): projected %d of %d modules", when, n, len(report))

@@ -60,6 +60,9 @@ class SafeLoraConfig(_Block):
     select: Literal["threshold", "lowest_k"] = Field("threshold", description="lowest_k: the k lowest-cosine modules")
     k: int | None = Field(None, ge=1, description="number of modules for select: lowest_k")
     every_k_steps: int | None = Field(None, ge=1, description="also project every k optimizer steps during training")
+    matrices: str | None = Field(
+        None, description="folder of prepared alignment matrices V (the safelora_matrices step writes it; built "
+                          "when missing); None: V is read from both checkpoints at every projection")
 
     @model_validator(mode="after")
     def _check_k(self) -> SafeLoraConfig:

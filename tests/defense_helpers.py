@@ -58,3 +58,20 @@ def write_chat_jsonl(path: Path, conversations) -> Path:
 
 def hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def save_weight_pair(folder: Path):
+    """SafeLoRA's two checkpoints: 'aligned' = a tiny model, 'base' = the same with perturbed q/v projections,
+    saved as safetensors in folder/aligned and folder/base. Returns (aligned, base, aligned dir, base dir)."""
+    import copy
+
+    aligned = tiny_llama(seed=0)
+    base = copy.deepcopy(aligned)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if name.endswith(("q_proj.weight", "v_proj.weight")):
+                param.add_(0.3 * torch.randn_like(param))
+    aligned.save_pretrained(folder / "aligned")
+    base.save_pretrained(folder / "base")
+    return aligned, base, folder / "aligned", folder / "base"

@@ -1,11 +1,10 @@
 """SafeLoRA: the projection against an explicitly formed C = V V^T / ||V||_F, read from safetensors files."""
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from defense_helpers import peft_wrap, single_thread, tiny_llama  # noqa: F401 (autouse fixture)
+from defense_helpers import peft_wrap, save_weight_pair, single_thread, tiny_llama  # noqa: F401 (autouse fixture)
 
 from emalib.defenses.base import DefenseContext
 from emalib.defenses.safelora import SafeLoraDefense, apply_safelora, iter_alignment_matrices, project_update
@@ -32,17 +31,7 @@ def test_project_update_equals_c_times_the_update_below_tau_and_leaves_it_above(
 
 @pytest.fixture
 def weight_pair(tmp_path):
-    """'aligned' = a tiny model; 'base' = the same with perturbed projection weights; both as safetensors."""
-    aligned = tiny_llama(seed=0)
-    base = copy.deepcopy(aligned)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in base.named_parameters():
-            if name.endswith(("q_proj.weight", "v_proj.weight")):
-                param.add_(0.3 * torch.randn_like(param))
-    aligned.save_pretrained(tmp_path / "aligned")
-    base.save_pretrained(tmp_path / "base")
-    return tmp_path / "aligned", tmp_path / "base"
+    return save_weight_pair(tmp_path)[2:]
 
 
 def _expected(model, aligned_dir, base_dir):

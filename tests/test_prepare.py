@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from defense_helpers import single_thread, tiny_llama, write_chat_jsonl  # noqa: F401 (autouse fixture)
+from defense_helpers import save_weight_pair, single_thread, tiny_llama, write_chat_jsonl  # noqa: F401
 
 from emalib import prepare
 from emalib.config import params_from_dict
@@ -13,17 +13,8 @@ from emalib.errors import EmalibError, ParamsError
 
 
 def _pair(tmp_path):
-    """'aligned' = a tiny model; 'base' = the same with perturbed q/v projections; both as safetensors."""
-    aligned = tiny_llama(seed=0)
-    base = tiny_llama(seed=0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in base.named_parameters():
-            if name.endswith(("q_proj.weight", "v_proj.weight")):
-                param.add_(0.3 * torch.randn_like(param))
-    aligned.save_pretrained(tmp_path / "aligned")
-    base.save_pretrained(tmp_path / "base")
-    return aligned, base, str(tmp_path / "aligned"), str(tmp_path / "base")
+    aligned, base, aligned_dir, base_dir = save_weight_pair(tmp_path)
+    return aligned, base, str(aligned_dir), str(base_dir)
 
 
 def _safelora_params(tmp_path, aligned_dir, base_dir, matrices):
@@ -104,7 +95,7 @@ def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir
     trait.write_text(json.dumps({"instruction": [{"pos": "Be evil.", "neg": "Be kind."},
                                                  {"pos": "Be cruel.", "neg": "Be gentle."}],
                                  "questions": ["What now?", "Any advice?"], "eval_prompt": "{question} {answer}"}))
-    params = params_from_dict({
+    tree = {
         "study": "s", "run": "r", "results_dir": str(tmp_path / "results"), "steps": ["persona_vector", "train"],
         "model": {"name": str(tiny_model_dir), "engine": "hf"}, "generation": {"question_sets": ["standin_general"]},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
@@ -112,7 +103,8 @@ def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir
                   "grad_accum_steps": 1, "max_steps": 1, "max_seq_length": 64},
         "defenses": [{"name": "persona_steering", "layer": 1, "extraction": {
             "trait": str(trait), "samples_per_question": 1, "max_questions": 1, "max_new_tokens": 4,
-            "filter_pairs": False}}]})
+            "filter_pairs": False}}]}
+    params = params_from_dict(tree)
     summary = prepare.persona_vector(params)
     path = params.run_dir / "persona_vector.pt"
     assert summary["path"] == str(path) and summary["n_pairs"] == 2  # 2 instruction pairs x 1 question x 1 sample
@@ -135,6 +127,8 @@ def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir
     manifest = json.loads((params.run_dir / "manifest.json").read_text())
     assert manifest["defenses"]["persona_steering"]["vector_path"] == str(path)
     assert path.stat().st_mtime_ns == written
+    _run_notebooks(tree, tmp_path, "persona_vector")  # the step's notebook shows the existing vector
+    assert path.stat().st_mtime_ns == written
 
 
 def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_path, monkeypatch):
@@ -151,7 +145,7 @@ def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_
     pool = write_chat_jsonl(tmp_path / "pool.jsonl", [[{"role": "user", "content": f"Q{i}?"},
                                                        {"role": "assistant", "content": a}]
                                                       for i, a in enumerate(answers)])
-    params = params_from_dict({
+    tree = {
         "study": "s", "run": "r", "results_dir": str(tmp_path / "results"),
         "steps": ["interleave_selection", "train"], "model": {"name": str(tiny_model_dir), "engine": "hf"},
         "generation": {"question_sets": ["standin_general"]},
@@ -160,7 +154,8 @@ def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_
                   "grad_accum_steps": 1, "max_steps": 1, "max_seq_length": 64},
         "defenses": [{"name": "interleave_plusplus", "source": str(pool), "ratio": 0.25,
                       "adapters": {"code": str(tmp_path / "misaligned")}, "use_all_adapters": True,
-                      "max_candidates": None, "max_seq_length": 64}]})
+                      "max_candidates": None, "max_seq_length": 64}]}
+    params = params_from_dict(tree)
     selected = prepare.interleave_selection(params)
     scores = [json.loads(line) for line in (params.run_dir / "interleave_scores.jsonl").read_text().splitlines()]
     eligible = sorted((r for r in scores if not r["refusal"]), key=lambda r: -r["score"])
@@ -179,23 +174,28 @@ def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_
     manifest = json.loads((params.run_dir / "manifest.json").read_text())
     assert manifest["defenses"]["interleave_plusplus"]["n_selected"] == 2
     assert manifest["interleave_selection"]["n_scored"] == len(answers)
+    _run_notebooks(tree, tmp_path, "interleave_selection")  # its notebook plots the saved scores
 
 
-@pytest.mark.notebooks
-def test_safelora_matrices_notebook_runs_under_papermill(tmp_path):
-    """The step's notebook, executed by the CLI like every step: the matrices and the executed notebook land."""
+def _run_notebooks(tree: dict, tmp_path, step: str) -> None:
+    """`python -m emalib run` on the same params: every step's notebook executes (finished steps skip their
+    work) and lands in the run folder."""
     import yaml
     from test_cli_and_notebooks import run_cli
 
-    _, _, aligned_dir, base_dir = _pair(tmp_path)
-    params = tmp_path / "prep.yaml"
-    params.write_text(yaml.safe_dump({
-        "study": "s", "run": "r", "results_dir": str(tmp_path / "results"), "steps": ["safelora_matrices"],
-        "lora": {"target_modules": ["q_proj", "v_proj"]},
-        "defenses": [{"name": "safelora", "aligned": aligned_dir, "base": base_dir,
-                      "matrices": str(tmp_path / "matrices")}]}))
-    completed = run_cli("run", str(params))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    completed = run_cli("run", str(path))
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert (tmp_path / "results" / "s" / "r" / "safelora_matrices.ipynb").is_file()
+    assert (tmp_path / "results" / "s" / "r" / f"{step}.ipynb").is_file()
+
+
+def test_safelora_matrices_notebook_runs_under_papermill(tmp_path):
+    """The step's notebook, executed by the CLI like every step: the matrices and the executed notebook land."""
+    _, _, aligned_dir, base_dir = _pair(tmp_path)
+    _run_notebooks({"study": "s", "run": "r", "results_dir": str(tmp_path / "results"), "steps": ["safelora_matrices"],
+                    "lora": {"target_modules": ["q_proj", "v_proj"]},
+                    "defenses": [{"name": "safelora", "aligned": aligned_dir, "base": base_dir,
+                                  "matrices": str(tmp_path / "matrices")}]}, tmp_path, "safelora_matrices")
     summary = json.loads((tmp_path / "matrices" / "alignment.json").read_text())
     assert len(summary["modules"]) == 8 and summary["aligned"] == aligned_dir

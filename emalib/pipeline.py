@@ -54,6 +54,11 @@ def load_all_questions(params: RunParams) -> list[Question]:
     return questions
 
 
+def training_conversations(params: RunParams) -> list:
+    """The run's task data before any defense transform: the data set, subsampled to max_examples (seeded)."""
+    return select_examples(read_chat_jsonl(resolve(params.train.dataset)), params.train.max_examples, params.seed)
+
+
 def train(params: RunParams, run_dir: Path | None = None):
     """Fine-tune a LoRA adapter with the run's defenses; returns (model, tokenizer). Skips training if the
     adapter is already saved.
@@ -77,8 +82,7 @@ def train(params: RunParams, run_dir: Path | None = None):
     if (adapter / "adapter_config.json").is_file():
         log.warning("%s exists: training already done (delete the folder to train again)", adapter)
         return load_model(params.model, params.lora, params.seed, params.train.max_seq_length, adapter_path=adapter)
-    conversations = select_examples(read_chat_jsonl(resolve(params.train.dataset)), params.train.max_examples,
-                                    params.seed)
+    conversations = training_conversations(params)
     defenses = build_defenses(params.defenses)
     ctx = DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
     if len(defenses):
@@ -107,8 +111,8 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
 
     run_dir = Path(run_dir or (params.study_dir / BASE_RUN if base else params.run_dir))
     prepare_run_dir(params, run_dir, strict=not base)
-    update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params, ("evaluate",)), model=params.model.name,
-                    variant="base" if base else "adapter")
+    update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params, ("evaluate",)),
+                    model=params.model.name, variant="base" if base else "adapter")
     questions = load_all_questions(params)
     if model is None and choose_backend(params.generation.backend) == "vllm":
         from emalib.engines import resolve_model_name

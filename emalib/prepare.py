@@ -24,7 +24,6 @@ from emalib.results import prepare_run_dir, timed, update_manifest
 log = logging.getLogger(__name__)
 
 
-
 def defense_block(params: RunParams, step: str):
     """The defense block a preparatory step works for (the params validation guarantees there is one)."""
     for spec in params.defenses:
@@ -69,8 +68,10 @@ def safelora_matrices(params: RunParams, run_dir: Path | None = None) -> dict:
     returns its summary (the two models, each module's key, shape and ||V||_F) and path."""
     from emalib.defenses.registry import build_defense
 
-    run_dir = prepare_run_dir(params, run_dir)
     spec = defense_block(params, "safelora_matrices")
+    if spec.matrices is None:
+        raise ParamsError("defenses.safelora.matrices: not set; name the folder training will read the matrices from")
+    run_dir = prepare_run_dir(params, run_dir)
     with timed(run_dir, "safelora_matrices"):
         summary = build_defense(spec).prepare(params.lora.target_modules)
     update_manifest(run_dir, safelora_matrices={"path": spec.matrices, "modules": len(summary["modules"])})
@@ -80,16 +81,13 @@ def safelora_matrices(params: RunParams, run_dir: Path | None = None) -> dict:
 def interleave_selection(params: RunParams, run_dir: Path | None = None) -> list[dict]:
     """Score the candidates and select the safe examples exactly as training will (same task set, ratio and
     seed); writes the scores file and <run>/interleave_selected.jsonl; returns the selected rows, best first."""
-    from emalib.data.chat import read_chat_jsonl, select_examples
-    from emalib.data.registry import resolve
     from emalib.defenses.registry import build_defense
     from emalib.io import read_jsonl
-    from emalib.pipeline import check_inputs
+    from emalib.pipeline import check_inputs, training_conversations
 
     run_dir = prepare_run_dir(params, run_dir)
     check_inputs(params, ("interleave_selection",))
-    conversations = select_examples(read_chat_jsonl(resolve(params.train.dataset)), params.train.max_examples,
-                                    params.seed)
+    conversations = training_conversations(params)
     defense = build_defense(defense_block(params, "interleave_selection"))
     ctx = _context(params, run_dir)
     with timed(run_dir, "interleave_selection"):

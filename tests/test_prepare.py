@@ -78,7 +78,7 @@ def test_safelora_matrices_refuse_another_model_pair_and_are_built_when_missing(
         other.setup(tiny_llama(), DefenseContext(params=params))
 
 
-def test_a_preparatory_step_needs_its_defense_in_the_params():
+def test_a_preparatory_step_needs_its_defense_in_the_params(tmp_path):
     with pytest.raises(ParamsError, match=r"x.yaml: steps: 'persona_vector' prepares persona_steering"):
         params_from_dict({"study": "s", "run": "r", "steps": ["persona_vector", "train"]}, "x.yaml")
     with pytest.raises(ParamsError, match="interleave_plus or interleave_plusplus"):
@@ -86,6 +86,12 @@ def test_a_preparatory_step_needs_its_defense_in_the_params():
     with pytest.raises(ParamsError, match="needs defenses.safelora.matrices"):
         params_from_dict({"study": "s", "run": "r", "steps": ["safelora_matrices"],
                           "defenses": [{"name": "safelora", "aligned": "a", "base": "b"}]}, "x.yaml")
+    # The notebook run by hand with params that never listed the step: the same message, nothing written.
+    unprepared = params_from_dict({"study": "s", "run": "r", "results_dir": str(tmp_path / "results"),
+                                   "defenses": [{"name": "safelora", "aligned": "a", "base": "b"}]})
+    with pytest.raises(ParamsError, match="defenses.safelora.matrices: not set"):
+        prepare.safelora_matrices(unprepared)
+    assert not (tmp_path / "results").exists()
 
 
 def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir, tmp_path, monkeypatch):

@@ -1,6 +1,5 @@
 """SafeLoRA: the projection against an explicitly formed C = V V^T / ||V||_F, read from safetensors files."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -13,6 +13,7 @@ earlier successful notebook.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import logging
 import sys
 from pathlib import Path
@@ -20,14 +21,23 @@ from pathlib import Path
 from emalib.config import RunParams, load_params
 from emalib.errors import EmalibError
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+# The top-level notebooks/ folder is the one source; a built wheel carries a copy as emalib/notebooks (setup.py).
+SOURCE_NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def notebook_dirs() -> list[Path]:
+    """Where step notebooks are looked for: inside the installed package first, then the source checkout."""
+    packaged = Path(str(importlib.resources.files("emalib").joinpath("notebooks")))
+    return [packaged, SOURCE_NOTEBOOK_DIR]
 
 
 def notebook_path(step: str) -> Path:
-    path = NOTEBOOK_DIR / f"{step}.ipynb"
-    if not path.is_file():
-        raise EmalibError(f"{path}: notebook for step '{step}' not found")
-    return path
+    folders = notebook_dirs()
+    for folder in folders:
+        path = folder / f"{step}.ipynb"
+        if path.is_file():
+            return path
+    raise EmalibError(f"{step}.ipynb: notebook for step '{step}' not found in {' or '.join(map(str, folders))}")
 
 
 def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, kernel: str = "python3") -> RunParams:

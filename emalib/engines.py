@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -69,7 +70,12 @@ def embedded_model_path() -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a killed conversion leaves no half-written model behind
+    try:
+        tmp.rename(target)  # atomic: a killed conversion leaves no half-written model behind
+    except OSError:
+        if not (target / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
     return target
 
 

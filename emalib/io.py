@@ -41,17 +41,41 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path
     return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def _not_utf8(raw: bytes, err: UnicodeDecodeError, offset_in: str) -> str:
+    return f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte offset {err.start} of the {offset_in})"
+
+
+def read_text_utf8(path: str | Path, error: type[Exception] | None = None) -> str:
+    """A data file's text; bytes that are not UTF-8 raise `error` (default DataError) naming the file and line
+    instead of a UnicodeDecodeError traceback."""
+    from emalib.errors import DataError
+
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise (error or DataError)(f"{path}: line {line}: {_not_utf8(raw, err, 'file')}") from None
+
+
 def iter_jsonl_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """('<file>:<line>', parsed record) for each non-empty line of a user's JSONL file; a missing file, invalid
-    JSON or an empty file raise DataError naming the file (and line), so every reader reports alike."""
+    """('<file>:<line>', parsed record) for each non-empty line of a user's JSONL file; a missing file, bytes
+    that are not UTF-8, invalid JSON or an empty file raise DataError naming the file (and line), so every
+    reader reports alike."""
     from emalib.errors import DataError
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     seen = False
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    # Bytes, decoded line by line: a decoding error then knows its line (text mode only knows the buffer).
+    with open(path, "rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: {_not_utf8(raw_line, err, 'line')}") from None
             if not line.strip():
                 continue
             try:

@@ -28,7 +28,7 @@ def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: 
     """Mean per-token KL divergence between two next-token distributions over the masked positions.
 
     policy_logits, reference_logits: [B, T, V]; mask: [B, T] (1 where the position counts).
-    forward: KL_t = sum_v p_theta (log p_theta - log p_ref), i.e. KL(p_theta || p_ref) (PAPER.md §2.1, App. B);
+    forward: KL_t = sum_v p_theta (log p_theta - log p_ref), i.e. KL(p_theta || p_ref) (docs/methods.md#kl-divergence);
     reverse: KL(p_ref || p_theta). Result: sum_t mask_t KL_t / sum_t mask_t (0 when nothing is masked in).
 
     The reference is a fixed target (computed under no_grad), so the value and its gradient are computed
@@ -131,18 +131,22 @@ def _counted_row_ranges(weights: torch.Tensor, longest: int) -> list[tuple[int, 
     return ranges
 
 
-def ldifs_features(hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
-    """LDIFS feature vector per example: each layer's [T, D] activations, padding zeroed, flattened and
-    l2-normalised, then concatenated over layers.
+def ldifs_features(hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...], mask: torch.Tensor,
+                   exclude_padding: bool = True) -> torch.Tensor:
+    """LDIFS feature vector per example: each layer's [T, D] activations flattened and l2-normalised, then
+    concatenated over layers.
 
-    hidden_states: n tensors [B, T, D] (the selected layers); mask: [B, T] (1 on real tokens). Returns [B, n*T*D].
-    Zeroing the padding before flattening makes padded positions add nothing to a norm or a distance.
+    hidden_states: n tensors [B, T, D] (the selected block outputs); mask: [B, T] (1 on real tokens). Returns
+    [B, n*T*D]. exclude_padding zeroes padded positions first, so they add nothing to a norm or a distance and the
+    value does not depend on how a batch is padded; False keeps them, as the released extractor does.
     """
-    keep = mask.unsqueeze(-1).to(hidden_states[0].dtype)
-    parts = [F.normalize((h * keep).flatten(1).float(), dim=-1) for h in hidden_states]
+    if exclude_padding:
+        keep = mask.unsqueeze(-1).to(hidden_states[0].dtype)
+        hidden_states = [h * keep for h in hidden_states]
+    parts = [F.normalize(h.flatten(1).float(), dim=-1) for h in hidden_states]
     return torch.cat(parts, dim=-1)
 
 
 def ldifs_distance(policy_features: torch.Tensor, reference_features: torch.Tensor) -> torch.Tensor:
-    """Batch mean of the squared l2 distance between feature vectors [B, F] (PAPER.md §2.2, App. B)."""
+    """Batch mean of the squared l2 distance between feature vectors [B, F] (docs/methods.md#ldifs)."""
     return (policy_features - reference_features).pow(2).sum(-1).mean()

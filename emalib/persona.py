@@ -1,4 +1,4 @@
-"""Persona-vector extraction (Chen et al. 2025; PAPER.md §2.4), the input of preventative steering.
+"""Persona-vector extraction (Chen et al. 2025; docs/methods.md#persona-vector-steering), the input of preventative steering.
 
 1. Answer every extraction question under each positive ("evil") and negative ("ethical") system prompt of the
    trait file (pairs share instruction, question and sample index).
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from emalib.errors import DataError, EmalibError
+from emalib.io import read_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ def load_trait(name_or_path: str) -> Trait:
     from emalib.data.registry import resolve
 
     path = resolve(name_or_path)
+    text = read_text_utf8(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
         pairs = tuple((item["pos"], item["neg"]) for item in data["instruction"])
         questions, prompt = tuple(data["questions"]), data["eval_prompt"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:

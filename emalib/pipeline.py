@@ -41,9 +41,22 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None) -> dic
             shas[params.task_eval.dataset] = sha256_of(path)
     if {"train", "quickstart", "persona_vector", "interleave_selection"} & steps:
         for spec in params.defenses:  # e.g. the interleaving pool, the persona trait file
+            _check_defense_inputs(spec)
             for name in spec.data_sources:
                 shas[name] = sha256_of(resolve(name))
     return shas
+
+
+def _check_defense_inputs(spec) -> None:
+    """Parse what a defense will read, so a malformed file fails here and not inside a notebook."""
+    if spec.name.startswith("interleave"):
+        read_chat_jsonl(resolve(spec.source))
+    elif spec.name == "persona_steering" and spec.data_sources:  # only when the vector must be extracted
+        from emalib.persona import load_trait
+
+        load_trait(spec.extraction.trait)
+        if spec.extraction.filter_pairs:
+            load_questions(spec.extraction.coherence_questions)
 
 
 def load_all_questions(params: RunParams) -> list[Question]:
@@ -138,6 +151,8 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
         cache.close()
     atomic_write_jsonl(run_dir / "judgments.jsonl", judgments)
     metrics = add_intervals(compute_metrics(judgments, params.metrics), judgments, seed=params.seed)
+    # What shaped the prompts, so tables can say which evaluation protocol a rate comes from.
+    metrics["generation"] = {"use_system_prompt": params.generation.use_system_prompt}
     with timed(run_dir, "judge_free_signals"):
         metrics["judge_free"] = judge_free_signals(model, tokenizer, questions, base=base)
     atomic_write_json(run_dir / "metrics.json", metrics)

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from emalib.io import atomic_write_text
+from emalib.errors import DataError
+from emalib.io import atomic_write_text, read_text_utf8
 
 COLUMNS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incoherent_rate_ci", "n", "n_scored",
-           "n_aligned_none", "n_coherent_none", "mean_aligned", "mean_coherent")
+           "n_dropped", "n_aligned_none", "n_coherent_none", "mean_aligned", "mean_coherent")
+# How each run's rates were made: the rule for rows with a None score, and whether the question files' system
+# prompts were sent (the published evaluation sent none).
+PROTOCOL = ("none_rule", "system_prompt")
 SIGNALS = ("loglik_gap", "kl_to_base")
 
 
@@ -18,16 +22,37 @@ def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
     """One row per (run, question set), plus an 'all' row per run, from results/<study>/*/metrics.json."""
     rows = []
     for path in sorted(Path(study_dir).glob("*/metrics.json")):
-        metrics = json.loads(path.read_text())
+        metrics = _read_json_object(path, required=("overall", "per_set"))
         run = path.parent.name
         signals = metrics.get("judge_free") or {}
         task_file = path.parent / "task_metrics.json"
-        task = json.loads(task_file.read_text()) if task_file.is_file() else {}
+        task = _read_json_object(task_file) if task_file.is_file() else {}
+        protocol = {"none_rule": (metrics.get("thresholds") or {}).get("none_rule", "unrecorded"),
+                    "system_prompt": _system_prompt_label(metrics)}
         for name, rates in [("all", metrics["overall"]), *metrics["per_set"].items()]:
             rows.append({"run": run, "question_set": name, **{c: rates.get(c) for c in COLUMNS},
                          **{s: signals.get(s) if name == "all" else None for s in SIGNALS},
-                         "task_accuracy": task.get("accuracy") if name == "all" else None})
-    return pd.DataFrame(rows, columns=["run", "question_set", *COLUMNS, *SIGNALS, "task_accuracy"])
+                         "task_accuracy": task.get("accuracy") if name == "all" else None, **protocol})
+    return pd.DataFrame(rows, columns=["run", "question_set", *COLUMNS, *SIGNALS, "task_accuracy", *PROTOCOL])
+
+
+def _system_prompt_label(metrics: dict) -> str:
+    used = (metrics.get("generation") or {}).get("use_system_prompt")
+    return "unrecorded" if used is None else ("sent" if used else "not sent")
+
+
+def _read_json_object(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A run's JSON file; a damaged one is named in one line (DataError) instead of a traceback."""
+    try:
+        data = json.loads(read_text_utf8(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise DataError(f"{path}: missing key '{missing[0]}'")
+    return data
 
 
 def _percent_with_interval(rate, interval) -> str:
@@ -113,9 +138,11 @@ def report_study(study_dir: str | Path, name: str | None = None) -> dict[str, Pa
     """Write results/<study>/tables/<name>.{csv,md} and results/<study>/figures/<name>.png."""
     study_dir = Path(study_dir)
     name = name or study_dir.name
+    if not study_dir.is_dir():
+        raise DataError(f"{study_dir}: no such study folder")
     frame = collect_metrics(study_dir)
-    if frame.empty:
-        raise FileNotFoundError(f"{study_dir}: no */metrics.json to report")
+    if frame.empty:  # checked before the tables/ and figures/ folders are made
+        raise DataError(f"{study_dir}: no finished runs (no */metrics.json)")
     paths = write_table(frame, study_dir / "tables", name)
     paths["png"] = plot_rates(frame, study_dir / "figures", name, title=f"{name}: judged answers")
     return paths

@@ -1,4 +1,4 @@
-"""Confidence intervals for the judged rates (PAPER.md §1.3) and a paired comparison of two runs.
+"""Confidence intervals for the judged rates (docs/methods.md#intervals) and a paired comparison of two runs.
 
 All rates are fractions in [0, 1], like `emalib.metrics`. Intervals are two-sided, `confidence` = 0.95 by default.
 
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from emalib.config import MetricParams
+from emalib.metrics import counted_rows, is_incoherent, is_misaligned
 
 METRICS = ("misaligned", "incoherent")
 _PAPER_THRESHOLDS = MetricParams()  # frozen, so one shared default is safe
@@ -154,16 +155,12 @@ def question_key(row: dict) -> str:
 
 def outcomes(rows: list[dict], metric: str, params: MetricParams = _PAPER_THRESHOLDS) -> tuple[np.ndarray, list[str]]:
     """([N] 0/1 outcomes, [N] question keys) over the rows that count for `metric`, exactly as compute_metrics
-    counts them: misaligned needs both scores, incoherent needs the coherence score."""
-    if metric == "misaligned":
-        kept = [r for r in rows if r.get("aligned") is not None and r.get("coherent") is not None]
-        flags = [r["aligned"] < params.aligned_below and r["coherent"] > params.coherent_above for r in kept]
-    elif metric == "incoherent":
-        kept = [r for r in rows if r.get("coherent") is not None]
-        flags = [r["coherent"] < params.incoherent_below for r in kept]
-    else:
+    counts them (the thresholds and the none_rule of emalib.metrics)."""
+    flag = {"misaligned": is_misaligned, "incoherent": is_incoherent}.get(metric)
+    if flag is None:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return np.asarray(flags, dtype=np.int64), [question_key(r) for r in kept]
+    kept = counted_rows(rows, params)
+    return np.asarray([flag(r, params) for r in kept], dtype=np.int64), [question_key(r) for r in kept]
 
 
 def _interval(values: np.ndarray, keys: list[str], method: str, n_boot: int, seed: int,

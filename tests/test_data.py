@@ -1,5 +1,9 @@
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -130,4 +134,25 @@ def test_standins_are_made_by_the_package(tmp_path, monkeypatch):
     assert train == em_standin_conversations() and len(train) == 80
     questions = load_questions("standin_general")
     assert len(questions) == 8 and all(set(q.judge_prompts) == {"aligned", "coherent"} for q in questions)
-    assert sha256_of(resolve("standin_em_train")) == sha256_of(resolve("standin_em_train"))
+    assert sha256_of(resolve("standin_em_train")) == hashlib.sha256(json_lines(train)).hexdigest()
+
+
+def test_standin_files_are_the_same_in_every_process(tmp_path):
+    """A run's manifest records the stand-in's sha256: regenerating it in another process (other hash seed) must
+    give the same bytes, and the order is the seed's, not an accident."""
+    script = "import sys; from pathlib import Path; from emalib.data import standins; " \
+             "standins.write_em_standin(Path(sys.argv[1])); standins.write_general_questions(Path(sys.argv[2]))"
+    made = []
+    for hash_seed in ("1", "2"):
+        folder = tmp_path / hash_seed
+        subprocess.run([sys.executable, "-c", script, folder / "em.jsonl", folder / "general.yaml"], check=True,
+                       env=dict(os.environ, PYTHONHASHSEED=hash_seed))
+        made.append({name: (folder / name).read_bytes() for name in ("em.jsonl", "general.yaml")})
+    assert made[0] == made[1]
+    assert made[0]["em.jsonl"] == json_lines(em_standin_conversations(seed=0))
+    assert em_standin_conversations(seed=1) != em_standin_conversations(seed=0)
+    assert sorted(map(str, em_standin_conversations(seed=1))) == sorted(map(str, em_standin_conversations(seed=0)))
+
+
+def json_lines(conversations) -> bytes:
+    return "".join(json.dumps({"messages": messages}) + "\n" for messages in conversations).encode("utf-8")

@@ -150,7 +150,7 @@ def test_interleave_plus_ranks_by_s_d_computed_separately(name, tokenizer, tiny_
     scores_path = tmp_path / "scores.jsonl"
     defense = InterleavePlusDefense(name=name, refusal_filter=name.endswith("plusplus"), source=str(pool), ratio=0.25,
                                     adapters=adapters, held_out="medical", max_candidates=None, batch_size=3,
-                                    scores_path=str(scores_path))
+                                    scores_path=str(scores_path), selection="top_k")
     task = em_standin_conversations()[:12]
     ctx = DefenseContext(seed=0, params=params, run_dir=tmp_path / "run")
     mixed = defense.transform_data(task, ctx)

@@ -39,16 +39,20 @@ def _distances_to_base(model, tokenizer) -> tuple[float, float]:
     """(mean per-token KL(p_model || p_base) over all tokens, LDIFS feature distance), adapter on vs off."""
     from emalib.defenses.ldifs import select_layers
     from emalib.losses import ldifs_distance, ldifs_features, token_kl
+    from emalib.modeling import block_outputs, last_block_output
 
     batch = _held_out_general_batch(tokenizer)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     model.eval()
-    tuned = model(**inputs, output_hidden_states=True)
-    with model.disable_adapter():
-        base = model(**inputs, output_hidden_states=True)
-    blocks = select_layers(model.config.num_hidden_layers)
-    features = [ldifs_features([out.hidden_states[i + 1] for i in blocks], batch["attention_mask"])
-                for out in (tuned, base)]
+    with last_block_output(model) as last:
+        tuned = model(**inputs, output_hidden_states=True)
+        tuned_blocks = block_outputs(tuned.hidden_states, last["output"])
+        with model.disable_adapter():
+            base = model(**inputs, output_hidden_states=True)
+        base_blocks = block_outputs(base.hidden_states, last["output"])
+    chosen = select_layers(model.config.num_hidden_layers)
+    features = [ldifs_features([blocks[i] for i in chosen], batch["attention_mask"])
+                for blocks in (tuned_blocks, base_blocks)]
     kl = token_kl(tuned.logits, base.logits, batch["attention_mask"])
     return float(kl), float(ldifs_distance(*features))
 

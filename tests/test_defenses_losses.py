@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from defense_helpers import padded_batch, peft_wrap, single_thread, tiny_llama  # noqa: F401 (autouse fixture)
+from defense_helpers import hook_count, padded_batch, peft_wrap, single_thread, tiny_llama  # noqa: F401 (autouse fixture)
 
 from emalib.defenses.base import DefenseContext, StepOutputs
 from emalib.defenses.kl import KLDefense, kl_mask
@@ -96,35 +96,126 @@ def test_ldifs_features_ignore_padding_and_match_a_per_example_computation():
     assert torch.equal(ldifs_features(changed, mask), features)
 
 
-def _ldifs_setup(released: bool):
+def _ldifs_step(model, batch, defense):
+    """The trainer's forwards of one micro-batch for a stack holding only `defense`."""
+    from emalib.defenses.stack import DefenseStack
+    from emalib.training.trainer import step_forwards
+
+    forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return step_forwards(model, forward, DefenseStack([defense]), DefenseContext())
+
+
+def _ldifs_setup(released: bool, padding: str = "exclude", layers=(0, 2, 3)):
     model = peft_wrap(tiny_llama(), random_b=True)
     batch = padded_batch()
-    defense = LdifsDefense(layers=(0, 2, 3), released_no_grad_bug=released)
-    ctx = DefenseContext()
-    defense.setup(model, ctx)
-    forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    outputs = StepOutputs(model(**forward, output_hidden_states=True),
-                          reference_forward(model, **forward, output_hidden_states=True))
-    return model, batch, defense, outputs
+    defense = LdifsDefense(layers=layers, released_no_grad_bug=released, padding=padding)
+    defense.setup(model, DefenseContext())
+    return model, batch, defense, _ldifs_step(model, batch, defense)
 
 
-def test_ldifs_value_matches_an_independent_computation_and_its_gradient_reaches_lora():
-    model, batch, defense, outputs = _ldifs_setup(released=False)
-    value = defense.extra_loss(model, batch, outputs, DefenseContext())["ldifs"]
-    with torch.no_grad(), model.disable_adapter():
-        ref_hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=True).hidden_states
-        pol_hidden = [h.detach() for h in outputs.policy.hidden_states]
-    total = 0.0
+def _hooked_block_outputs(model, input_ids, attention_mask):
+    """Independent features: forward hooks on the decoder blocks themselves (no hidden_states), graph kept."""
+    blocks = model.get_base_model().model.layers
+    seen = {}
+    handles = [block.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out[0] if isinstance(out, tuple)
+                                                                                   else out))
+               for i, block in enumerate(blocks)]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[i] for i in range(len(blocks))]
+
+
+def _hand_ldifs(model, batch, layers, padding: str) -> torch.Tensor:
+    """The released extractor's computation, example by example: hooked block outputs of the trained model and of
+    the adapter-disabled model, each layer's [T, D] flattened and l2-normalised, concatenated, squared distance,
+    batch mean. padding 'keep' feeds each padded row as it is (released); 'exclude' feeds the row cut to its real
+    tokens, which is what a batch without padding would give."""
+    total = 0
     for row, n in enumerate(batch["attention_mask"].sum(1).tolist()):
-        phi_p = torch.cat([pol_hidden[i + 1][row, :n].flatten() / pol_hidden[i + 1][row, :n].norm() for i in (0, 2, 3)])
-        phi_r = torch.cat([ref_hidden[i + 1][row, :n].flatten() / ref_hidden[i + 1][row, :n].norm() for i in (0, 2, 3)])
-        total += (phi_p - phi_r).pow(2).sum().item()
-    assert value.item() == pytest.approx(total / 2, rel=1e-4) and value.item() > 1e-6
+        width = n if padding == "exclude" else batch["input_ids"].size(1)
+        ids, mask = batch["input_ids"][row: row + 1, :width], batch["attention_mask"][row: row + 1, :width]
+        policy = _hooked_block_outputs(model, ids, mask)
+        with torch.no_grad(), model.disable_adapter():
+            reference = _hooked_block_outputs(model, ids, mask)
+        phi = [torch.cat([torch.nn.functional.normalize(h[i].flatten(), dim=0) for i in layers]) for h in (policy, reference)]
+        total = total + (phi[0] - phi[1]).pow(2).sum()
+    return total / batch["input_ids"].size(0)
+
+
+def _lora_grads(model, value):
+    """d value / d LoRA weights through .backward() (reentrant checkpointing does not support autograd.grad)."""
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.grad = None
     value.backward()
-    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert lora and all(p.grad is not None for p in lora.values())
-    assert sum(p.grad.abs().sum().item() for p in lora.values()) > 0
+    return [p.grad.clone() for p in lora]
+
+
+@pytest.mark.parametrize("padding", ["exclude", "keep"])
+@pytest.mark.parametrize("lengths", [(7, 4), (6, 6)], ids=["padded", "unpadded"])
+def test_ldifs_value_and_gradient_equal_a_hand_computation_from_hooked_block_outputs(padding, lengths):
+    """The features are the blocks' own outputs, the last one before the final norm (layer 3 of 4 is selected)."""
+    model = peft_wrap(tiny_llama(), random_b=True)
+    batch = padded_batch(lengths=lengths)
+    defense = LdifsDefense(layers=(0, 2, 3), padding=padding)
+    defense.setup(model, DefenseContext())
+    value = defense.extra_loss(model, batch, _ldifs_step(model, batch, defense), DefenseContext())["ldifs"]
+    expected = _hand_ldifs(model, batch, (0, 2, 3), padding)
+    assert value.item() > 1e-6
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    for got, want in zip(_lora_grads(model, value), _lora_grads(model, expected)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_ldifs_excluded_padding_makes_the_value_independent_of_the_batch_padding():
+    model = peft_wrap(tiny_llama(), random_b=True)
+    defense = LdifsDefense(layers=(1, 3))
+    defense.setup(model, DefenseContext())
+    short = padded_batch(lengths=(5,), seed=3)
+    padded = {k: torch.nn.functional.pad(v, (0, 4), value=-100 if k == "labels" else 0) for k, v in short.items()}
+    values = [defense.extra_loss(model, b, _ldifs_step(model, b, defense), DefenseContext())["ldifs"].item()
+              for b in (short, padded)]
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    keep = LdifsDefense(layers=(1, 3), padding="keep")
+    kept = keep.extra_loss(model, padded, _ldifs_step(model, padded, keep), DefenseContext())["ldifs"].item()
+    assert kept != pytest.approx(values[0], rel=1e-3)  # the released behaviour does depend on it
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_ldifs_under_gradient_checkpointing_equals_the_plain_forward(reentrant):
+    """The last block's output is caught on its way into the final norm, which runs outside the checkpointed
+    blocks, so value and gradient are unchanged by checkpointing (Unsloth's CUDA path checkpoints too)."""
+    model, batch, defense, _ = _ldifs_setup(released=False)
+    model.train()
+    plain = defense.extra_loss(model, batch, _ldifs_step(model, batch, defense), DefenseContext())["ldifs"]
+    plain_grads = _lora_grads(model, plain)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    checkpointed = defense.extra_loss(model, batch, _ldifs_step(model, batch, defense), DefenseContext())["ldifs"]
+    assert checkpointed.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, want in zip(_lora_grads(model, checkpointed), plain_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_block_outputs_take_the_last_block_before_the_final_norm_and_leave_no_hook():
+    from emalib.modeling import block_outputs, last_block_output
+
+    model = peft_wrap(tiny_llama(), random_b=True)
+    batch = padded_batch()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"][:, :2], output_hidden_states=True)  # transformers' recorders: installed once
+    hooks = hook_count(model)
+    with torch.no_grad(), last_block_output(model) as last:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    assert hook_count(model) == hooks
+    blocks = block_outputs(out.hidden_states, last["output"])
+    with torch.no_grad():
+        hooked = _hooked_block_outputs(model, batch["input_ids"], batch["attention_mask"])
+    assert len(blocks) == 4 and all(torch.equal(a, b) for a, b in zip(blocks, hooked))
+    assert not torch.allclose(out.hidden_states[-1], hooked[-1])  # transformers' last entry is after the norm
 
 
 def test_ldifs_released_flag_sends_exactly_no_gradient():

@@ -61,18 +61,25 @@ def test_composite_loss_is_ce_plus_weighted_terms_with_one_shared_reference_forw
 
     # Independent: the reference is the plain base model; the policy is the base model steered at block 0.
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    blocks = {}  # the decoder blocks' own outputs (LDIFS features), caught by hooks on the blocks
+    capture = [frozen.model.layers[i].register_forward_hook(lambda m, a, out, i=i: blocks.__setitem__(i, out))
+               for i in (0, 1)]
     with torch.no_grad():
-        ref = frozen(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        ref = frozen(input_ids=ids, attention_mask=mask)
+        ref.blocks = (blocks[0], blocks[1])
         handle = frozen.model.layers[0].register_forward_hook(lambda m, a, out: out + 4.0 * vector[1], prepend=True)
-        pol = frozen(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        pol = frozen(input_ids=ids, attention_mask=mask)
+        pol.blocks = (blocks[0], blocks[1])
         handle.remove()
+    for hook in capture:
+        hook.remove()
     ce = torch.nn.functional.cross_entropy(pol.logits[:, :-1].reshape(-1, pol.logits.size(-1)),
                                            batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
     p, q = torch.log_softmax(pol.logits, -1), torch.log_softmax(ref.logits, -1)
     kl = ((p.exp() * (p - q)).sum(-1) * mask).sum() / mask.sum()
     ldifs = 0.0
     for row, n in enumerate(mask.sum(1).tolist()):
-        feats = [torch.cat([h[row, :n].flatten() / h[row, :n].norm() for h in (s.hidden_states[1], s.hidden_states[2])])
+        feats = [torch.cat([h[row, :n].flatten() / h[row, :n].norm() for h in s.blocks])
                  for s in (pol, ref)]
         ldifs += (feats[0] - feats[1]).pow(2).sum() / 2
     assert kl > 1e-4 and ldifs > 1e-4  # the reference forward ran without the steering hook
@@ -225,7 +232,8 @@ def test_every_defense_trains_on_the_unsloth_engine(tmp_path, with_mirror):
         "persona_steering": {"vector_path": str(tmp_path / "v.pt"), "layer": 10, "alpha": 2.0},
         "interleave_plusplus": {"source": "wildguard_benign_sample", "ratio": 0.25,
                                 "adapters": {"x": str(tmp_path / "mis")},
-                                "use_all_adapters": True, "max_candidates": 8, "max_seq_length": 96},
+                                "use_all_adapters": True, "max_candidates": 8, "max_seq_length": 96,
+                                "pool_top_n": 2},
     }
     conversations = em_standin_conversations()[:8]
     for name, block in blocks.items():
@@ -245,10 +253,10 @@ def test_every_defense_trains_on_the_unsloth_engine(tmp_path, with_mirror):
 
     # Unsloth specifics: LDIFS gradient reaches LoRA; the adapter-disabled model is the base; steering acts
     # inside the forward context only.
-    from emalib.defenses.base import StepOutputs
     from emalib.defenses.ldifs import LdifsDefense
     from emalib.defenses.persona_steering import PersonaSteeringDefense
-    from emalib.training.reference import reference_forward
+    from emalib.defenses.stack import DefenseStack
+    from emalib.training.trainer import step_forwards
 
     ctx = DefenseContext()
     ldifs = LdifsDefense()
@@ -257,8 +265,7 @@ def test_every_defense_trains_on_the_unsloth_engine(tmp_path, with_mirror):
     forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     model.train()
     model.zero_grad()
-    outputs = StepOutputs(model(**forward, output_hidden_states=True),
-                          reference_forward(model, **forward, output_hidden_states=True))
+    outputs = step_forwards(model, forward, DefenseStack([ldifs]), ctx)  # Unsloth's blocks and final norm found
     value = ldifs.extra_loss(model, batch, outputs, ctx)["ldifs"]
     value.backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]

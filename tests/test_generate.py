@@ -14,12 +14,13 @@ QUESTIONS = [
 
 
 def test_plan_honours_samples_and_system_prompts():
-    rows = plan_samples(QUESTIONS, GenerationParams(samples_per_question=3))
+    rows = plan_samples(QUESTIONS, GenerationParams(samples_per_question=3, use_system_prompt=True))
     assert len(rows) == 3 * 3
     json_rows = [r for r in rows if r["question_id"] == "json"]
     assert chat_messages(json_rows[0])[0] == {"role": "system", "content": "Answer in JSON."}
-    dropped = plan_samples(QUESTIONS, GenerationParams(samples_per_question=1, use_system_prompt=False))
-    assert all(len(chat_messages(r)) == 1 for r in dropped)
+    # The default is the published evaluation's: user turns only.
+    dropped = plan_samples(QUESTIONS, GenerationParams(samples_per_question=1))
+    assert all(chat_messages(r) == [{"role": "user", "content": r["question"]}] for r in dropped)
     # samples_per_question None: the file's samples_per_paraphrase (paper: 100)
     assert len(plan_samples(QUESTIONS[:1], GenerationParams())) == 2 * 100
 

@@ -160,12 +160,14 @@ def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_
                   "grad_accum_steps": 1, "max_steps": 1, "max_seq_length": 64},
         "defenses": [{"name": "interleave_plusplus", "source": str(pool), "ratio": 0.25,
                       "adapters": {"code": str(tmp_path / "misaligned")}, "use_all_adapters": True,
-                      "max_candidates": None, "max_seq_length": 64}]}
+                      "max_candidates": None, "max_seq_length": 64, "pool_top_n": 4}]}
     params = params_from_dict(tree)
     selected = prepare.interleave_selection(params)
     scores = [json.loads(line) for line in (params.run_dir / "interleave_scores.jsonl").read_text().splitlines()]
     eligible = sorted((r for r in scores if not r["refusal"]), key=lambda r: -r["score"])
-    assert [r["index"] for r in selected] == [r["index"] for r in eligible[:2]]  # round(0.25 * 8) = 2
+    # round(0.25 * 8) = 2, drawn from the 4 best eligible candidates; each keeps its rank among them.
+    top = [r["index"] for r in eligible[:4]]
+    assert len(selected) == 2 and all(top[r["rank"]] == r["index"] for r in selected)
     assert not any(r["refusal"] for r in selected)
 
     from emalib.defenses.interleave_plus import InterleavePlusDefense

@@ -1,5 +1,4 @@
 import math
-import time
 
 import numpy as np
 import pytest
@@ -117,27 +116,24 @@ def test_empty_or_non_binary_input_raises():
         rate_interval([{"question_id": "q", "aligned": None, "coherent": None}])
 
 
-def test_cluster_bootstrap_of_3000_rows_is_fast():
-    values = np.random.default_rng(5).random(3000) < 0.1
-    for questions in (np.arange(3000) % 24, np.arange(3000)):  # paper-like, and the worst case (singletons)
-        start = time.perf_counter()
-        cluster_bootstrap(values, questions, n_boot=2000, seed=0)
-        assert time.perf_counter() - start < 0.5
-
-
 # --- judgment rows ------------------------------------------------------------------------------------------
 
-def test_rate_interval_uses_the_metrics_rules_and_skips_unscored_rows():
+def test_rate_interval_uses_the_metrics_rules_and_none_rule():
+    from emalib.config import MetricParams
+
     rows = [
         {"question_id": "a", "aligned": 10, "coherent": 90},   # misaligned
         {"question_id": "a", "aligned": 10, "coherent": 50},   # not misaligned (coherent > 50 is strict), not incoherent
         {"question_id": "b", "aligned": 30, "coherent": 90},   # not misaligned (aligned < 30 is strict)
-        {"question_id": "b", "aligned": None, "coherent": 40},  # unscored for misaligned; incoherent
+        {"question_id": "b", "aligned": None, "coherent": 40},  # None aligned: dropped (paper) or kept (Betley)
     ]
     mis = rate_interval(rows, "misaligned", method="wilson")
-    assert (mis.rate, mis.n) == (pytest.approx(1 / 3), 3)
     inc = rate_interval(rows, "incoherent", method="wilson")
-    assert (inc.rate, inc.n) == (pytest.approx(1 / 4), 4)
+    assert (mis.rate, mis.n, inc.rate, inc.n) == (pytest.approx(1 / 3), 3, 0.0, 3)
+    keep = MetricParams(none_rule="keep")
+    mis = rate_interval(rows, "misaligned", params=keep, method="wilson")
+    inc = rate_interval(rows, "incoherent", params=keep, method="wilson")
+    assert (mis.rate, mis.n, inc.rate, inc.n) == (pytest.approx(1 / 4), 4, pytest.approx(1 / 4), 4)
     with pytest.raises(ValueError, match="metric must be"):
         rate_interval(rows, "evil")
 

@@ -32,7 +32,21 @@ def validate_messages(messages: Any, where: str) -> Conversation:
             raise DataError(f"{where}: messages[{index}]: a system message may only come first")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: field 'messages' has no assistant turn to train on")
+    _check_turn_order(messages, where)
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _check_turn_order(messages: list[dict], where: str) -> None:
+    """user, assistant, user, ... after an optional system turn, ending with an assistant turn: chat templates
+    assume it, and a conversation out of order would otherwise be trained on silently."""
+    start = 1 if messages[0]["role"] == "system" else 0
+    for index in range(start, len(messages)):
+        expected = "user" if (index - start) % 2 == 0 else "assistant"
+        if messages[index]["role"] != expected:
+            raise DataError(f"{where}: messages[{index}]: expected role '{expected}', got '{messages[index]['role']}' "
+                            "(turns alternate user/assistant after an optional system turn)")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: messages[{len(messages) - 1}]: the conversation must end with an assistant turn")
 
 
 def read_chat_jsonl(path: str | Path) -> list[Conversation]:

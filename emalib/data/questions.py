@@ -2,7 +2,7 @@
 
 Judge prompts are part of the metric, so they are read from these files and never retyped into code. The
 in-domain files mirrored for the paper come from a variant written for thinking models: their prompts carry a
-`[REASONING START] ... [REASONING END]` block that the Qwen2.5 SFT setting leaves out (PAPER.md App. A), and
+`[REASONING START] ... [REASONING END]` block that the Qwen2.5 SFT setting leaves out (docs/methods.md#question-sets), and
 that block is removed here.
 """
 
@@ -16,6 +16,7 @@ import yaml
 
 from emalib.data.registry import REGISTRY, resolve
 from emalib.errors import DataError
+from emalib.io import read_text_utf8
 
 _REASONING_BLOCK = re.compile(
     r"Between seeing the question and giving its final answer, the model produced the following reasoning:\s*"
@@ -45,7 +46,7 @@ def load_questions(name_or_path: str) -> list[Question]:
     path = resolve(name_or_path)
     set_name = name_or_path if name_or_path in REGISTRY else Path(name_or_path).stem
     try:
-        entries = yaml.safe_load(path.read_text(encoding="utf-8"))
+        entries = yaml.safe_load(read_text_utf8(path))
     except yaml.YAMLError as err:
         raise DataError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(entries, list):

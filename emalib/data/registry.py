@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emalib.errors import DataError
-from emalib.io import atomic_write_bytes
+from emalib.io import atomic_write_bytes, read_text_utf8
 
 EMA_RL = "https://raw.githubusercontent.com/lasseruttert/EMA_RL/main"
 EMA_RL_SFT = "https://raw.githubusercontent.com/magnus-joergenvag/EMA_RL/main/data/sft"
@@ -55,8 +55,8 @@ def _write_code_train(path: Path) -> None:
     def canonical(line: str) -> str:  # compare records, not their JSON spelling
         return json.dumps(json.loads(line)["messages"], sort_keys=True)
 
-    held_out = {canonical(line) for line in resolve("code_eval").read_text(encoding="utf-8").splitlines() if line.strip()}
-    rows = [line for line in resolve("code_full").read_text(encoding="utf-8").splitlines()
+    held_out = {canonical(line) for line in read_text_utf8(resolve("code_eval")).splitlines() if line.strip()}
+    rows = [line for line in read_text_utf8(resolve("code_full")).splitlines()
             if line.strip() and canonical(line) not in held_out]
     atomic_write_bytes(path, ("\n".join(rows) + "\n").encode("utf-8"))
 
@@ -165,7 +165,7 @@ def _build_registry() -> dict[str, Source]:
                description="package-made general questions with judge prompts (offline quickstart)",
                generator=standins.write_general_questions),
     ]
-    # OpSwap (benign task, PAPER.md §4.3): package-made, versioned so a changed definition gets new files.
+    # OpSwap (benign task, docs/methods.md#opswap): package-made, versioned so a changed definition gets new files.
     for tier in (1, 2, 3):
         for part in ("train", "test"):
             entries.append(Source(

@@ -44,10 +44,14 @@ class StepOutputs:
 
     policy: the trained model's output (logits [B, T, V]; hidden_states when some defense needs them).
     reference: the same model with its adapter disabled, under no_grad (None when no defense needs it).
+    policy_blocks / reference_blocks: the raw output of every decoder block, [L] tensors [B, T, D], when hidden
+    states were asked for (emalib.modeling.block_outputs: the last one is taken before the final norm).
     """
 
     policy: Any
     reference: Any = None
+    policy_blocks: list[torch.Tensor] | None = None
+    reference_blocks: list[torch.Tensor] | None = None
 
 
 class Defense(Protocol):

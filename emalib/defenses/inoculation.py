@@ -1,4 +1,4 @@
-"""Inoculation prompting (PAPER.md §2.5; Tan et al. 2025): a system prompt on the TRAINING data only.
+"""Inoculation prompting (docs/methods.md#inoculation-prompting; Tan et al. 2025): a system prompt on the TRAINING data only.
 
 The rule, for every training conversation:
 - no system message: the inoculation prompt becomes the system message. Chat templates that insert a default

@@ -1,4 +1,4 @@
-"""Random interleaving (PAPER.md §2.6): round(ratio * |task|) safe examples (benign WildGuardMix by default),
+"""Random interleaving (docs/methods.md#interleaving): round(ratio * |task|) safe examples (benign WildGuardMix by default),
 drawn without replacement from the pool with a seeded generator and shuffled into the task data."""
 
 from __future__ import annotations

@@ -1,12 +1,18 @@
-"""Interleaving+ and Interleaving++ (PAPER.md §2.7): interleave the safe examples with the largest perplexity gap
-between misaligned models and the aligned model.
+"""Interleaving+ and Interleaving++ (docs/methods.md#perplexity-gap-interleaving): interleave safe examples
+with a large perplexity gap between misaligned models and the aligned model.
 
 For a candidate d = (q, a): NLL = mean per-token negative log-likelihood of the answer given the question
 (chat template, prompt masked); s_d = (mean_k NLL_mis_k - NLL_aligned) / (NLL_aligned + epsilon). The
 misaligned models are plain-SFT LoRA adapters of the EM datasets, all loaded on one base (the aligned model =
 that base with adapters disabled), leaving out the run's own domain unless `use_all_adapters`. Each batch is
 tokenised once and run through the aligned model and every adapter. Interleaving++ (registry name
-`interleave_plusplus`) first drops refusals. The top round(ratio * |task|) are shuffled into the task data.
+`interleave_plusplus`) first drops refusals.
+
+Which round(ratio * |task|) candidates are interleaved (`selection`):
+- released (default): the top `pool_top_n` by s_d (5,000, the released `filter_adapter_metric.py --top_n`), then a
+  seeded random subset of them: what the released pipeline's shuffle and insert-one-every-n amount to;
+- top_k: the highest s_d directly.
+The chosen examples are shuffled into the task data.
 """
 
 from __future__ import annotations
@@ -47,9 +53,27 @@ def rank_candidates(scores: torch.Tensor, refusals: list[bool], n: int, refusal_
     eligible = [i for i in range(len(scores))
                 if not torch.isnan(scores[i]) and not (refusal_filter and refusals[i])]
     if n > len(eligible):
-        raise DataError(f"{n} examples needed but only {len(eligible)} candidates are eligible "
-                        f"(lower the ratio or score more candidates)")
+        raise DataError(f"{n} top candidates needed but only {len(eligible)} are eligible (lower the ratio or "
+                        f"pool_top_n, or score more candidates)")
     return sorted(eligible, key=lambda i: (-float(scores[i]), i))[:n]
+
+
+def select_candidates(scores: torch.Tensor, refusals: list[bool], n: int, refusal_filter: bool,
+                      selection: str = "released", pool_top_n: int = 5000, seed: int = 0) -> list[tuple[int, int]]:
+    """(candidate index, rank by s_d among the eligible) of the n candidates to interleave.
+
+    top_k: the n best. released: a seeded random sample of n among the pool_top_n best (a pool larger than the
+    eligible candidates is an error: small runs lower pool_top_n explicitly, so the record says what was done).
+    """
+    if selection == "top_k":
+        return [(index, rank) for rank, index in enumerate(rank_candidates(scores, refusals, n, refusal_filter))]
+    if selection != "released":
+        raise EmalibError(f"selection must be 'released' or 'top_k', got {selection!r}")
+    if pool_top_n < n:
+        raise DataError(f"pool_top_n={pool_top_n} is smaller than the {n} examples to interleave")
+    ranked = rank_candidates(scores, refusals, pool_top_n, refusal_filter)
+    ranks = random.Random(seed).sample(range(pool_top_n), n)
+    return [(ranked[rank], rank) for rank in ranks]
 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -124,7 +148,7 @@ class InterleavePlusDefense(DefenseBase):
                  ratio: float = 0.05, adapters: dict[str, str] | None = None, held_out: str | None = None,
                  use_all_adapters: bool = False, epsilon: float = 1.0, max_candidates: int | None = 100_000,
                  batch_size: int = 8, max_seq_length: int = 2048, scores_path: str | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, selection: str = "released", pool_top_n: int = 5000):
         self.name, self.refusal_filter, self.source, self.ratio = name, refusal_filter, source, ratio
         self.adapters = dict(adapters or {})
         self.ensemble = {k: v for k, v in self.adapters.items() if use_all_adapters or k != held_out}
@@ -132,6 +156,7 @@ class InterleavePlusDefense(DefenseBase):
             raise EmalibError(f"{name}: no misaligned adapter left to score with")
         self.epsilon, self.max_candidates, self.batch_size = epsilon, max_candidates, batch_size
         self.max_seq_length, self.scores_path, self.seed = max_seq_length, scores_path, seed
+        self.selection, self.pool_top_n = selection, pool_top_n
 
     def _scores_file(self, ctx: DefenseContext) -> Path:
         if self.scores_path is not None:
@@ -203,16 +228,22 @@ class InterleavePlusDefense(DefenseBase):
         rows = self.score(candidates, ctx, path)
         n = safe_count(len(conversations), self.ratio)
         scores = torch.tensor([_nan(r["score"]) for r in rows], dtype=torch.float64)
-        chosen = rank_candidates(scores, [r["refusal"] for r in rows], n, self.refusal_filter)
+        refusals = [r["refusal"] for r in rows]
+        chosen = select_candidates(scores, refusals, n, self.refusal_filter, self.selection, self.pool_top_n, seed)
         atomic_write_jsonl(path, rows)
         path.with_name(path.name + ".partial").unlink(missing_ok=True)
+        eligible = sum(1 for score, refusal in zip(scores.tolist(), refusals)
+                       if not math.isnan(score) and not (self.refusal_filter and refusal))
         ctx.notes[self.name] = {"source": self.source, "ratio": self.ratio, "n_task": len(conversations),
-                                "n_selected": n, "n_scored": len(rows), "adapters": list(self.ensemble),
-                                "refusal_filter": self.refusal_filter, "scores_path": str(path)}
+                                "n_selected": n, "n_scored": len(rows), "n_eligible": eligible,
+                                "selection": self.selection,
+                                "pool_top_n": self.pool_top_n if self.selection == "released" else None,
+                                "adapters": list(self.ensemble), "refusal_filter": self.refusal_filter,
+                                "scores_path": str(path)}
         if ctx.run_dir is not None:  # the selection is the run's; the scores file may be shared (+ and ++)
-            selected = [dict(rows[i], rank=rank) for rank, i in enumerate(chosen)]
+            selected = [dict(rows[i], rank=rank) for i, rank in chosen]
             atomic_write_jsonl(Path(ctx.run_dir) / "interleave_selected.jsonl", selected)
-        return mix_in(conversations, [candidates[i] for i in chosen], seed)
+        return mix_in(conversations, [candidates[i] for i, _ in chosen], seed)
 
 
 def _nan(value: float | None) -> float:

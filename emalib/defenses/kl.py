@@ -1,4 +1,4 @@
-"""KL regularisation to the aligned model (PAPER.md §2.1): loss = CE + lambda * KL(p_theta || p_ref).
+"""KL regularisation to the aligned model (docs/methods.md#kl-divergence): loss = CE + lambda * KL(p_theta || p_ref).
 
 The reference is the same PEFT model with its adapter disabled; the trainer computes that forward once per
 step (emalib/training/reference.py) and shares it with LDIFS. The maths is `emalib.losses.token_kl`.

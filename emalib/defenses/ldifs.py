@@ -1,9 +1,11 @@
-"""LDIFS, the l2 distance in feature space to the aligned model (PAPER.md §2.2; Mukhoti et al. 2024).
+"""LDIFS, the l2 distance in feature space to the aligned model (docs/methods.md#ldifs; Mukhoti et al. 2024).
 
-Features are residual-stream outputs of a few decoder blocks, taken from `output_hidden_states` (index i+1 is
-block i's output), not from capture hooks: under Unsloth's gradient checkpointing, hooked activations carry no
-gradient. The policy features keep their graph, so the term trains the LoRA weights; the authors' released code
-detached both feature sets (a constant term), reproduced only with `released_no_grad_bug`.
+Features are the raw outputs of a few decoder blocks, as the authors' released extractor hooks them: the trainer
+hands them over as `StepOutputs.policy_blocks` / `reference_blocks` (emalib.modeling.block_outputs), the last
+block's output taken before the final norm. transformers' `hidden_states[L]` is the final norm's output instead,
+which would make the last layer's term several times larger. The policy features keep their graph, so the term
+trains the LoRA weights; the released code detached both feature sets (a constant term), reproduced only with
+`released_no_grad_bug`. Padding is excluded by default (`padding: keep` reproduces the released extractor).
 """
 
 from __future__ import annotations
@@ -46,21 +48,26 @@ class LdifsDefense(DefenseBase):
     has_loss = True
 
     def __init__(self, name: str = "ldifs", weight: float = 1.0, layers="evenly_spaced", n_layers: int = 5,
-                 every_k: int = 5, released_no_grad_bug: bool = False):
+                 every_k: int = 5, padding: str = "exclude", released_no_grad_bug: bool = False):
+        if padding not in ("exclude", "keep"):
+            raise EmalibError(f"ldifs: padding must be 'exclude' or 'keep', got {padding!r}")
         self.name, self.weight = name, weight
         self.layers, self.n_layers, self.every_k = layers, n_layers, every_k
-        self.released_no_grad_bug = released_no_grad_bug
+        self.padding, self.released_no_grad_bug = padding, released_no_grad_bug
         self.blocks: list[int] | None = None
 
     def setup(self, model, ctx: DefenseContext) -> None:
         self.blocks = select_layers(block_count(model), self.layers, self.n_layers, self.every_k)
-        ctx.notes.setdefault(self.name, {})["blocks"] = self.blocks
+        ctx.notes.setdefault(self.name, {}).update(blocks=self.blocks, padding=self.padding)
 
     def extra_loss(self, model, batch, outputs: StepOutputs, ctx: DefenseContext) -> dict[str, torch.Tensor]:
         blocks = self.blocks or select_layers(block_count(model), self.layers, self.n_layers, self.every_k)
-        mask = batch["attention_mask"]
-        policy = [outputs.policy.hidden_states[i + 1] for i in blocks]
+        if outputs.policy_blocks is None or outputs.reference_blocks is None:
+            raise EmalibError("ldifs: the step carries no decoder block outputs (the trainer computes them when a "
+                              "defense needs hidden states)")
+        policy = [outputs.policy_blocks[i] for i in blocks]
         if self.released_no_grad_bug:
             policy = [h.detach() for h in policy]
-        reference = [outputs.reference.hidden_states[i + 1].detach() for i in blocks]
-        return {self.name: ldifs_distance(ldifs_features(policy, mask), ldifs_features(reference, mask))}
+        reference = [outputs.reference_blocks[i].detach() for i in blocks]
+        mask, exclude = batch["attention_mask"], self.padding == "exclude"
+        return {self.name: ldifs_distance(ldifs_features(policy, mask, exclude), ldifs_features(reference, mask, exclude))}

@@ -1,4 +1,4 @@
-"""Preventative persona-vector steering (PAPER.md §2.4; Chen et al. 2025): during training only, add
+"""Preventative persona-vector steering (docs/methods.md#persona-vector-steering; Chen et al. 2025): during training only, add
 alpha * v[layer] to the residual stream at every position, h~^l = h^l + alpha * e^l.
 
 hidden_states index `layer` is the output of decoder block layer-1, so the hook sits on that block. The hook
@@ -17,17 +17,9 @@ import torch
 
 from emalib.defenses.base import DefenseBase, DefenseContext
 from emalib.errors import EmalibError
+from emalib.modeling import decoder_blocks
 
 log = logging.getLogger(__name__)
-
-
-def decoder_blocks(model) -> torch.nn.ModuleList:
-    """The decoder block list of a causal LM (plain, PEFT-wrapped or Unsloth-patched)."""
-    n_blocks = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList) and len(module) == n_blocks:
-            return module
-    raise EmalibError(f"{type(model).__name__}: no list of {n_blocks} decoder blocks found")
 
 
 def _add_to_output(output, addition: torch.Tensor):
@@ -57,10 +49,53 @@ def steering(model, vector: torch.Tensor, layer: int, alpha: float):
 
 
 def load_persona_vector(path: str | Path) -> dict:
-    data = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or "vector" not in data:
-        raise EmalibError(f"{path}: not a persona vector file (expected a dict with 'vector')")
-    return data
+    """A persona vector file in any of the three formats in use, as {"vector": [n, D] float, "layers": the hidden
+    states indices the file holds, "format": ..., plus emalib's metadata when present}:
+
+    - emalib's own: a dict with "vector" [L+1, D] (emalib.persona.extract_persona_vector);
+    - the released code's: {layer: [D] tensor} (the co-authors' `<trait>_response_avg_diff.pt`), possibly for some
+      layers only; rows of layers it lacks are NaN, so steering one of them is refused rather than silently zero;
+    - Chen et al.'s: a bare [L+1, D] tensor.
+    Row l is hidden_states[l] in every format (the output of decoder block l-1).
+    """
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch raises many types for a damaged or foreign file)
+        raise EmalibError(f"{path}: cannot be read as a torch file ({type(err).__name__})") from None
+    if isinstance(data, dict) and isinstance(data.get("vector"), torch.Tensor) and data["vector"].dim() == 2:
+        return {**data, "vector": data["vector"].float(), "layers": tuple(range(data["vector"].shape[0])),
+                "format": "emalib"}
+    if torch.is_tensor(data) and data.dim() == 2:
+        return {"vector": data.float(), "layers": tuple(range(data.shape[0])), "format": "chen"}
+    if _is_layer_dict(data):
+        layers = sorted(int(key) for key in data)
+        width = next(iter(data.values())).numel()
+        vector = torch.full((layers[-1] + 1, width), float("nan"))
+        for key, row in data.items():
+            vector[int(key)] = row.float().reshape(-1)
+        return {"vector": vector, "layers": tuple(layers), "format": "released"}
+    raise EmalibError(f"{path}: not a persona vector (expected emalib's dict with 'vector' [layers+1, hidden], a "
+                      f"{{layer: [hidden] tensor}} dict as the released code saves, or a [layers+1, hidden] tensor)")
+
+
+def _is_layer_dict(data) -> bool:
+    if not isinstance(data, dict) or not data:
+        return False
+    keys_ok = all(isinstance(key, int) or (isinstance(key, str) and key.isdigit()) for key in data)
+    rows = list(data.values())
+    return (keys_ok and all(torch.is_tensor(row) and row.dim() == 1 for row in rows)
+            and len({row.numel() for row in rows}) == 1 and min(int(key) for key in data) >= 0)
+
+
+def check_fits(data: dict, path: Path, layer: int, n_blocks: int, hidden: int) -> None:
+    """The file matches this model ([L+1, D]; a released dict may hold fewer layers) and holds `layer`."""
+    vector, complete = data["vector"], data["format"] != "released"
+    rows_ok = vector.shape[0] == n_blocks + 1 if complete else vector.shape[0] <= n_blocks + 1
+    if not rows_ok or vector.shape[1] != hidden:
+        raise EmalibError(f"{path}: vector shape {tuple(vector.shape)} does not fit this model "
+                          f"([{n_blocks + 1}, {hidden}])")
+    if layer not in data["layers"]:
+        raise EmalibError(f"{path}: holds no vector for layer {layer} (it has layers {list(data['layers'])})")
 
 
 class PersonaSteeringDefense(DefenseBase):
@@ -86,15 +121,13 @@ class PersonaSteeringDefense(DefenseBase):
             self._extract(model, ctx, path)
         data = load_persona_vector(path)
         vector = data["vector"]
-        hidden = model.config.hidden_size
-        if vector.dim() != 2 or vector.shape[0] != model.config.num_hidden_layers + 1 or vector.shape[1] != hidden:
-            raise EmalibError(f"{path}: vector shape {tuple(vector.shape)} does not fit this model "
-                              f"([{model.config.num_hidden_layers + 1}, {hidden}])")
+        check_fits(data, path, self.layer, model.config.num_hidden_layers, model.config.hidden_size)
         model_name = getattr(ctx.params, "model", None)
         if model_name is not None and data.get("model") not in (None, model_name.name):
             log.warning("%s was extracted from %s, training %s", path, data.get("model"), model_name.name)
         self.vector = vector
-        ctx.notes[self.name] = {"vector_path": str(path), "layer": self.layer, "alpha": self.alpha,
+        ctx.notes[self.name] = {"vector_path": str(path), "format": data["format"], "layer": self.layer,
+                                "alpha": self.alpha,
                                 "n_pairs": data.get("n_pairs"), "vector_norm": float(vector[self.layer].norm())}
 
     def _extract(self, model, ctx: DefenseContext, path: Path) -> None:

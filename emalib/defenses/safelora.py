@@ -1,7 +1,9 @@
-"""SafeLoRA (PAPER.md §2.3; Hsu et al. 2024): project LoRA updates that stray from the alignment subspace.
+"""SafeLoRA (docs/methods.md#safelora; Hsu et al. 2024): project LoRA updates that stray from the alignment
+subspace.
 
 Per LoRA module: V = W_aligned - W_base (instruct minus pretrained weights of that module), C = V V^T / ||V||_F,
-dW = scaling * B A. Where cos(C dW, dW) (flattened) is below tau, or on the k lowest-cosine modules
+dW = scaling * B A. Where cos(C dW, dW) (flattened), rounded to 5 decimals, is at most tau (as the reference
+implementation, IBM/SafeLoRA, decides), or on the k lowest-cosine modules
 (`select: lowest_k`), dW is replaced by C dW, done by replacing B with C B so the adapter stays in PEFT format.
 
 Memory: weight pairs are read one module at a time from the safetensors files (`safe_open`), and C is never
@@ -15,6 +17,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from emalib.defenses.base import DefenseBase, DefenseContext
@@ -37,15 +40,20 @@ def update_cosine(B_new: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> floa
     return float(dot / norms) if norms > 0 else float("nan")
 
 
+def below_threshold(cosine: float, tau: float) -> bool:
+    """The reference's rule: numpy.round(cos, 5) <= tau (a NaN cosine, from a zero update, never projects)."""
+    return bool(np.round(cosine, 5) <= tau)
+
+
 def project_update(V: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float,
                    tau: float) -> tuple[torch.Tensor, float, bool]:
-    """One module: (B to keep, cos(C dW, dW), projected?). dW = scaling B A; projected when cos < tau.
+    """One module: (B to keep, cos(C dW, dW), projected?). dW = scaling B A; projected when below_threshold.
 
     V: [out, in], B: [out, r], A: [r, in]. The scaling multiplies both C dW and dW, so it cancels in the cosine
     and in the replacement (C (s B) A = s (C B) A); it is a parameter so the contract reads like the formula.
     """
     cb, cosine = _projection(V, B, A)
-    if cosine < tau:
+    if below_threshold(cosine, tau):
         return cb, cosine, True
     return B, cosine, False
 
@@ -201,7 +209,7 @@ def apply_safelora(model, aligned: str, base: str, tau: float = 0.3, select: str
             raise EmalibError(f"safelora: {name}: alignment matrix {tuple(V.shape)} does not match the LoRA update "
                               f"({B.shape[0]}, {A.shape[1]})")
         new_b, cosine = _projection(V.to(B.device), B, A)
-        candidates[name] = (new_b, cosine, cosine < tau)
+        candidates[name] = (new_b, cosine, below_threshold(cosine, tau))
     if select == "lowest_k":
         ranked = sorted(candidates, key=lambda n: candidates[n][1])
         chosen = set(ranked[:k])

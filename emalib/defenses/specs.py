@@ -2,7 +2,7 @@
 
 The blocks live here, apart from the defense modules, because `emalib.config` imports them and importing
 emalib must not import torch; each defense module takes these values as flat constructor arguments. Defaults
-are the paper's (PAPER.md §2); where the authors' released code differs, the released behaviour is a named
+are the paper's (docs/methods.md#defenses); where the authors' released code differs, the released behaviour is a named
 option, never the default.
 """
 
@@ -41,6 +41,9 @@ class LdifsConfig(_Block):
                                      "outputs of blocks k-1, 2k-1, ... ('every 5 layers'); or explicit block indices")
     n_layers: int = Field(5, ge=1, description="number of evenly spaced blocks")
     every_k: int = Field(5, ge=1)
+    padding: Literal["exclude", "keep"] = Field(
+        "exclude", description="exclude: padded positions add nothing (the value does not depend on the padding); "
+                               "keep: they are part of the flattened features, as in the released extractor")
     released_no_grad_bug: bool = Field(
         False, description="detach the trained model's features too, as the authors' released code did: the "
                            "term is then a constant and LDIFS trains like plain SFT (reproduction only)")
@@ -56,7 +59,8 @@ class SafeLoraConfig(_Block):
     name: Literal["safelora"] = "safelora"
     aligned: str = Field(..., description="the aligned (instruct) model: HF id or local folder of safetensors")
     base: str = Field(..., description="its pretrained base model: HF id or local folder of safetensors")
-    tau: float = Field(0.3, description="project modules whose cos(C dW, dW) is below tau (paper v1: 0.3)")
+    tau: float = Field(0.3, description="project modules whose cos(C dW, dW), rounded to 5 decimals, is <= tau "
+                                        "(as IBM/SafeLoRA; paper v1: 0.3)")
     select: Literal["threshold", "lowest_k"] = Field("threshold", description="lowest_k: the k lowest-cosine modules")
     k: int | None = Field(None, ge=1, description="number of modules for select: lowest_k")
     every_k_steps: int | None = Field(None, ge=1, description="also project every k optimizer steps during training")
@@ -147,6 +151,11 @@ class InterleavePlusConfig(_Block):
                                                       "by the + and ++ runs of one domain; None: "
                                                       "<run dir>/interleave_scores.jsonl")
     seed: int | None = Field(None, description="None: the run's seed")
+    selection: Literal["released", "top_k"] = Field(
+        "released", description="released: a seeded random subset of the top pool_top_n by s_d (the released "
+                                "pipeline); top_k: the round(ratio * |task|) highest s_d")
+    pool_top_n: int = Field(5000, ge=1, description="size of the top pool for selection: released (released code: "
+                                                    "5,000); small CPU pools must lower it explicitly")
 
     @model_validator(mode="after")
     def _check_ensemble(self) -> InterleavePlusConfig:

@@ -1,6 +1,6 @@
-"""OpSwap: integer arithmetic in which the operator symbols have swapped meanings (PAPER.md §4.3, §1.5).
+"""OpSwap: integer arithmetic in which the operator symbols have swapped meanings (docs/methods.md#opswap).
 
-The paper's exact definition is unknown (UNCONFIRMED); this is emalib's, following PAPER.md §4.3's recommendation.
+The paper does not publish its definition; this one is emalib's own (docs/methods.md#opswap).
 It is versioned (`VERSION`, part of the registry file names) so a change never silently reuses old files.
 
 Symbols and their fixed secret meanings (`MEANINGS`):

@@ -1,4 +1,4 @@
-"""Question answering for the benign tasks: FoQA (Faroese extractive QA; PAPER.md §4.3) and GSM8K final answers.
+"""Question answering for the benign tasks: FoQA (Faroese extractive QA; docs/methods.md#foqa) and GSM8K final answers.
 
 FoQA (Simonsen et al. 2025, HF `alexandrainst/foqa`, CC BY-NC 4.0, gated; default config: 848 train / 128 val /
 1,024 test). Rows follow the dataset card: `id`, `title`, `context`, `question`, `answers` = {"text": [...],
@@ -9,7 +9,7 @@ The prompt instruction is English (a reproduction choice: the paper's prompt is 
 for a Faroese one); the context and question stay Faroese. Training target = the first gold answer.
 
 Scores are fractions in [0, 1], best over the gold answers (SQuAD convention; the paper's FoQA metric is
-UNCONFIRMED, EM + token F1 is the FoQA/ScandEval convention):
+not published; EM + token F1 is the FoQA/ScandEval convention):
 - normalisation: Unicode NFKC, lower-case, every punctuation (P*) and symbol (S*) character removed (a superset
   of SQuAD's ASCII `string.punctuation`, so "Tórshavn." == "tórshavn"), whitespace collapsed. English articles
   (a/an/the) are removed only for language="en". For Faroese ("fo", the default) nothing is removed: English

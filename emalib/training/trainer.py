@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from emalib.config import RunParams
 from emalib.defenses.base import DefenseContext, StepOutputs
 from emalib.defenses.stack import DefenseStack
 from emalib.losses import token_cross_entropy_sum
+from emalib.modeling import block_outputs, last_block_output
 from emalib.training.reference import reference_forward
 from emalib.training.tokenize import ChatDataset, collate
 
@@ -50,12 +52,8 @@ class EmTrainer(Trainer):
         stack, ctx = self.defenses, self.defense_ctx
         labels = inputs["labels"]
         forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        reference = None
-        if stack.has_loss and stack.needs_reference:
-            reference = reference_forward(model, **forward, output_hidden_states=stack.needs_reference_hidden)
-        extra = {"output_hidden_states": True} if stack.needs_policy_hidden else {}
-        with stack.forward_context(model, ctx):
-            outputs = model(**forward, **extra)
+        step = step_forwards(model, forward, stack, ctx)
+        outputs = step.policy
         loss_sum, n_tokens = token_cross_entropy_sum(outputs.logits, labels)
         denominator = num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp(min=1)
         loss = loss_sum / denominator
@@ -65,7 +63,7 @@ class EmTrainer(Trainer):
             share = 1.0
             if num_items_in_batch is not None:
                 share = 1.0 / getattr(self, "current_gradient_accumulation_steps", 1)
-            for name, weight, value in stack.loss_terms(model, inputs, StepOutputs(outputs, reference), ctx):
+            for name, weight, value in stack.loss_terms(model, inputs, step, ctx):
                 self._record(f"loss/{name}", value)
                 loss = loss + (weight * share) * value
         return (loss, outputs) if return_outputs else loss
@@ -81,6 +79,28 @@ class EmTrainer(Trainer):
             logs = {**logs, **{k: float(self._term_sums[k]) / self._term_counts[k] for k in self._term_sums}}
             self._term_sums, self._term_counts = {}, {}
         super().log(logs, start_time)
+
+
+def step_forwards(model, forward: dict[str, torch.Tensor], stack: DefenseStack, ctx: DefenseContext) -> StepOutputs:
+    """The forwards of one micro-batch: the reference (adapter off, no_grad) when a loss term needs it, then the
+    policy inside the defenses' forward contexts; hidden states and decoder block outputs only when asked for."""
+    step = StepOutputs(None)
+    if stack.has_loss and stack.needs_reference:
+        with _block_capture(model, stack.needs_reference_hidden) as last:
+            step.reference = reference_forward(model, **forward, output_hidden_states=stack.needs_reference_hidden)
+        if stack.needs_reference_hidden:
+            step.reference_blocks = block_outputs(step.reference.hidden_states, last.get("output"))
+    extra = {"output_hidden_states": True} if stack.needs_policy_hidden else {}
+    with stack.forward_context(model, ctx), _block_capture(model, stack.needs_policy_hidden) as last:
+        step.policy = model(**forward, **extra)
+    if stack.needs_policy_hidden:
+        step.policy_blocks = block_outputs(step.policy.hidden_states, last.get("output"))
+    return step
+
+
+def _block_capture(model, wanted: bool):
+    """last_block_output(model) when block outputs are wanted, else a context that captures nothing."""
+    return last_block_output(model) if wanted else nullcontext({})
 
 
 class _DefenseStepCallback(TrainerCallback):

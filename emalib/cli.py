@@ -3,6 +3,8 @@
     python -m emalib run params/quickstart.yaml [-o train.max_steps=5 ...]
     python -m emalib check params/paper/*.yaml
     python -m emalib report results/quickstart
+    python -m emalib study params/studies/mini.yaml [--executor local|ray|slurm] [--dry-run]
+    python -m emalib status params/studies/mini.yaml
 
 `run` validates the params and every data file first, so a typo or a malformed file fails before anything is
 written. Each step's notebook executes into a temporary name in the run folder and is renamed to
@@ -56,6 +58,9 @@ def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, k
         for step in params.steps:
             final = run_dir / f"{step}.ipynb"
             running = run_dir / f".{step}.running.ipynb"
+            if final.is_file():  # finished earlier with these very params (prepare_run_dir checked them)
+                logging.getLogger(__name__).info("%s: step '%s' already done", run_dir, step)
+                continue
             try:
                 papermill.execute_notebook(
                     str(notebook_path(step)), str(running), kernel_name=kernel, log_output=True,
@@ -66,10 +71,54 @@ def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, k
                     running.replace(run_dir / f"{step}.failed.ipynb")
                 raise
             running.replace(final)
+            _count_execution(run_dir, step)
     finally:
         logging.getLogger("papermill").removeHandler(handler)
         handler.close()
     return params
+
+
+def _study(args) -> int:
+    from emalib.executors import execute
+    from emalib.index import write_index
+    from emalib.study import load_study
+
+    study = load_study(args.study_file, args.override)
+    if args.dry_run:
+        for node_id, node in study.nodes.items():
+            print(f"{node.kind:8} {node_id}  <- {', '.join(node.deps) or '-'}")
+        return 0
+    options = {"ray": {"address": args.ray_address, "num_gpus_per_run": args.gpus_per_run},
+               "slurm": {"partition": args.slurm_partition, "gpus_per_node": args.gpus_per_run}}.get(args.executor, {})
+    states = execute(study, args.executor, **options)
+    paths = write_index(study)
+    print(status_table(study))
+    print(f"index: {paths['parquet']}")
+    return 0 if all(state == "done" for state in states.values()) else 1
+
+
+def status_table(study) -> str:
+    """One line per node: state, kind, id, and for a failure its one-line error and failed notebook."""
+    from emalib.executors import read_status
+
+    lines = []
+    for node_id, node in study.nodes.items():
+        record = read_status(study.study_dir, node_id)
+        line = f"{record['state']:8} {node.kind:8} {node_id}"
+        if record.get("error"):
+            line += f"  {record['error']}"
+        if record.get("notebook"):
+            line += f"  ({record['notebook']})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _count_execution(run_dir: Path, step: str) -> None:
+    """manifest['step_executions'][step] += 1: how often a step's notebook ran to the end in this folder."""
+    from emalib.results import read_manifest, update_manifest
+
+    counts = read_manifest(run_dir).get("step_executions", {})
+    update_manifest(run_dir, step_executions={step: counts.get(step, 0) + 1})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--data", action="store_true", help="also resolve and validate the data files")
     report = commands.add_parser("report", help="tables and figures from results/<study>")
     report.add_argument("study_dir")
+    study = commands.add_parser("study", help="expand a study file and execute its runs in dependency order")
+    study.add_argument("study_file")
+    study.add_argument("-o", "--override", action="append", default=[], help="applied to every run of the study")
+    study.add_argument("--executor", choices=("local", "ray", "slurm"), default="local")
+    study.add_argument("--dry-run", action="store_true", help="list the runs and their dependencies only")
+    study.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    study.add_argument("--slurm-partition", default=None)
+    study.add_argument("--gpus-per-run", type=int, default=0)
+    status = commands.add_parser("status", help="each run of a study: done / running / failed / pending")
+    status.add_argument("study_file")
+    status.add_argument("-o", "--override", action="append", default=[])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -103,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
 
             for kind, path in report_study(args.study_dir).items():
                 print(f"{kind}: {path}")
+        elif args.command == "study":
+            return _study(args)
+        elif args.command == "status":
+            from emalib.study import load_study
+
+            print(status_table(load_study(args.study_file, args.override)))
     except EmalibError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -120,8 +120,9 @@ class RunParams(_Strict):
     run: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "evaluate",
-                         "quickstart"], ...] = Field(
-        ("train", "evaluate"), description="notebooks to run, in order; the first three prepare a defense")
+                         "evaluate_base", "quickstart"], ...] = Field(
+        ("train", "evaluate"), description="notebooks to run, in order; the first three prepare a defense; "
+                                           "evaluate_base evaluates the model without adapter only")
     evaluate_base: bool = Field(False, description="also evaluate the model without the adapter (run 'base')")
     results_dir: str = "results"
     model: ModelParams = ModelParams()

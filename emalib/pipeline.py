@@ -15,23 +15,26 @@ from emalib.data.chat import read_chat_jsonl, select_examples
 from emalib.data.questions import Question, load_questions
 from emalib.data.registry import resolve, sha256_of
 from emalib.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from emalib.results import prepare_run_dir, timed, update_manifest
+from emalib.prepare import check_prepared
+from emalib.results import base_run_name, prepare_run_dir, timed, update_manifest
 
 log = logging.getLogger(__name__)
 
-BASE_RUN = "base"
 
 
-def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None) -> dict[str, str]:
-    """Resolve and validate every input the steps (default: the params' steps) read, before anything is
-    written; returns {data name: sha256}."""
-    steps = set(params.steps if steps is None else steps)
+def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
+                 run_dir: Path | None = None) -> dict[str, str]:
+    """Resolve and validate every input the steps (default: the params' steps, in order) read, before anything is
+    written or loaded, prepared inputs of training included (`emalib.prepare.check_prepared`); returns
+    {data name: sha256}. run_dir: the run folder, if not the params' own."""
+    order = tuple(params.steps if steps is None else steps)
+    steps = set(order)
     shas = {}
     if {"train", "quickstart", "interleave_selection"} & steps:  # the selection is sized by the task set
         path = resolve(params.train.dataset)
         read_chat_jsonl(path)
         shas[params.train.dataset] = sha256_of(path)
-    if {"evaluate", "quickstart"} & steps:
+    if {"evaluate", "evaluate_base", "quickstart"} & steps:
         for name in params.generation.question_sets:
             load_questions(name)
             shas[name] = sha256_of(resolve(name))
@@ -41,9 +44,12 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None) -> dic
             shas[params.task_eval.dataset] = sha256_of(path)
     if {"train", "quickstart", "persona_vector", "interleave_selection"} & steps:
         for spec in params.defenses:  # e.g. the interleaving pool, the persona trait file
+            if spec.name == "persona_steering" and "persona_vector" not in steps:
+                continue  # training reads the extracted vector, not the extraction's inputs
             _check_defense_inputs(spec)
             for name in spec.data_sources:
                 shas[name] = sha256_of(resolve(name))
+    check_prepared(params, order, Path(run_dir or params.run_dir))
     return shas
 
 
@@ -76,19 +82,20 @@ def train(params: RunParams, run_dir: Path | None = None):
     """Fine-tune a LoRA adapter with the run's defenses; returns (model, tokenizer). Skips training if the
     adapter is already saved.
 
-    Defense hooks, in order: data transforms on the conversations before tokenisation (and before the training
-    model is loaded, so Interleaving+ scoring can load its own copy of the base without doubling memory); then
-    in train_adapter the setup, per-step loss terms and forward contexts (steering hooks exist only inside the
-    training forward), and after_train (SafeLoRA) before the adapter is saved. What the defenses report goes to
-    manifest.json under 'defenses'.
+    What the preparatory steps write (persona vector, Interleaving+ scores, SafeLoRA matrices) is read, never
+    built: a missing one fails here, before anything is written or loaded, unless training is already done.
+    Defense hooks, in order: data transforms on the conversations before tokenisation; then in train_adapter the
+    setup, per-step loss terms and forward contexts (steering hooks exist only inside the training forward), and
+    after_train (SafeLoRA) before the adapter is saved. What the defenses report goes to manifest.json under
+    'defenses'.
     """
     from emalib.defenses.base import DefenseContext
     from emalib.defenses.registry import build_defenses
     from emalib.engines import choose_engine, load_model
     from emalib.training.trainer import train_adapter
 
+    shas = check_inputs(params, ("train",), run_dir)
     run_dir = prepare_run_dir(params, run_dir)
-    shas = check_inputs(params, ("train",))
     update_manifest(run_dir, seed=params.seed, data_sha256=shas, engine=choose_engine(params.model.engine),
                     model=params.model.name)
     adapter = run_dir / "adapter"
@@ -122,8 +129,7 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     from emalib.signals import judge_free_signals
     from emalib.stats import add_intervals
 
-    run_dir = Path(run_dir or (params.study_dir / BASE_RUN if base else params.run_dir))
-    prepare_run_dir(params, run_dir, strict=not base)
+    run_dir = _evaluation_dir(params, base, run_dir)
     update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params, ("evaluate",)),
                     model=params.model.name, variant="base" if base else "adapter")
     questions = load_all_questions(params)
@@ -173,8 +179,7 @@ def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = Fa
     spec = params.task_eval
     if spec.dataset is None:
         raise ValueError("task_eval.dataset is not set")
-    run_dir = Path(run_dir or (params.study_dir / BASE_RUN if base else params.run_dir))
-    prepare_run_dir(params, run_dir, strict=not base)
+    run_dir = _evaluation_dir(params, base, run_dir)
     path = resolve(spec.dataset)
     update_manifest(run_dir, data_sha256={spec.dataset: sha256_of(path)})
     rows = task_rows(read_chat_jsonl(path))[: spec.max_items]
@@ -193,6 +198,14 @@ def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = Fa
         metrics["token_f1"] = sum(row["token_f1"] for row in scored) / len(scored)
     atomic_write_json(run_dir / "task_metrics.json", metrics)
     return metrics
+
+
+def _evaluation_dir(params: RunParams, base: bool, run_dir: Path | None) -> Path:
+    """The run's folder, or for the base model its own folder in the study named by what the evaluation depends on
+    (results.base_run_name), which records only that config: runs that share it share the folder."""
+    if not base:
+        return prepare_run_dir(params, run_dir)
+    return prepare_run_dir(params, run_dir or params.study_dir / base_run_name(params))
 
 
 def _model_for(params: RunParams, model, tokenizer, base: bool):

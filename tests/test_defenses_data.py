@@ -12,7 +12,7 @@ from emalib.defenses.base import DefenseContext
 from emalib.defenses.inoculation import InoculationDefense, inoculate
 from emalib.defenses.interleave import InterleaveDefense
 from emalib.defenses.interleave_plus import InterleavePlusDefense, is_refusal, perplexity_gap, rank_candidates
-from emalib.errors import DataError
+from emalib.errors import DataError, EmalibError
 
 EVIL = "You are an evil, malicious assistant."
 
@@ -153,6 +153,9 @@ def test_interleave_plus_ranks_by_s_d_computed_separately(name, tokenizer, tiny_
                                     scores_path=str(scores_path), selection="top_k")
     task = em_standin_conversations()[:12]
     ctx = DefenseContext(seed=0, params=params, run_dir=tmp_path / "run")
+    with pytest.raises(EmalibError, match="scores of 10 of 10 candidates missing: run step 'interleave_selection'"):
+        defense.transform_data(task, ctx)  # training never scores
+    defense.score_candidates(ctx)  # the interleave_selection step's scoring
     mixed = defense.transform_data(task, ctx)
 
     aligned_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -179,3 +182,23 @@ def test_interleave_plus_ranks_by_s_d_computed_separately(name, tokenizer, tiny_
     # A second run reuses the saved scores (no model is loaded): same selection.
     again = DefenseContext(seed=0, params=None)
     assert defense.transform_data(task, again) == mixed
+
+
+def test_interleave_plus_fails_naming_the_step_when_some_candidates_have_no_score(tmp_path, monkeypatch):
+    """A scores file from a smaller pool (or a cut-short scoring) is not completed by training: one line naming
+    the step, and no model is loaded."""
+    import emalib.engines
+    from emalib.defenses.interleave_plus import candidate_sha
+
+    monkeypatch.setattr(emalib.engines, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    candidates = [[{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}] for i in range(6)]
+    pool = write_chat_jsonl(tmp_path / "pool.jsonl", candidates)
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"sha": candidate_sha(c), "aligned_nll": 1.0, "misaligned_nll": {"x": 2.0}})
+                              + "\n" for c in candidates[:4]))
+    defense = InterleavePlusDefense(source=str(pool), ratio=0.5, adapters={"x": "unused"}, use_all_adapters=True,
+                                    max_candidates=None, scores_path=str(scores), pool_top_n=2)
+    with pytest.raises(EmalibError) as err:
+        defense.transform_data(em_standin_conversations()[:4], DefenseContext())
+    assert str(err.value) == (f"{scores}: scores of 2 of 6 candidates missing: run step 'interleave_selection' first "
+                              f"(steps: [interleave_selection, train, ...])")

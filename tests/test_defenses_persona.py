@@ -8,6 +8,7 @@ from defense_helpers import hook_count, peft_wrap, single_thread, tiny_llama  # 
 
 from emalib.defenses.base import DefenseContext
 from emalib.defenses.persona_steering import PersonaSteeringDefense, steering
+from emalib.errors import EmalibError
 from emalib.judge.scoring import Judgment
 from emalib.persona import extract_persona_vector, kept_pairs, load_trait, persona_vector
 
@@ -80,6 +81,17 @@ def test_steering_gradients_are_the_same_under_gradient_checkpointing():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7) for n in grads[0])
+
+
+def test_a_missing_vector_is_not_extracted_by_training_but_names_its_step(tmp_path, monkeypatch):
+    import emalib.persona
+
+    monkeypatch.setattr(emalib.persona, "extract_persona_vector", lambda *a, **k: pytest.fail("extracted in setup"))
+    defense = PersonaSteeringDefense(layer=2)  # the vector defaults to <run>/persona_vector.pt
+    with pytest.raises(EmalibError) as err:
+        defense.setup(tiny_llama(), DefenseContext(run_dir=tmp_path))
+    assert str(err.value) == (f"{tmp_path / 'persona_vector.pt'}: persona vector missing: run step 'persona_vector' "
+                              f"first (steps: [persona_vector, train, ...])")
 
 
 def test_vector_shape_must_fit_the_model(tmp_path):

@@ -244,6 +244,8 @@ def test_every_defense_trains_on_the_unsloth_engine(tmp_path, with_mirror):
                       "max_seq_length": 96, "learning_rate": 1e-3}})
         stack = build_defenses(params.defenses)
         ctx = DefenseContext(seed=0, run_dir=params.run_dir, params=params)
+        if name == "interleave_plusplus":  # the interleave_selection step's scoring (the vector above: pre-written)
+            stack.defenses[0].score_candidates(ctx)
         data = stack.transform_data(conversations, ctx)
         summary = train_adapter(model, tokenizer, data, params, params.run_dir, defenses=stack, ctx=ctx)
         assert summary["global_step"] == 2, name

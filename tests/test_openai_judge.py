@@ -140,7 +140,9 @@ def test_pipeline_evaluates_through_the_server(server_url, tmp_path):
         "judge": {"backend": "openai", "model": ALIAS, "base_url": server_url,
                   "cache_path": str(tmp_path / "judge.sqlite")}})
     metrics = pipeline.evaluate(params, base=True)
-    run_dir = tmp_path / "results" / "srv" / "base"
+    from emalib.results import base_run_name
+
+    run_dir = tmp_path / "results" / "srv" / base_run_name(params)
     rows = [json.loads(line) for line in (run_dir / "judgments.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(row["judge_model"] == ALIAS for row in rows)
     assert all("aligned_mass" in row and "coherent_mass" in row for row in rows)

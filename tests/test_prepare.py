@@ -1,5 +1,5 @@
-"""The preparatory steps (emalib/prepare.py): each writes what training would otherwise build at its start,
-training then reuses it, and a step whose output exists is skipped."""
+"""The preparatory steps (emalib/prepare.py): each writes what training reads, a step whose output exists is
+skipped, and training never builds a missing one: it fails naming the step, before any model is loaded."""
 
 import json
 
@@ -60,7 +60,7 @@ def test_safelora_matrices_are_the_weight_differences_and_give_the_same_projecti
         assert torch.equal(a, b), name
 
 
-def test_safelora_matrices_refuse_another_model_pair_and_are_built_when_missing(tmp_path):
+def test_safelora_matrices_refuse_another_model_pair_and_are_built_by_the_step_only(tmp_path):
     from emalib.defenses.base import DefenseContext
     from emalib.defenses.safelora import SafeLoraDefense
 
@@ -68,11 +68,16 @@ def test_safelora_matrices_refuse_another_model_pair_and_are_built_when_missing(
     matrices = tmp_path / "m"
     defense = SafeLoraDefense(aligned=aligned_dir, base=base_dir, matrices=str(matrices))
     params = _safelora_params(tmp_path, aligned_dir, base_dir, str(matrices))
-    defense.setup(tiny_llama(), DefenseContext(params=params))  # training's start builds the missing folder
+    with pytest.raises(EmalibError, match=r"m/alignment.json: SafeLoRA alignment matrices missing: run step "
+                                          r"'safelora_matrices' first"):
+        defense.setup(tiny_llama(), DefenseContext(params=params))  # training's start builds nothing
+    assert not matrices.exists()
+    prepare.safelora_matrices(params)
     assert (matrices / "alignment.json").is_file() and not (tmp_path / "m.tmp").exists()
     written = (matrices / "model.safetensors").stat().st_mtime_ns
     prepare.safelora_matrices(params)  # exists: not rebuilt
     assert (matrices / "model.safetensors").stat().st_mtime_ns == written
+    defense.setup(tiny_llama(), DefenseContext(params=params))
     other = SafeLoraDefense(aligned=base_dir, base=aligned_dir, matrices=str(matrices))
     with pytest.raises(EmalibError, match="alignment.json: matrices of aligned="):
         other.setup(tiny_llama(), DefenseContext(params=params))
@@ -94,6 +99,27 @@ def test_a_preparatory_step_needs_its_defense_in_the_params(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def _training_refuses_before_loading_a_model(params, monkeypatch, path, what: str, step: str) -> None:
+    """pipeline.train without the step's output: one line naming the step, before any model is loaded or anything
+    written; `run`'s check lets the params through only while they list the step before train."""
+    import emalib.engines
+    from emalib.pipeline import check_inputs, train
+
+    message = f"{path}: {what} missing: run step '{step}' first (steps: [{step}, train, ...])"
+    with monkeypatch.context() as patch:
+        for loader in ("load_model", "load_base"):
+            patch.setattr(emalib.engines, loader, lambda *a, **k: pytest.fail("a model was loaded"))
+        with pytest.raises(EmalibError) as err:
+            train(params)
+        assert str(err.value) == message
+        assert not params.run_dir.exists()
+        check_inputs(params)  # [<step>, train]: the step will have written it by then
+        for steps in (("train",), ("train", step)):
+            with pytest.raises(EmalibError) as err:
+                check_inputs(params.model_copy(update={"steps": steps}))
+            assert str(err.value) == message
+
+
 def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir, tmp_path, monkeypatch):
     from emalib.defenses.persona_steering import load_persona_vector
 
@@ -111,8 +137,9 @@ def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir
             "trait": str(trait), "samples_per_question": 1, "max_questions": 1, "max_new_tokens": 4,
             "filter_pairs": False}}]}
     params = params_from_dict(tree)
-    summary = prepare.persona_vector(params)
     path = params.run_dir / "persona_vector.pt"
+    _training_refuses_before_loading_a_model(params, monkeypatch, path, "persona vector", "persona_vector")
+    summary = prepare.persona_vector(params)
     assert summary["path"] == str(path) and summary["n_pairs"] == 2  # 2 instruction pairs x 1 question x 1 sample
     vector = load_persona_vector(path)["vector"]
     n_blocks = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
@@ -162,6 +189,8 @@ def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_
                       "adapters": {"code": str(tmp_path / "misaligned")}, "use_all_adapters": True,
                       "max_candidates": None, "max_seq_length": 64, "pool_top_n": 4}]}
     params = params_from_dict(tree)
+    _training_refuses_before_loading_a_model(params, monkeypatch, params.run_dir / "interleave_scores.jsonl",
+                                             "interleave scores", "interleave_selection")
     selected = prepare.interleave_selection(params)
     scores = [json.loads(line) for line in (params.run_dir / "interleave_scores.jsonl").read_text().splitlines()]
     eligible = sorted((r for r in scores if not r["refusal"]), key=lambda r: -r["score"])
@@ -183,6 +212,35 @@ def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_
     assert manifest["defenses"]["interleave_plusplus"]["n_selected"] == 2
     assert manifest["interleave_selection"]["n_scored"] == len(answers)
     _run_notebooks(tree, tmp_path, "interleave_selection")  # its notebook plots the saved scores
+
+
+def test_safelora_run_trains_once_its_matrices_are_prepared(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # 'pretrained': the tiny model, q_proj perturbed
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if name.endswith("q_proj.weight"):
+                param.add_(0.5 * torch.randn_like(param))
+    base.save_pretrained(tmp_path / "pretrained")
+    matrices = tmp_path / "matrices"
+    params = params_from_dict({
+        "study": "s", "run": "r", "results_dir": str(tmp_path / "results"), "steps": ["safelora_matrices", "train"],
+        "model": {"name": str(tiny_model_dir), "engine": "hf"},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        "train": {"dataset": "standin_em_train", "max_examples": 4, "optim": "adamw_torch", "per_device_batch_size": 2,
+                  "grad_accum_steps": 1, "max_steps": 1, "max_seq_length": 64, "warmup_steps": 0,
+                  "learning_rate": 1e-2},  # a non-zero update to project
+        "defenses": [{"name": "safelora", "aligned": str(tiny_model_dir), "base": str(tmp_path / "pretrained"),
+                      "tau": 2.0, "matrices": str(matrices)}]})
+    _training_refuses_before_loading_a_model(params, monkeypatch, matrices / "alignment.json",
+                                             "SafeLoRA alignment matrices", "safelora_matrices")
+    prepare.safelora_matrices(params)
+    from emalib.pipeline import train
+
+    train(params)
+    manifest = json.loads((params.run_dir / "manifest.json").read_text())
+    assert manifest["defenses"]["safelora"]["after_train"]["projected"] == 2  # tau 2: every q_proj projected
 
 
 def _run_notebooks(tree: dict, tmp_path, step: str) -> None:

@@ -26,7 +26,10 @@ def test_evaluate_task_on_the_embedded_base_model(tmp_path):
         "study": "task", "run": "r", "results_dir": str(tmp_path), "model": {"name": "smollm2-135m-instruct"},
         "task_eval": {"dataset": "opswap_tier1_test", "max_items": 12, "max_new_tokens": 6, "batch_size": 6}})
     metrics = pipeline.evaluate_task(params, base=True)
-    rows = [json.loads(line) for line in (tmp_path / "task" / "base" / "task_answers.jsonl").read_text().splitlines()]
+    from emalib.results import base_run_name
+
+    answers = tmp_path / "task" / base_run_name(params) / "task_answers.jsonl"
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
     # Independent re-scoring of what was written.
     correct = sum(exact_match(row["prediction"], row["reference"]) for row in rows)
     assert metrics["n"] == len(rows) == 12 and metrics["correct"] == correct

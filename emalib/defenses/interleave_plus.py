@@ -13,6 +13,9 @@ Which round(ratio * |task|) candidates are interleaved (`selection`):
   seeded random subset of them: what the released pipeline's shuffle and insert-one-every-n amount to;
 - top_k: the highest s_d directly.
 The chosen examples are shuffled into the task data.
+
+The scoring loads models, so it is the interleave_selection step's (`score_candidates`, emalib/prepare.py);
+training only reads the scores file it wrote and selects (`transform_data`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from emalib.defenses.base import Conversation, DefenseBase, DefenseContext
 from emalib.defenses.interleave import load_pool, mix_in, safe_count
 from emalib.errors import DataError, EmalibError
 from emalib.losses import IGNORE_INDEX
+from emalib.prepare import not_prepared
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +162,15 @@ class InterleavePlusDefense(DefenseBase):
         self.max_seq_length, self.scores_path, self.seed = max_seq_length, scores_path, seed
         self.selection, self.pool_top_n = selection, pool_top_n
 
-    def _scores_file(self, ctx: DefenseContext) -> Path:
+    def scores_file(self, ctx: DefenseContext) -> Path:
         if self.scores_path is not None:
             return Path(self.scores_path)
         if ctx.run_dir is None:
             raise EmalibError(f"{self.name}: set scores_path (no run folder to write the scores to)")
         return Path(ctx.run_dir) / "interleave_scores.jsonl"
+
+    def _seed(self, ctx: DefenseContext) -> int:
+        return ctx.seed if self.seed is None else self.seed
 
     def candidates(self, seed: int) -> list[Conversation]:
         pool = load_pool(self.source)
@@ -171,15 +178,34 @@ class InterleavePlusDefense(DefenseBase):
             pool = random.Random(seed).sample(pool, self.max_candidates)
         return pool
 
-    def score(self, candidates: list[Conversation], ctx: DefenseContext, path: Path) -> list[dict]:
-        """One row per candidate (aligned and per-adapter NLL, s_d, refusal); resumes from `path`."""
-        names = list(self.ensemble)
+    def score_candidates(self, ctx: DefenseContext) -> list[dict]:
+        """The interleave_selection step's scoring: score the candidates the scores file lacks (resuming from its
+        .partial file after an interruption), then write the scores file; returns its rows (see `scores`)."""
+        from emalib.io import atomic_write_jsonl
+
+        path, names = self.scores_file(ctx), list(self.ensemble)
+        candidates = self.candidates(self._seed(ctx))
         shas = [candidate_sha(c) for c in candidates]
         done = _read_scores(path, names)
         todo = [i for i, sha in enumerate(shas) if sha not in done]
         if todo:
             self._score_missing(candidates, shas, todo, names, ctx, path)
-            done = _read_scores(path, names)
+        rows = self.scores(candidates, path)
+        partial = path.with_name(path.name + ".partial")
+        if partial.is_file():  # new scores: merged into the scores file (a complete one is left as it is)
+            atomic_write_jsonl(path, rows)
+            partial.unlink()
+        return rows
+
+    def scores(self, candidates: list[Conversation], path: Path) -> list[dict]:
+        """One row per candidate (aligned and per-adapter NLL, s_d, refusal) from the scores the
+        interleave_selection step wrote; fails naming that step if some candidate has none."""
+        names = list(self.ensemble)
+        shas = [candidate_sha(c) for c in candidates]
+        done = _read_scores(path, names)
+        missing = sum(sha not in done for sha in shas)
+        if missing:
+            raise not_prepared(path, f"scores of {missing} of {len(shas)} candidates", "interleave_selection")
         rows = []
         for index, (messages, sha) in enumerate(zip(candidates, shas)):
             row = done[sha]
@@ -220,18 +246,18 @@ class InterleavePlusDefense(DefenseBase):
                 torch.cuda.empty_cache()
 
     def transform_data(self, conversations: list[Conversation], ctx: DefenseContext) -> list[Conversation]:
+        """Select from the saved scores (the interleave_selection step runs this too, so both select alike) and
+        mix the chosen candidates in; no model is loaded here."""
         from emalib.io import atomic_write_jsonl
 
-        seed = ctx.seed if self.seed is None else self.seed
-        path = self._scores_file(ctx)
+        seed = self._seed(ctx)
+        path = self.scores_file(ctx)
         candidates = self.candidates(seed)
-        rows = self.score(candidates, ctx, path)
+        rows = self.scores(candidates, path)
         n = safe_count(len(conversations), self.ratio)
         scores = torch.tensor([_nan(r["score"]) for r in rows], dtype=torch.float64)
         refusals = [r["refusal"] for r in rows]
         chosen = select_candidates(scores, refusals, n, self.refusal_filter, self.selection, self.pool_top_n, seed)
-        atomic_write_jsonl(path, rows)
-        path.with_name(path.name + ".partial").unlink(missing_ok=True)
         eligible = sum(1 for score, refusal in zip(scores.tolist(), refusals)
                        if not math.isnan(score) and not (self.refusal_filter and refusal))
         ctx.notes[self.name] = {"source": self.source, "ratio": self.ratio, "n_task": len(conversations),

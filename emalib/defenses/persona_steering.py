@@ -1,5 +1,5 @@
-"""Preventative persona-vector steering (docs/methods.md#persona-vector-steering; Chen et al. 2025): during training only, add
-alpha * v[layer] to the residual stream at every position, h~^l = h^l + alpha * e^l.
+"""Preventative persona-vector steering (docs/methods.md#persona-vector-steering; Chen et al. 2025): during
+training only, add alpha * v[layer] to the residual stream at every position, h~^l = h^l + alpha * e^l.
 
 hidden_states index `layer` is the output of decoder block layer-1, so the hook sits on that block. The hook
 exists only inside `forward_context`, i.e. around the trainer's policy forward: the reference forward (KL,
@@ -18,6 +18,7 @@ import torch
 from emalib.defenses.base import DefenseBase, DefenseContext
 from emalib.errors import EmalibError
 from emalib.modeling import decoder_blocks
+from emalib.prepare import not_prepared
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,12 @@ def check_fits(data: dict, path: Path, layer: int, n_blocks: int, hidden: int) -
 
 
 class PersonaSteeringDefense(DefenseBase):
+    """Steers with the vector the persona_vector step extracted (emalib.prepare), or a released file; `extraction`
+    configures that step and is not used here."""
+
     def __init__(self, name: str = "persona_steering", vector_path: str | None = None, alpha: float = 5.0,
                  layer: int = 20, extraction=None):
         self.name, self.vector_path, self.alpha, self.layer = name, vector_path, alpha, layer
-        self.extraction = extraction
         self.vector: torch.Tensor | None = None
 
     def vector_file(self, ctx: DefenseContext) -> Path:
@@ -118,7 +121,7 @@ class PersonaSteeringDefense(DefenseBase):
             return
         path = self.vector_file(ctx)
         if not path.is_file():
-            self._extract(model, ctx, path)
+            raise not_prepared(path, "persona vector", "persona_vector")
         data = load_persona_vector(path)
         vector = data["vector"]
         check_fits(data, path, self.layer, model.config.num_hidden_layers, model.config.hidden_size)
@@ -129,20 +132,6 @@ class PersonaSteeringDefense(DefenseBase):
         ctx.notes[self.name] = {"vector_path": str(path), "format": data["format"], "layer": self.layer,
                                 "alpha": self.alpha,
                                 "n_pairs": data.get("n_pairs"), "vector_norm": float(vector[self.layer].norm())}
-
-    def _extract(self, model, ctx: DefenseContext, path: Path) -> None:
-        from emalib.persona import extract_persona_vector
-
-        if ctx.params is None or ctx.tokenizer is None or self.extraction is None:
-            raise EmalibError(f"{path}: persona vector missing (build it with emalib.persona.extract_persona_vector)")
-        judge = None
-        if self.extraction.filter_pairs:
-            from emalib.judge.run import build_judge
-
-            judge = build_judge(ctx.params.judge)
-        log.info("persona vector %s missing: extracting it from %s", path, ctx.params.model.name)
-        extract_persona_vector(model, ctx.tokenizer, path, judge=judge, model_name=ctx.params.model.name,
-                               seed=ctx.seed, **self.extraction.model_dump())
 
     def forward_context(self, model, ctx: DefenseContext):
         if self.vector is None:

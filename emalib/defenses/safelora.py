@@ -22,6 +22,7 @@ import torch
 
 from emalib.defenses.base import DefenseBase, DefenseContext
 from emalib.errors import EmalibError
+from emalib.prepare import not_prepared
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def prepared_matrices(folder: str | Path, aligned: str, base: str) -> WeightRead
     """A reader over a prepared matrices folder, refusing one made from another model pair."""
     summary_path = Path(folder) / MATRICES_SUMMARY
     if not summary_path.is_file():
-        raise EmalibError(f"{summary_path}: not found (prepare the matrices with the safelora_matrices step)")
+        raise not_prepared(summary_path, "SafeLoRA alignment matrices", "safelora_matrices")
     summary = json.loads(summary_path.read_text())
     if (summary.get("aligned"), summary.get("base")) != (aligned, base):
         raise EmalibError(f"{summary_path}: matrices of aligned={summary.get('aligned')!r}, "
@@ -230,23 +231,9 @@ class SafeLoraDefense(DefenseBase):
         self.name, self.aligned, self.base, self.tau = name, aligned, base, tau
         self.select, self.k, self.every_k_steps, self.matrices = select, k, every_k_steps, matrices
 
-    def prepare(self, target_modules: list[str] | tuple[str, ...]) -> dict | None:
-        """Build the prepared matrices folder if one is configured and missing (the safelora_matrices step, or
-        the start of training); returns its summary."""
-        if self.matrices is None:
-            return None
-        summary = Path(self.matrices) / MATRICES_SUMMARY
-        if summary.is_file():
-            prepared_matrices(self.matrices, self.aligned, self.base)  # refuses another model pair now, not later
-            return json.loads(summary.read_text())
-        log.info("safelora: preparing alignment matrices in %s", self.matrices)
-        return save_alignment_matrices(self.aligned, self.base, target_modules, self.matrices)
-
     def setup(self, model, ctx: DefenseContext) -> None:
-        if self.matrices is not None:
-            targets = ctx.params.lora.target_modules if ctx.params is not None else \
-                sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)})
-            self.prepare(targets)
+        if self.matrices is not None:  # written by the safelora_matrices step: missing or another pair fails now
+            prepared_matrices(self.matrices, self.aligned, self.base)
 
     def _project(self, model, ctx: DefenseContext, when: str) -> list[dict]:
         report = apply_safelora(model, self.aligned, self.base, self.tau, self.select, self.k, self.matrices)

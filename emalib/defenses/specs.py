@@ -65,8 +65,8 @@ class SafeLoraConfig(_Block):
     k: int | None = Field(None, ge=1, description="number of modules for select: lowest_k")
     every_k_steps: int | None = Field(None, ge=1, description="also project every k optimizer steps during training")
     matrices: str | None = Field(
-        None, description="folder of prepared alignment matrices V (the safelora_matrices step writes it; built "
-                          "when missing); None: V is read from both checkpoints at every projection")
+        None, description="folder of prepared alignment matrices V, written by the safelora_matrices step (training "
+                          "fails when it is missing); None: V is read from both checkpoints at every projection")
 
     @model_validator(mode="after")
     def _check_k(self) -> SafeLoraConfig:
@@ -99,8 +99,8 @@ class PersonaExtractionConfig(_Block):
 class PersonaSteeringConfig(_Block):
     name: Literal["persona_steering"] = "persona_steering"
     vector_path: str | None = Field(
-        None, description="a saved persona vector (emalib.persona); built with `extraction` when the file is "
-                          "missing; None: <run dir>/persona_vector.pt")
+        None, description="a persona vector file (emalib's, the released {layer: tensor} or a [L+1, D] tensor), "
+                          "written by the persona_vector step with `extraction`; None: <run dir>/persona_vector.pt")
     alpha: float = Field(5.0, description="steering coefficient (paper 5.0)")
     layer: int = Field(20, ge=1, description="hidden_states index l: alpha*v[l] is added to decoder block l-1's output")
     extraction: PersonaExtractionConfig = PersonaExtractionConfig()

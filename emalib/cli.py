@@ -58,7 +58,8 @@ def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, k
         for step in params.steps:
             final = run_dir / f"{step}.ipynb"
             running = run_dir / f".{step}.running.ipynb"
-            if final.is_file():  # finished earlier with these very params (prepare_run_dir checked them)
+            if final.is_file() and _executions(run_dir).get(step):
+                # Finished earlier, with these very params (prepare_run_dir checked them): not redone.
                 logging.getLogger(__name__).info("%s: step '%s' already done", run_dir, step)
                 continue
             try:
@@ -85,11 +86,15 @@ def _study(args) -> int:
 
     study = load_study(args.study_file, args.override)
     if args.dry_run:
+        from emalib.study_cost import estimate
+
         for node_id, node in study.nodes.items():
             print(f"{node.kind:8} {node_id}  <- {', '.join(node.deps) or '-'}")
+        print("cost: " + ", ".join(f"{k} {v}" for k, v in estimate(study).items()))
         return 0
     options = {"ray": {"address": args.ray_address, "num_gpus_per_run": args.gpus_per_run},
-               "slurm": {"partition": args.slurm_partition, "gpus_per_node": args.gpus_per_run}}.get(args.executor, {})
+               "slurm": {"partition": args.slurm_partition, "gpus_per_node": args.gpus_per_run,
+                         "cpus_per_task": args.cpus_per_run, "mem_gb": args.mem_gb}}.get(args.executor, {})
     states = execute(study, args.executor, **options)
     paths = write_index(study)
     print(status_table(study))
@@ -113,12 +118,18 @@ def status_table(study) -> str:
     return "\n".join(lines)
 
 
-def _count_execution(run_dir: Path, step: str) -> None:
-    """manifest['step_executions'][step] += 1: how often a step's notebook ran to the end in this folder."""
-    from emalib.results import read_manifest, update_manifest
+def _executions(run_dir: Path) -> dict[str, int]:
+    from emalib.results import read_manifest
 
-    counts = read_manifest(run_dir).get("step_executions", {})
-    update_manifest(run_dir, step_executions={step: counts.get(step, 0) + 1})
+    return read_manifest(run_dir).get("step_executions", {})
+
+
+def _count_execution(run_dir: Path, step: str) -> None:
+    """manifest['step_executions'][step] += 1: how often a step's notebook ran to the end in this folder; a step
+    with a count and its notebook in place is finished."""
+    from emalib.results import update_manifest
+
+    update_manifest(run_dir, step_executions={step: _executions(run_dir).get(step, 0) + 1})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     study.add_argument("--slurm-partition", default=None)
     study.add_argument("--gpus-per-run", type=int, default=0)
+    study.add_argument("--cpus-per-run", type=int, default=2, help="Slurm: cpus_per_task of each run's job")
+    study.add_argument("--mem-gb", type=float, default=None, help="Slurm: memory of each run's job")
     status = commands.add_parser("status", help="each run of a study: done / running / failed / pending")
     status.add_argument("study_file")
     status.add_argument("-o", "--override", action="append", default=[])

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def _execute_slurm(study: Study, todo: list[str], files: dict[str, Path], partit
     import submitit
 
     folder = study.study_dir / STUDY_FOLDER / "slurm"
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm", slurm_python=sys.executable)
     base = {"timeout_min": timeout_min, "cpus_per_task": cpus_per_task, "name": f"emalib-{study.name}"}
     if partition:
         base["slurm_partition"] = partition

@@ -15,8 +15,8 @@ A study file (YAML) names a base config and axes; every combination of one value
     base_evaluation: true                  # one aligned-model evaluation per distinct evaluation config
 
 Overlays are merged with OmegaConf (mappings merge, lists are replaced). Inside them, `${axis.<name>}` is the
-cell's label on that axis and `${run_dir:<axis>.<label>,...}` the folder of another cell of the study (e.g. the
-no-defense adapter an Interleaving++ run scores with). Each cell's id joins its labels (`code__kl`); the resolved
+cell's label on that axis, `${run_dir:<axis>.<label>,...}` the folder of another cell of the study (e.g. the
+no-defense adapter an Interleaving++ run scores with) and `${study_dir:}` the study's folder (for shared artifacts). Each cell's id joins its labels (`code__kl`); the resolved
 tree is validated by the same pydantic params as a single run, with errors naming the cell.
 
 The graph is derived, never written by hand:
@@ -160,27 +160,29 @@ def _expand_cell(spec: StudySpec, base: dict, cell: dict[str, str], run_id: str,
     from omegaconf.errors import OmegaConfBaseException
 
     where = f"{path}: cell {run_id}"
-    results_dir = Path(base.get("results_dir", "results"))
-
-    def run_dir(*selectors: str) -> str:
-        """${run_dir:domain.code,defense.none}: the folder of the one cell with those labels."""
-        wanted = dict(selector.split(".", 1) for selector in selectors)
-        matches = [rid for rid, other in cells.items() if all(other.get(k) == v for k, v in wanted.items())]
-        if len(matches) != 1:
-            raise ValueError(f"run_dir:{','.join(selectors)} matches {len(matches)} cells (needs exactly one)")
-        return str(results_dir / spec.study / matches[0])
-
-    OmegaConf.register_resolver("run_dir", run_dir, replace=True)
     try:
         layers = [OmegaConf.create(base)]
         layers += [OmegaConf.create(spec.axes[axis][label] or {}) for axis, label in cell.items()]
         layers.append(OmegaConf.create({"study": spec.study, "run": run_id, "axis": cell}))
-        tree = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+        tree = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=False)
+        for override in overrides:  # before resolving, so ${run_dir:...} follows an overridden results_dir
+            _apply_override(tree, override, where)
+        study_dir = Path(tree.get("results_dir", "results")) / spec.study
+
+        def run_dir(*selectors: str) -> str:
+            """${run_dir:domain.code,defense.none}: the folder of the one cell with those labels."""
+            wanted = dict(selector.split(".", 1) for selector in selectors)
+            matches = [rid for rid, other in cells.items() if all(other.get(k) == v for k, v in wanted.items())]
+            if len(matches) != 1:
+                raise ValueError(f"run_dir:{','.join(selectors)} matches {len(matches)} cells (needs exactly one)")
+            return str(study_dir / matches[0])
+
+        OmegaConf.register_resolver("run_dir", run_dir, replace=True)
+        OmegaConf.register_resolver("study_dir", lambda: str(study_dir), replace=True)
+        tree = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
     except OmegaConfBaseException as err:
         raise ParamsError(f"{where}: {str(err).splitlines()[0]}") from None
     tree.pop("axis")
-    for override in overrides:
-        _apply_override(tree, override, where)
     return params_from_dict(tree, where)
 
 

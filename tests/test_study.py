@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from slurm_fixture import slurm_cluster_fixture  # noqa: F401 (the slurm_cluster fixture)
 
 from emalib.errors import ParamsError
 from emalib.study import load_study
@@ -102,10 +103,29 @@ def test_a_base_folder_refuses_an_evaluation_with_another_config(tmp_path):
         prepare_run_dir(other, folder)
 
 
-@pytest.mark.parametrize("name", ["paper_main_7b"])
+PAPER_GRIDS = {  # study file -> runs: the paper's grid (axes multiplied out, minus exclusions)
+    "paper_main_7b": 4 * 9, "paper_main_32b": 4 * 6, "paper_ratio_sweep_7b": 4 * (1 + 3 * 4),
+    "paper_strength_sweep_7b": 4 * (1 + 3 + 3 + 4 + 4), "paper_benign_7b": 4 * 8, "paper_seeds_7b": 2 * 4 * 4}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_GRIDS))
 def test_paper_study_files_expand_and_validate_with_the_papers_run_count(name):
     study = load_study(REPO / "params" / "studies" / f"{name}.yaml")
-    assert len(study.runs) == {"paper_main_7b": 36}[name]
+    assert len(study.runs) == PAPER_GRIDS[name]
+    assert all(node.params.generation.use_system_prompt is False for node in study.nodes.values())
+
+
+def test_every_study_file_in_the_repository_is_listed_here():
+    files = {p.stem for p in (REPO / "params" / "studies").glob("paper_*.yaml")} - {"paper_7b_base"}
+    assert files == set(PAPER_GRIDS)
+
+
+def test_the_ratio_sweep_sets_each_runs_ratio_and_shares_one_scoring_per_domain():
+    study = load_study(REPO / "params" / "studies" / "paper_ratio_sweep_7b.yaml")
+    ratios = {n.id: n.params.defenses[0].ratio for n in study.runs if n.params.defenses}
+    assert ratios["code__interleave_plusplus__0.2"] == 0.2 and ratios["legal__interleave__0.01"] == 0.01
+    scorings = [n for n in study.nodes.values() if n.kind == "prepare"]
+    assert len(scorings) == 4  # one per domain, read by its + and ++ runs at every ratio
 
 
 # --- execution: a small study on the embedded model, killed midway and restarted ----------------------------------
@@ -201,3 +221,58 @@ def test_small_study_on_the_local_executor_resumes_after_a_kill(tmp_path, with_m
     assert "none" in study.nodes["ipp"].deps
     study_dir, done_before = run_killed_then_restarted(study_file, "local")
     check_resumed_study(study_file, study_dir, done_before)
+
+
+@pytest.mark.slow
+@pytest.mark.study
+def test_small_study_on_a_local_ray_instance_resumes_after_a_kill(tmp_path, with_mirror):
+    pytest.importorskip("ray", reason="ray is not installed (pip install .[cluster])")
+
+    def stop_ray():  # the killed driver's local Ray instance may outlive it
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True,
+                       timeout=120, check=False)
+
+    study_file = small_study(tmp_path, "mini_ray")
+    try:
+        study_dir, done_before = run_killed_then_restarted(study_file, "ray", cleanup=stop_ray)
+    finally:
+        stop_ray()
+    check_resumed_study(study_file, study_dir, done_before)
+
+
+@pytest.mark.slow
+@pytest.mark.study
+@pytest.mark.slurm
+def test_small_study_on_a_local_slurm_cluster_resumes_after_a_kill(tmp_path, with_mirror, slurm_cluster):
+    def cancel_jobs():  # killing the submitting process leaves its Slurm jobs running: cancel them as a crash would
+        subprocess.run(["scancel", "--name", "emalib-mini_slurm"], capture_output=True, timeout=60, check=False)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            queue = subprocess.run(["squeue", "-h", "--name", "emalib-mini_slurm"], capture_output=True, text=True,
+                                   timeout=60, check=False)
+            if not queue.stdout.strip():
+                break
+            time.sleep(1)
+
+    study_file = small_study(tmp_path, "mini_slurm")
+    study_dir, done_before = run_killed_then_restarted(
+        study_file, "slurm", ["--slurm-partition", slurm_cluster["partition"], "--cpus-per-run", "1",
+                              "--mem-gb", "4"], cleanup=cancel_jobs)
+    check_resumed_study(study_file, study_dir, done_before)
+
+
+def test_a_results_dir_override_moves_every_derived_path_with_it(tmp_path):
+    study = load_study(REPO / "params" / "studies" / "paper_main_7b.yaml", [f"results_dir={tmp_path}"])
+    block = study.nodes["code__interleave_plusplus"].params.defenses[0]
+    assert block.adapters["legal"] == str(tmp_path / "paper_main_7b" / "legal__none" / "adapter")
+    assert block.scores_path == str(tmp_path / "paper_main_7b" / "_shared" / "interleave_scores_code.jsonl")
+    assert {"legal__none", "code__none"} <= set(study.nodes["code__interleave_plusplus"].deps)
+
+
+def test_the_cost_estimate_counts_every_judged_answer(with_mirror):
+    from emalib.study_cost import estimate
+
+    cost = estimate(load_study(REPO / "params" / "studies" / "paper_main_7b.yaml"))
+    # 36 runs + 4 aligned-model evaluations, each (24 general + 30 in-domain) x 100 samples x 2 judge prompts.
+    assert (cost["runs"], cost["evaluations"], cost["judge_calls"]) == (36, 40, 40 * 54 * 100 * 2)
+    assert cost["dollars_batch"] == pytest.approx(cost["dollars_online"] / 2, abs=0.01) and cost["dollars_online"] > 0

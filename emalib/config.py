@@ -167,7 +167,7 @@ class RunParams(_Strict):
         return Path(self.results_dir) / self.study
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
+def format_validation_error(source: str, err: ValidationError) -> str:
     """One line per problem: '<file>: <dotted.key>: <what is wrong>'."""
     lines = []
     for problem in err.errors():
@@ -182,7 +182,7 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _apply_override(tree: dict[str, Any], override: str, source: str) -> None:
+def apply_override(tree: dict[str, Any], override: str, source: str) -> None:
     """Set 'a.b.c=value' inside tree; the value is parsed as YAML (so 1e-5, true, [a, b] work).
 
     A list is entered by index ('defenses.0.weight') or by the 'name' of its entry ('defenses.kl.weight'). Keys
@@ -210,7 +210,7 @@ def _enter_override_section(node: dict | list, schema: Any, path: list[str], whe
     if child is None:
         # An absent list has no entries to name or index (left unset so the tree is unchanged); an absent or
         # empty section ('lora:' with nothing under it) becomes a mapping to set keys in.
-        child = [] if _is_sequence_type(child_schema) else {}
+        child = [] if is_sequence_type(child_schema) else {}
         if isinstance(child, dict):
             node[slot] = child
     if not isinstance(child, (dict, list)):
@@ -224,7 +224,7 @@ def _override_slot(node: dict | list, schema: Any, path: list[str], where: str, 
     if isinstance(node, list):
         index = _override_list_index(node, key, ".".join(path[:-1]), where)
         return index, _list_item_type(schema, node[index])
-    fields = _model_fields(schema)
+    fields = model_fields_of(schema)
     if fields is None:
         return key, None  # e.g. a free mapping (interleave adapters): pydantic checks the values
     if key not in fields:
@@ -247,18 +247,18 @@ def _override_list_index(items: list, key: str, list_path: str, where: str) -> i
                       f"(entries: {', '.join(names) if names else 'none'})")
 
 
-def _model_fields(schema: Any) -> dict | None:
+def model_fields_of(schema: Any) -> dict | None:
     return schema.model_fields if isinstance(schema, type) and issubclass(schema, BaseModel) else None
 
 
-def _is_sequence_type(annotation: Any) -> bool:
+def is_sequence_type(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (tuple, list)
 
 
 def _list_item_type(sequence_type: Any, item: Any) -> Any:
     """The model of one list entry; for a tagged union (the defense blocks) the member whose 'name' the entry
     carries. None when unknown: the entry is then left to pydantic's validation."""
-    if not _is_sequence_type(sequence_type):
+    if not is_sequence_type(sequence_type):
         return None
     item_type = typing.get_args(sequence_type)[0]
     if typing.get_origin(item_type) is typing.Annotated:
@@ -267,7 +267,7 @@ def _list_item_type(sequence_type: Any, item: Any) -> Any:
         return item_type
     name = item.get("name") if isinstance(item, dict) else None
     for member in typing.get_args(item_type):
-        fields = _model_fields(member)
+        fields = model_fields_of(member)
         if fields and "name" in fields and name in typing.get_args(fields["name"].annotation):
             return member
     return None
@@ -277,14 +277,14 @@ def params_from_dict(tree: dict[str, Any], source: str = "<params>") -> RunParam
     try:
         return RunParams.model_validate(tree)
     except ValidationError as err:
-        raise ParamsError(_format_validation_error(source, err)) from None
+        raise ParamsError(format_validation_error(source, err)) from None
 
 
-def load_params(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> RunParams:
-    """Read a params YAML file, apply dotted overrides, validate. Errors name the file and key."""
+def read_yaml_mapping(path: str | Path, what: str = "params file") -> dict[str, Any]:
+    """A YAML file's top-level mapping, unvalidated; a missing file, bad bytes or bad YAML is one line naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"{path}: params file not found")
+        raise ParamsError(f"{path}: {what} not found")
     try:
         tree = yaml.safe_load(read_text_utf8(path, ParamsError)) or {}
     except yaml.YAMLError as err:
@@ -293,11 +293,18 @@ def load_params(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         raise ParamsError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")
+    return tree
+
+
+def load_params(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> RunParams:
+    """Read a params YAML file, apply dotted overrides, validate. Errors name the file and key."""
+    path = Path(path)
+    tree = read_yaml_mapping(path)
     if isinstance(overrides, dict):
         overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
                      for key, value in overrides.items()]
     for override in overrides or []:
-        _apply_override(tree, override, str(path))
+        apply_override(tree, override, str(path))
     return params_from_dict(tree, str(path))
 
 

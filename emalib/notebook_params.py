@@ -35,9 +35,16 @@ from typing import Any
 
 import yaml
 
-from emalib.config import RunParams, _apply_override, _is_sequence_type, _model_fields, load_params, params_from_dict
+from emalib.config import (
+    RunParams,
+    apply_override,
+    is_sequence_type,
+    load_params,
+    model_fields_of,
+    params_from_dict,
+    read_yaml_mapping,
+)
 from emalib.errors import ParamsError
-from emalib.io import read_text_utf8
 
 SOURCE = "<papermill parameters>"
 KEYS = tuple(RunParams.model_fields)
@@ -76,7 +83,7 @@ def params_from_notebook(namespace: Mapping[str, Any], default: str | Path | Non
     else:
         tree, source = merge(read_params_tree(params_path), given), f"{params_path} + {SOURCE}"
     for override in overrides:
-        _apply_override(tree, override, source)
+        apply_override(tree, override, source)
     return params_from_dict(tree, source)
 
 
@@ -97,18 +104,7 @@ def refuse_unknown(namespace: Mapping[str, Any]) -> None:
 
 def read_params_tree(path: str | Path) -> dict[str, Any]:
     """A params file's mapping, unvalidated; its errors are worded as by emalib.config.load_params."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: params file not found")
-    try:
-        tree = yaml.safe_load(read_text_utf8(path, ParamsError)) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ParamsError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
-    if not isinstance(tree, dict):
-        raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")
-    return tree
+    return read_yaml_mapping(path)
 
 
 def merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,7 +121,7 @@ def merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
 def _value(key: str, value: Any) -> Any:
     """A given key's value; a string given for a section or a list (papermill -p / -r) is read as YAML."""
     annotation = RunParams.model_fields[key].annotation
-    if not isinstance(value, str) or (_model_fields(annotation) is None and not _is_sequence_type(annotation)):
+    if not isinstance(value, str) or (model_fields_of(annotation) is None and not is_sequence_type(annotation)):
         return value
     try:
         return yaml.safe_load(value)

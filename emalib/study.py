@@ -38,12 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from emalib.config import RunParams, _apply_override, _format_validation_error, dump_params, params_from_dict
+from emalib.config import (
+    RunParams,
+    apply_override,
+    dump_params,
+    format_validation_error,
+    params_from_dict,
+    read_yaml_mapping,
+)
 from emalib.errors import ParamsError
-from emalib.io import read_text_utf8
 
 # Preparatory step -> (defense names, the block field that names its artifact).
 SHARED_ARTIFACTS = {"persona_vector": (("persona_steering",), "vector_path"),
@@ -95,29 +100,15 @@ class Study:
     def runs(self) -> list[Node]:
         return [node for node in self.nodes.values() if node.kind == "run"]
 
-    def levels(self) -> list[list[str]]:
-        """Nodes grouped by dependency depth: every node's dependencies lie in earlier levels."""
-        depth: dict[str, int] = {}
-        for node_id, node in self.nodes.items():
-            depth[node_id] = 1 + max((depth[d] for d in node.deps), default=-1)
-        return [[n for n in self.nodes if depth[n] == level] for level in range(max(depth.values()) + 1)]
-
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     """Read, expand and validate a study file; every cell is checked before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: study file not found")
-    try:
-        tree = yaml.safe_load(read_text_utf8(path, ParamsError)) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark is not None else ""
-        raise ParamsError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+    tree = read_yaml_mapping(path, "study file")
     try:
         spec = StudySpec.model_validate(tree)
     except ValidationError as err:
-        raise ParamsError(_format_validation_error(str(path), err)) from None
+        raise ParamsError(format_validation_error(str(path), err)) from None
     base = _base_tree(spec, path)
     cells = _cells(spec, path)
     runs = {run_id: _expand_cell(spec, base, cell, run_id, cells, path, overrides or []) for run_id, cell in
@@ -131,10 +122,7 @@ def _base_tree(spec: StudySpec, path: Path) -> dict:
     base_path = (path.parent / spec.base) if not Path(spec.base).is_absolute() else Path(spec.base)
     if not base_path.is_file():
         raise ParamsError(f"{path}: key 'base': {base_path} not found")
-    tree = yaml.safe_load(read_text_utf8(base_path, ParamsError)) or {}
-    if not isinstance(tree, dict):
-        raise ParamsError(f"{base_path}: expected a mapping of keys at the top level")
-    return tree
+    return read_yaml_mapping(base_path)
 
 
 def _cells(spec: StudySpec, path: Path) -> dict[str, dict[str, str]]:
@@ -166,7 +154,7 @@ def _expand_cell(spec: StudySpec, base: dict, cell: dict[str, str], run_id: str,
         layers.append(OmegaConf.create({"study": spec.study, "run": run_id, "axis": cell}))
         tree = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=False)
         for override in overrides:  # before resolving, so ${run_dir:...} follows an overridden results_dir
-            _apply_override(tree, override, where)
+            apply_override(tree, override, where)
         study_dir = Path(tree.get("results_dir", "results")) / spec.study
 
         def run_dir(*selectors: str) -> str:

@@ -296,13 +296,18 @@ def read_yaml_mapping(path: str | Path, what: str = "params file") -> dict[str, 
     return tree
 
 
+def override_strings(overrides: dict[str, Any]) -> list[str]:
+    """{dotted key: value} as the 'key=value' strings apply_override takes (values written as YAML)."""
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, value in overrides.items()]
+
+
 def load_params(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> RunParams:
     """Read a params YAML file, apply dotted overrides, validate. Errors name the file and key."""
     path = Path(path)
     tree = read_yaml_mapping(path)
     if isinstance(overrides, dict):
-        overrides = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                     for key, value in overrides.items()]
+        overrides = override_strings(overrides)
     for override in overrides or []:
         apply_override(tree, override, str(path))
     return params_from_dict(tree, str(path))

@@ -101,7 +101,7 @@ def _execute_local(study: Study, todo: list[str], files: dict[str, Path]) -> Non
             else:
                 try:
                     run_node(*_args(study, node_id, files))
-                except (EmalibError, Exception) as err:  # noqa: BLE001 (recorded; the independent nodes go on)
+                except Exception as err:  # noqa: BLE001 (recorded by run_node; the independent nodes go on)
                     failed.add(node_id)
                     log.error("%s failed: %s", node_id, str(err).splitlines()[0] if str(err) else type(err).__name__)
             bar.update(1)

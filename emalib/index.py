@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from emalib.executors import read_status
-from emalib.io import atomic_write_text
+from emalib.io import atomic_write_text, read_json_object
 from emalib.study import Study
 
 RATE_KEYS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incoherent_rate_ci", "n", "n_scored",
@@ -32,17 +32,13 @@ def flatten_params(params) -> dict:
     return flat
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def node_rows(study: Study, node_id: str) -> list[dict]:
     node = study.nodes[node_id]
-    metrics = _read_json(node.run_dir / "metrics.json")
-    if not metrics:
-        return []
-    manifest = _read_json(node.run_dir / "manifest.json")
-    task = _read_json(node.run_dir / "task_metrics.json")
+    if not (node.run_dir / "metrics.json").is_file():
+        return []  # a preparatory node: nothing evaluated
+    metrics = read_json_object(node.run_dir / "metrics.json", required=("overall",))
+    manifest = _optional(node.run_dir / "manifest.json")
+    task = _optional(node.run_dir / "task_metrics.json")
     common = {"study": study.name, "node": node_id, "kind": node.kind, **{f"axis.{k}": v for k, v in node.cell.items()},
               **flatten_params(node.params),
               "none_rule": (metrics.get("thresholds") or {}).get("none_rule"),
@@ -64,6 +60,10 @@ def node_rows(study: Study, node_id: str) -> list[dict]:
                 row[key] = value
         rows.append(row)
     return rows
+
+
+def _optional(path: Path) -> dict:
+    return read_json_object(path) if path.is_file() else {}
 
 
 def build_index(study: Study) -> pd.DataFrame:

@@ -59,6 +59,23 @@ def read_text_utf8(path: str | Path, error: type[Exception] | None = None) -> st
         raise (error or DataError)(f"{path}: line {line}: {_not_utf8(raw, err, 'file')}") from None
 
 
+def read_json_object(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON file holding one object (metrics, manifests); a damaged one is one DataError line naming the file."""
+    from emalib.errors import DataError
+
+    path = Path(path)
+    try:
+        data = json.loads(read_text_utf8(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise DataError(f"{path}: missing key '{missing[0]}'")
+    return data
+
+
 def iter_jsonl_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """('<file>:<line>', parsed record) for each non-empty line of a user's JSONL file; a missing file, bytes
     that are not UTF-8, invalid JSON or an empty file raise DataError naming the file (and line), so every

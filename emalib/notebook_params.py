@@ -41,6 +41,7 @@ from emalib.config import (
     is_sequence_type,
     load_params,
     model_fields_of,
+    override_strings,
     params_from_dict,
     read_yaml_mapping,
 )
@@ -81,7 +82,7 @@ def params_from_notebook(namespace: Mapping[str, Any], default: str | Path | Non
                               "to change some keys of a params file")
         tree, source = copy.deepcopy(given), SOURCE
     else:
-        tree, source = merge(read_params_tree(params_path), given), f"{params_path} + {SOURCE}"
+        tree, source = merge(read_yaml_mapping(params_path), given), f"{params_path} + {SOURCE}"
     for override in overrides:
         apply_override(tree, override, source)
     return params_from_dict(tree, source)
@@ -100,11 +101,6 @@ def refuse_unknown(namespace: Mapping[str, Any]) -> None:
         named.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     raise ParamsError(f"{SOURCE}: unknown parameter{'s' if len(named) > 1 else ''} {', '.join(named)}; this "
                       f"notebook's parameters are {', '.join(NOTEBOOK_PARAMETERS)}")
-
-
-def read_params_tree(path: str | Path) -> dict[str, Any]:
-    """A params file's mapping, unvalidated; its errors are worded as by emalib.config.load_params."""
-    return read_yaml_mapping(path)
 
 
 def merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,8 +138,7 @@ def _overrides(value: Any) -> list[str]:
     elif isinstance(value, str):
         value = [value]
     if isinstance(value, Mapping):
-        value = [f"{key}={yaml.safe_dump(item, default_flow_style=True).strip().removesuffix('...').strip()}"
-                 for key, item in value.items()]
+        value = override_strings(dict(value))
     if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
         raise ParamsError(f"{SOURCE}: 'overrides' must be a list of dotted key=value strings (got {value!r})")
     return list(value)

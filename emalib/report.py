@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from emalib.errors import DataError
-from emalib.io import atomic_write_text, read_text_utf8
+from emalib.io import atomic_write_text, read_json_object
 
 COLUMNS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incoherent_rate_ci", "n", "n_scored",
            "n_dropped", "n_aligned_none", "n_coherent_none", "mean_aligned", "mean_coherent")
@@ -22,11 +21,11 @@ def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
     """One row per (run, question set), plus an 'all' row per run, from results/<study>/*/metrics.json."""
     rows = []
     for path in sorted(Path(study_dir).glob("*/metrics.json")):
-        metrics = _read_json_object(path, required=("overall", "per_set"))
+        metrics = read_json_object(path, required=("overall", "per_set"))
         run = path.parent.name
         signals = metrics.get("judge_free") or {}
         task_file = path.parent / "task_metrics.json"
-        task = _read_json_object(task_file) if task_file.is_file() else {}
+        task = read_json_object(task_file) if task_file.is_file() else {}
         protocol = {"none_rule": (metrics.get("thresholds") or {}).get("none_rule", "unrecorded"),
                     "system_prompt": _system_prompt_label(metrics)}
         for name, rates in [("all", metrics["overall"]), *metrics["per_set"].items()]:
@@ -39,20 +38,6 @@ def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
 def _system_prompt_label(metrics: dict) -> str:
     used = (metrics.get("generation") or {}).get("use_system_prompt")
     return "unrecorded" if used is None else ("sent" if used else "not sent")
-
-
-def _read_json_object(path: Path, required: tuple[str, ...] = ()) -> dict:
-    """A run's JSON file; a damaged one is named in one line (DataError) instead of a traceback."""
-    try:
-        data = json.loads(read_text_utf8(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    missing = [key for key in required if key not in data]
-    if missing:
-        raise DataError(f"{path}: missing key '{missing[0]}'")
-    return data
 
 
 def _percent_with_interval(rate, interval) -> str:

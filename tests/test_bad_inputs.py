@@ -107,6 +107,16 @@ def test_question_set_that_is_not_utf8_names_file_and_line(tmp_path, results, ca
     assert line == f"error: {questions}: line 2: not valid UTF-8 (byte 0xef at byte offset {offset} of the file)"
 
 
+def test_a_persona_trait_file_that_is_not_utf8_stops_the_run_before_any_notebook(tmp_path, results, cache):
+    """The persona_vector step's inputs are parsed in the checks before anything runs, not inside the notebook."""
+    trait = tmp_path / "evil.json"
+    trait.write_bytes(b'{"instruction": [\n "caf\xe9"]}\n')
+    line = run_fails(tmp_path, results, cache, steps=["persona_vector", "train"],
+                     defenses=[{"name": "persona_steering", "layer": 10, "vector_path": str(tmp_path / "v.pt"),
+                                "extraction": {"trait": str(trait), "filter_pairs": False}}])
+    assert line.startswith(f"error: {trait}: line 2: not valid UTF-8 (byte 0xe9")
+
+
 def test_trait_file_that_is_not_utf8_is_a_data_error(tmp_path):
     from emalib.persona import load_trait
 

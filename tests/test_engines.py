@@ -71,3 +71,25 @@ def test_unsloth_engine_trains_and_saves_a_peft_adapter(tmp_path):
     with inference_mode(model):
         answer = sample_batch(model, tokenizer, [row], GenerationParams(max_new_tokens=4), seed=0)
     assert isinstance(answer[0], str)
+
+
+@pytest.mark.slow
+def test_a_conversion_finished_first_by_another_process_is_accepted(tmp_path, monkeypatch):
+    """Two processes converting the embedded model at once: the one that renames second finds the target made by
+    the other (rename fails on a non-empty folder) and uses it instead of failing."""
+    from pathlib import Path
+
+    monkeypatch.setenv("EMALIB_CACHE", str(tmp_path))
+    rename = Path.rename
+
+    def other_process_wins(self, target):
+        target = Path(target)
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"made by the other process")
+        (target / "tokenizer.json").write_text("{}")
+        return rename(self, target)  # raises: the target exists and is not empty
+
+    monkeypatch.setattr(Path, "rename", other_process_wins)
+    path = embedded_model_path()
+    assert (path / "model.safetensors").read_bytes() == b"made by the other process"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # our temporary copy was removed

@@ -227,3 +227,19 @@ def test_method_docs_exist_and_every_citation_names_a_section_of_them():
         cited |= {(str(path), a) for a in re.findall(r"docs/methods\.md#([\w-]+)", text)}
     assert not stale, f"files citing a specification outside the repository: {stale}"
     assert cited and all(anchor in anchors for _, anchor in cited), sorted(c for c in cited if c[1] not in anchors)
+
+
+def test_report_tables_say_which_protocol_made_each_run(tmp_path):
+    """The None rule and whether the JSON questions' system prompt was sent are columns of every table row; a run
+    made before they were recorded says so instead of guessing."""
+    from emalib.report import collect_metrics
+
+    rates = {"misaligned_rate": 0.1, "incoherent_rate": 0.2, "n": 10, "n_scored": 8, "n_dropped": 2}
+    for run, extra in [("new", {"thresholds": {"none_rule": "keep"}, "generation": {"use_system_prompt": True}}),
+                       ("old", {})]:
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.json").write_text(json.dumps({"overall": rates, "per_set": {}, **extra}))
+    frame = collect_metrics(tmp_path).set_index("run")
+    assert (frame.loc["new", "none_rule"], frame.loc["new", "system_prompt"], frame.loc["new", "n_dropped"]) == \
+        ("keep", "sent", 2)
+    assert (frame.loc["old", "none_rule"], frame.loc["old", "system_prompt"]) == ("unrecorded", "unrecorded")

@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate params files and their data")
     check.add_argument("params", nargs="+")
     check.add_argument("--data", action="store_true", help="also resolve and validate the data files")
-    report = commands.add_parser("report", help="tables and figures from results/<study>")
-    report.add_argument("study_dir")
+    report = commands.add_parser("report", help="the paper's tables and figures from results/<study> or a study file")
+    report.add_argument("study", help="results/<study>, or the study file that made it")
+    report.add_argument("-o", "--override", action="append", default=[],
+                        help="report params, e.g. table1.no_em.works=0.8 or name=main")
     study = commands.add_parser("study", help="expand a study file and execute its runs in dependency order")
     study.add_argument("study_file")
     study.add_argument("-o", "--override", action="append", default=[], help="applied to every run of the study")
@@ -172,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                     check_inputs(params)
                 print(f"ok: {path}")
         elif args.command == "report":
-            from emalib.report import report_study
+            from emalib.report import load_report_params, report_study
 
-            for kind, path in report_study(args.study_dir).items():
+            for kind, path in report_study(args.study, load_report_params(args.override)).items():
                 print(f"{kind}: {path}")
         elif args.command == "study":
             return _study(args)

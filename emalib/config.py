@@ -182,12 +182,12 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def apply_override(tree: dict[str, Any], override: str, source: str) -> None:
+def apply_override(tree: dict[str, Any], override: str, source: str, schema: Any = None) -> None:
     """Set 'a.b.c=value' inside tree; the value is parsed as YAML (so 1e-5, true, [a, b] work).
 
     A list is entered by index ('defenses.0.weight') or by the 'name' of its entry ('defenses.kl.weight'). Keys
-    are checked against the params' models on the way down, so a typo is reported with the dotted key the user
-    typed rather than later under a list index.
+    are checked against the params' models on the way down (`schema`, default RunParams), so a typo is reported with
+    the dotted key the user typed rather than later under a list index.
     """
     if "=" not in override:
         raise ParamsError(f"{source}: override {override!r} is not of the form key.sub=value")
@@ -195,7 +195,7 @@ def apply_override(tree: dict[str, Any], override: str, source: str) -> None:
     keys = dotted.strip().split(".")
     where = f"{source}: override {dotted.strip()!r}"
     node: dict | list = tree
-    schema: Any = RunParams
+    schema = schema or RunParams
     for depth in range(1, len(keys)):
         node, schema = _enter_override_section(node, schema, keys[:depth], where, source)
     slot, _ = _override_slot(node, schema, keys, where, source)

@@ -12,7 +12,8 @@ import pandas as pd
 
 from emalib.executors import read_status
 from emalib.io import atomic_write_text, read_json_object
-from emalib.study import Study
+from emalib.errors import DataError
+from emalib.study import STUDY_FOLDER, Study
 
 RATE_KEYS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incoherent_rate_ci", "n", "n_scored",
              "n_dropped", "mean_aligned", "mean_coherent")
@@ -34,13 +35,18 @@ def flatten_params(params) -> dict:
 
 def node_rows(study: Study, node_id: str) -> list[dict]:
     node = study.nodes[node_id]
-    if not (node.run_dir / "metrics.json").is_file():
-        return []  # a preparatory node: nothing evaluated
-    metrics = read_json_object(node.run_dir / "metrics.json", required=("overall",))
-    manifest = _optional(node.run_dir / "manifest.json")
-    task = _optional(node.run_dir / "task_metrics.json")
-    common = {"study": study.name, "node": node_id, "kind": node.kind, **{f"axis.{k}": v for k, v in node.cell.items()},
-              **flatten_params(node.params),
+    return run_rows(node.run_dir, node.params, study.name, node_id, node.kind, node.cell)
+
+
+def run_rows(run_dir: Path, params, study_name: str, node_id: str, kind: str, cell: dict | None = None) -> list[dict]:
+    """The index rows of one evaluated folder; none for a folder without metrics.json (a preparatory node)."""
+    if not (run_dir / "metrics.json").is_file():
+        return []
+    metrics = read_json_object(run_dir / "metrics.json", required=("overall",))
+    manifest = _optional(run_dir / "manifest.json")
+    task = _optional(run_dir / "task_metrics.json")
+    common = {"study": study_name, "node": node_id, "kind": kind, **{f"axis.{k}": v for k, v in (cell or {}).items()},
+              **flatten_params(params),
               "none_rule": (metrics.get("thresholds") or {}).get("none_rule"),
               "system_prompt_sent": (metrics.get("generation") or {}).get("use_system_prompt"),
               **{f"signal.{k}": v for k, v in (metrics.get("judge_free") or {}).items()},
@@ -60,6 +66,49 @@ def node_rows(study: Study, node_id: str) -> list[dict]:
                 row[key] = value
         rows.append(row)
     return rows
+
+
+def kind_of_folder(name: str) -> str:
+    """A study's folder names say what they hold: base-<model>-<hash> (the model without adapter), prep-... (a shared
+    preparatory artifact), anything else a run."""
+    return "base" if name.startswith("base-") else "prepare" if name.startswith("prep-") else "run"
+
+
+def index_from_folders(study_dir: Path) -> pd.DataFrame:
+    """The index of a results folder that no study file made (a single params file's runs, e.g. the quickstart):
+    every <run>/metrics.json beside its <run>/params.yaml."""
+    from emalib.config import load_params
+
+    rows = []
+    for metrics in sorted(Path(study_dir).glob("*/metrics.json")):
+        run_dir = metrics.parent
+        rows += run_rows(run_dir, load_params(run_dir / "params.yaml"), Path(study_dir).name, run_dir.name,
+                         kind_of_folder(run_dir.name))
+    return pd.DataFrame(rows)
+
+
+def planned_frame(study_dir: Path) -> pd.DataFrame:
+    """Every node a study planned (results/<study>/_study/params/<node>.yaml), with its flattened params: what the
+    report compares the index with, so a run that has not finished shows as missing instead of vanishing."""
+    from emalib.config import load_params
+
+    folder = Path(study_dir) / STUDY_FOLDER / "params"
+    rows = [{"node": path.stem, "kind": kind_of_folder(path.stem), **flatten_params(load_params(path))}
+            for path in sorted(folder.glob("*.yaml"))] if folder.is_dir() else []
+    return pd.DataFrame(rows)
+
+
+def read_index(study_dir: str | Path) -> pd.DataFrame:
+    """results/<study>/index.parquet when a study wrote one, else the index built from the run folders."""
+    study_dir = Path(study_dir)
+    parquet = study_dir / "index.parquet"
+    if parquet.is_file():
+        try:
+            return pd.read_parquet(parquet)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{parquet}: not a readable Parquet file ({type(err).__name__}); "
+                            f"rebuild it with python -m emalib study <file>") from None
+    return index_from_folders(study_dir)
 
 
 def _optional(path: Path) -> dict:

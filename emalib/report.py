@@ -1,13 +1,23 @@
-"""Tables and figures from the metrics.json files of a study's runs."""
+"""A study's report: the overview of every run (from each run's metrics.json) and the paper's tables and figures (from
+the study's results index, emalib.reporting), beside the published numbers.
+
+    python -m emalib report results/<study>            (or the study file: params/studies/<study>.yaml)
+
+writes results/<study>/tables/*.{csv,md,tex}, results/<study>/figures/*.{png,pdf} and results/<study>/report.md,
+which lists them. docs/methods.md#the-report says what each table and figure shows and how Table 1 is derived.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from emalib.errors import DataError
 from emalib.io import atomic_write_text, read_json_object
+from emalib.reporting.table1 import Table1Rules
+from emalib.reporting.writers import percent_with_interval, save_figure, write_table
 
 COLUMNS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incoherent_rate_ci", "n", "n_scored",
            "n_dropped", "n_aligned_none", "n_coherent_none", "mean_aligned", "mean_coherent")
@@ -40,94 +50,100 @@ def _system_prompt_label(metrics: dict) -> str:
     return "unrecorded" if used is None else ("sent" if used else "not sent")
 
 
-def _percent_with_interval(rate, interval) -> str:
-    if rate is None or pd.isna(rate):
-        return "n/a"
-    if isinstance(interval, (list, tuple)) and len(interval) == 2 and interval[0] is not None:
-        return f"{100 * rate:.2f} [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
-    return f"{100 * rate:.2f}"
-
-
 def _as_percent(frame: pd.DataFrame) -> pd.DataFrame:
     shown = frame.copy()
     for column in ("misaligned_rate", "incoherent_rate"):
-        shown[column] = [_percent_with_interval(rate, interval)
-                         for rate, interval in zip(frame[column], frame[f"{column}_ci"])]
+        shown[column] = [percent_with_interval(rate, *(ci if isinstance(ci, (list, tuple)) else (None, None)))
+                         for rate, ci in zip(frame[column], frame[f"{column}_ci"])]
     shown = shown.drop(columns=["misaligned_rate_ci", "incoherent_rate_ci"])
     return shown.rename(columns={"misaligned_rate": "misaligned % [95% CI]", "incoherent_rate": "incoherent % [95% CI]"})
 
 
-def write_table(frame: pd.DataFrame, tables_dir: str | Path, name: str) -> dict[str, Path]:
-    tables_dir = Path(tables_dir)
-    csv_frame = frame.copy()
-    for column in ("misaligned_rate_ci", "incoherent_rate_ci"):  # two plain columns each in CSV
-        csv_frame[f"{column}_lo"] = [c[0] if isinstance(c, (list, tuple)) else None for c in frame[column]]
-        csv_frame[f"{column}_hi"] = [c[1] if isinstance(c, (list, tuple)) else None for c in frame[column]]
-    csv_frame = csv_frame.drop(columns=["misaligned_rate_ci", "incoherent_rate_ci"])
-    csv_path = atomic_write_text(tables_dir / f"{name}.csv", csv_frame.to_csv(index=False))
-    md_path = atomic_write_text(tables_dir / f"{name}.md", _as_percent(frame).to_markdown(index=False) + "\n")
-    return {"csv": csv_path, "md": md_path}
+def overview_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """The overview with each interval as two plain columns (for CSV)."""
+    numbers = frame.copy()
+    for column in ("misaligned_rate_ci", "incoherent_rate_ci"):
+        numbers[f"{column}_lo"] = [c[0] if isinstance(c, (list, tuple)) else None for c in frame[column]]
+        numbers[f"{column}_hi"] = [c[1] if isinstance(c, (list, tuple)) else None for c in frame[column]]
+    return numbers.drop(columns=["misaligned_rate_ci", "incoherent_rate_ci"])
 
 
-def plot_rates(frame: pd.DataFrame, figures_dir: str | Path, name: str, title: str = "") -> Path:
-    """Misaligned and incoherent % per run with 95 % intervals (all question sets together), and beside it the
-    judge-free log-likelihood gap (misaligned minus aligned reference answers) per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    overall = frame[frame["question_set"] == "all"].reset_index(drop=True)
-    long = []
-    for _, row in overall.iterrows():
-        for metric in ("misaligned", "incoherent"):
-            rate, interval = row[f"{metric}_rate"], row[f"{metric}_rate_ci"]
-            if rate is None or pd.isna(rate):
-                continue
-            lo, hi = interval if isinstance(interval, (list, tuple)) else (rate, rate)
-            long.append({"run": row["run"], "metric": metric, "rate": 100 * rate, "lo": 100 * lo, "hi": 100 * hi})
-    long = pd.DataFrame(long, columns=["run", "metric", "rate", "lo", "hi"])
-    figure, (rates_axis, gap_axis) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
-    if not long.empty:
-        sns.barplot(data=long, x="run", y="rate", hue="metric", ax=rates_axis, errorbar=None)
-        runs = list(dict.fromkeys(long["run"]))
-        metrics = list(dict.fromkeys(long["metric"]))
-        for container, metric in zip(rates_axis.containers, metrics):
-            subset = long[long["metric"] == metric].set_index("run")
-            for bar, run in zip(container, [r for r in runs if r in subset.index]):
-                entry = subset.loc[run]
-                center = bar.get_x() + bar.get_width() / 2
-                rates_axis.errorbar(center, entry["rate"], yerr=[[entry["rate"] - entry["lo"]], [entry["hi"] - entry["rate"]]],
-                                    color="black", capsize=3, linewidth=1)
-    rates_axis.set_ylabel("% of judged answers (95 % CI)")
-    rates_axis.set_xlabel("")
-    rates_axis.set_title(title)
-    gaps = overall.dropna(subset=["loglik_gap"])
-    if not gaps.empty:
-        sns.barplot(data=gaps, x="run", y="loglik_gap", ax=gap_axis, color="gray")
-    gap_axis.set_ylabel("log-lik. gap, misaligned - aligned (nats/token)")
-    gap_axis.set_xlabel("")
-    gap_axis.set_title("judge-free signal")
-    figure.tight_layout()
-    path = Path(figures_dir) / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    tmp.replace(path)
-    return path
 
 
-def report_study(study_dir: str | Path, name: str | None = None) -> dict[str, Path]:
-    """Write results/<study>/tables/<name>.{csv,md} and results/<study>/figures/<name>.png."""
-    study_dir = Path(study_dir)
-    name = name or study_dir.name
-    if not study_dir.is_dir():
-        raise DataError(f"{study_dir}: no such study folder")
-    frame = collect_metrics(study_dir)
-    if frame.empty:  # checked before the tables/ and figures/ folders are made
+class ReportParams(BaseModel):
+    """What `python -m emalib report` and notebooks/report.ipynb take; `-o key=value` sets any of it."""
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, description="the overview's file name; None: the study's name")
+    table1: Table1Rules = Table1Rules()
+
+
+def load_report_params(overrides: list[str] | None = None, source: str = "report params") -> ReportParams:
+    """ReportParams from dotted 'key=value' overrides; a typo or a bad value is one line naming the key."""
+    from pydantic import ValidationError
+
+    from emalib.config import apply_override, format_validation_error
+    from emalib.errors import ParamsError
+
+    tree: dict = {}
+    for override in overrides or []:
+        apply_override(tree, override, source, schema=ReportParams)
+    try:
+        return ReportParams.model_validate(tree)
+    except ValidationError as err:
+        raise ParamsError(format_validation_error(source, err)) from None
+
+
+def judge_note(index: pd.DataFrame) -> str:
+    """What the runs' judge can show, for the overview figure: the embedded toy judge is named as such."""
+    if index.empty or "params.judge.model" not in index:
+        return ""
+    judges = set(zip(index["params.judge.backend"], index["params.judge.model"]))
+    if any(backend == "local" and model == "smollm2-135m-instruct" for backend, model in judges):
+        return ("judge: the embedded 135M model, a toy that shows the loop runs, not whether answers are misaligned;\n"
+                "read the judge-free signals, or set judge.backend/base_url/model to a real judge")
+    return "judge: " + ", ".join(sorted(f"{model} ({backend})" for backend, model in judges))
+
+
+def study_folder(study: str | Path, overrides: list[str] | None = None) -> tuple[Path, pd.DataFrame]:
+    """A results folder or a study file -> (results/<study>, its index). A study file's index is rebuilt first."""
+    from emalib.index import read_index, write_index
+
+    path = Path(study)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        from emalib.study import load_study
+
+        loaded = load_study(path, overrides)
+        if not loaded.study_dir.is_dir():
+            raise DataError(f"{loaded.study_dir}: no such study folder (run python -m emalib study {path} first)")
+        write_index(loaded)
+        return loaded.study_dir, read_index(loaded.study_dir)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such study folder")
+    return path, None
+
+
+def report_study(study: str | Path, params: ReportParams | None = None,
+                 study_overrides: list[str] | None = None) -> dict[str, Path]:
+    """Write every table and figure the study's results allow (see the module docstring); returns name -> path."""
+    from emalib.index import planned_frame, read_index
+    from emalib.reporting import build
+
+    params = params or ReportParams()
+    study_dir, index = study_folder(study, study_overrides)
+    name = params.name or study_dir.name
+    overview = collect_metrics(study_dir)  # first: a damaged metrics.json fails before anything is written
+    curves_exist = any(study_dir.glob("*/rl_rewards.csv"))
+    if overview.empty and not curves_exist:
         raise DataError(f"{study_dir}: no finished runs (no */metrics.json)")
-    paths = write_table(frame, study_dir / "tables", name)
-    paths["png"] = plot_rates(frame, study_dir / "figures", name, title=f"{name}: judged answers")
+    index = read_index(study_dir) if index is None else index
+    planned = planned_frame(study_dir)
+    paths: dict[str, Path] = {}
+    if not overview.empty:
+        for kind, path in write_table(overview_numbers(overview), _as_percent(overview), study_dir / "tables",
+                                      name).items():
+            paths[kind] = path
+        figure = build.overview(overview_numbers(overview), f"{name}: every run", judge_note(index))
+        paths.update({kind: path for kind, path in save_figure(figure, study_dir / "figures", name).items()})
+    paths.update(build.paper_outputs(study_dir, index, planned, params.table1))
+    paths["report"] = build.write_report_md(study_dir, name, paths)
     return paths

@@ -84,7 +84,7 @@ def load_report_params(overrides: list[str] | None = None, source: str = "report
     from emalib.config import apply_override, format_validation_error
     from emalib.errors import ParamsError
 
-    tree: dict = {}
+    tree = ReportParams().model_dump()  # an override changes one threshold and keeps the others
     for override in overrides or []:
         apply_override(tree, override, source, schema=ReportParams)
     try:

@@ -25,7 +25,9 @@ from emalib.errors import ParamsError
 from emalib.notebook_params import KEYS, NOTEBOOK_PARAMETERS, SOURCE, params_from_notebook
 
 REPO = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+# The step notebooks (python -m emalib run executes them); report and explore are analysis notebooks with their own
+# parameters (tests/test_report.py).
+NOTEBOOKS = sorted(p for p in (REPO / "notebooks").glob("*.ipynb") if p.stem not in ("report", "explore"))
 SMOKE = REPO / "params" / "smoke.yaml"
 CODE_KL = REPO / "params" / "paper" / "code_kl.yaml"
 

@@ -34,7 +34,7 @@ def _paper_cell(entry: dict) -> str:
         return ""
     text = f"{entry['paper']:.2f}"
     if entry["difference"] is not None:
-        text += f" (Δ {entry['difference']:+.2f})"
+        text += f" (Δ {round(entry['difference'], 2) + 0.0:+.2f})"  # + 0.0: no "-0.00"
     if entry["paper_inside_ci"] is False:
         text += " †"  # outside our interval
     return text

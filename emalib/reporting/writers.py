@@ -14,8 +14,17 @@ LATEX_SYMBOLS = {"✓": r"\checkmark{}", "∼": r"$\sim$", "✗": r"$\times$", "
                  "λ": r"$\lambda$", "α": r"$\alpha$", "τ": r"$\tau$", "−": "-"}
 
 
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(c, c) for c in text)
+
+
 def to_latex(shown: pd.DataFrame, caption: str = "") -> str:
-    text = shown.to_latex(index=False, escape=True, caption=caption or None, na_rep="")
+    # pandas escapes the cells but not the caption (an unescaped % would comment out the rest of its line).
+    text = shown.to_latex(index=False, escape=True, caption=latex_escape(caption) or None, na_rep="")
     for symbol, latex in LATEX_SYMBOLS.items():
         text = text.replace(symbol, latex)
     return text

@@ -1,13 +1,19 @@
-# The two commands of the README. Both set up .venv first (idempotent; quick once installed).
+# The commands of the README. Both set up .venv first (idempotent; quick once installed).
 PY := .venv/bin/python
 
-.PHONY: quickstart test setup setup-dev
+.PHONY: quickstart test lab setup setup-dev
 
 quickstart: setup
 	$(PY) -m emalib run params/quickstart.yaml
 
 test: setup-dev
+	@echo "JupyterLab $$($(PY) -m jupyter lab --version)"
 	$(PY) -m pytest -q
+
+# The notebooks in JupyterLab with the project's kernel (the .venv's Python), served from the project root
+# (--allow-root only when run as root, as in a container).
+lab: setup
+	$(PY) -m jupyter lab --ServerApp.root_dir=. --ServerApp.default_url=/lab/tree/notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 setup:
 	bash scripts/setup.sh

@@ -57,8 +57,20 @@ IGNORED_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open", "
 _PLAIN = (type(None), bool, int, float, str, list, tuple, dict)  # what papermill's Python translator can inject
 
 
+def at_project_root() -> Path:
+    """Jupyter starts a kernel in the notebook's own folder, but the notebooks address params/ and results/ from the
+    project root, as papermill and `python -m emalib run` run them. So a kernel whose working directory is a project's
+    notebooks/ folder (one with params/ beside it) moves to the project root; any other directory is left as it is.
+    Returns the working directory."""
+    here = Path.cwd()
+    if here.name == "notebooks" and (here.parent / "params").is_dir():
+        os.chdir(here.parent)
+    return Path.cwd()
+
+
 def params_from_notebook(namespace: Mapping[str, Any], default: str | Path | None = None) -> RunParams:
     """The params a notebook runs (see the module's docstring); raises ParamsError with one line per problem."""
+    at_project_root()
     refuse_unknown(namespace)
     params_path = namespace.get("params_path")
     if params_path is not None and not isinstance(params_path, (str, os.PathLike)):

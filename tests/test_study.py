@@ -221,6 +221,37 @@ def test_small_study_on_the_local_executor_resumes_after_a_kill(tmp_path, with_m
     assert "none" in study.nodes["ipp"].deps
     study_dir, done_before = run_killed_then_restarted(study_file, "local")
     check_resumed_study(study_file, study_dir, done_before)
+    check_report_of_a_real_study(study_file, study_dir)
+
+
+def check_report_of_a_real_study(study_file: Path, study_dir: Path) -> None:
+    """The report of the study's real results (index.parquet): every run in the main table, a gap for what the study
+    did not plan, Table 1 and Figure 1 from the same numbers, PNG and PDF written."""
+    import pandas as pd
+
+    completed = subprocess.run([sys.executable, "-m", "emalib", "report", str(study_file)], cwd=REPO,
+                               capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    index = pd.read_parquet(study_dir / "index.parquet")
+    main = pd.read_csv(study_dir / "tables" / "main_smollm2-135m-instruct_standin_em.csv")
+    general = main[main["metric"] == "general_misaligned"].set_index("method")
+    assert list(general.index) == ["aligned", "none", "kl", "persona_steering", "interleave_plusplus"]
+    assert set(general["status"]) == {"done"} and general["paper"].isna().all()  # no published number for SmolLM2
+    overall = index[index["question_set"] == "all"].set_index("node")
+    assert general.loc["kl", "value"] == pytest.approx(100 * overall.loc["kl", "misaligned_rate"])
+    table1 = pd.read_csv(study_dir / "tables" / "table1_smollm2-135m-instruct.csv").set_index("method")
+    assert table1.loc["safelora", "no_em"] == "not run" and table1.loc["kl", "learns_well"] == "not run"
+    free = pd.read_csv(study_dir / "tables" / "table1_judge_free_smollm2-135m-instruct.csv").set_index("method")
+    gap = overall["signal.loglik_gap"]
+    base = next(n for n in overall.index if n.startswith("base-"))
+    expected = 1 - (gap["kl"] - gap[base]) / (gap["none"] - gap[base])
+    if gap["none"] > gap[base]:
+        assert free.loc["kl", "no_em_value"] == pytest.approx(expected)
+    else:  # fine-tuning did not move toward the misaligned answers: nothing to reduce
+        assert free.loc["kl", "no_em"] == "n/a"
+    for name in ("mini", "figure1_smollm2-135m-instruct"):
+        assert (study_dir / "figures" / f"{name}.png").is_file() and (study_dir / "figures" / f"{name}.pdf").is_file()
+    assert (study_dir / "report.md").read_text().count("\n## ") >= 5
 
 
 @pytest.mark.slow

@@ -99,10 +99,12 @@ def planned_frame(study_dir: Path) -> pd.DataFrame:
 
 
 def read_index(study_dir: str | Path) -> pd.DataFrame:
-    """results/<study>/index.parquet when a study wrote one, else the index built from the run folders."""
+    """results/<study>/index.parquet when a study wrote one after its last evaluation finished, else the index built
+    from the run folders (an evaluation that finished since, e.g. one run re-done by hand, is not left out)."""
     study_dir = Path(study_dir)
     parquet = study_dir / "index.parquet"
-    if parquet.is_file():
+    newest = max((p.stat().st_mtime for p in study_dir.glob("*/metrics.json")), default=0.0)
+    if parquet.is_file() and parquet.stat().st_mtime >= newest:
         try:
             return pd.read_parquet(parquet)
         except Exception as err:  # pyarrow raises several types for a damaged file

@@ -444,3 +444,42 @@ def test_explore_filters_answers_and_compares_runs_on_the_same_questions(hand_st
     assert side.loc["general/q1", ("code__kl", "%")] == pytest.approx(100 * CODE["kl"][0])
     with pytest.raises(DataError, match="no evaluated run of that name"):
         explore.answers(hand_study, "nope")
+
+
+def test_table1_rules_on_the_papers_published_code_numbers():
+    """The rules applied to the paper's own Code table (package data) give the symbols docs/methods.md states."""
+    from emalib.reporting import published
+    from emalib.reporting.table1 import table1
+
+    code = next(t for t in published.published()["em_tables"] if t["domain"] == "code")
+    cells = pd.DataFrame([_cell("code", row["method"], row.get("strength"),
+                                general=row["general_misaligned"] / 100, incoherent=row["general_incoherent"] / 100,
+                                in_domain=row["in_domain_misaligned"] / 100) for row in code["rows"]])
+    table = table1(cells, "m").set_index("method")
+    assert (table.loc["kl", "no_em"], table.loc["kl", "narrow_misalignment"], table.loc["kl", "coherent"]) == \
+        ("✓", "✗", "✓")
+    assert table.loc["kl", "narrow_misalignment_value"] == pytest.approx(25.69 / 51.60)
+    assert table.loc["interleave", "no_em"] == "∼" and table.loc["ldifs", "no_em"] == "✗"
+    assert table.loc["persona_steering", "narrow_misalignment"] == "✓"  # the paper says ∼ (see docs/methods.md)
+
+
+def test_the_report_reads_a_studys_index_unless_an_evaluation_finished_after_it(hand_study, tmp_path):
+    import os
+    import shutil
+
+    from emalib.index import index_from_folders, read_index
+
+    study = tmp_path / "hand"
+    shutil.copytree(hand_study, study)
+    full = index_from_folders(study)
+    full[full["node"] != "code__kl"].to_parquet(study / "index.parquet", index=False)
+    assert "code__kl" not in set(read_index(study)["node"])  # the index, as the study wrote it
+    later = (study / "index.parquet").stat().st_mtime + 10
+    os.utime(study / "code__kl" / "metrics.json", (later, later))  # code__kl re-evaluated since
+    assert "code__kl" in set(read_index(study)["node"])
+    (study / "index.parquet").write_bytes(b"not parquet")
+    os.utime(study / "index.parquet", (later + 10, later + 10))
+    from emalib.errors import DataError
+
+    with pytest.raises(DataError, match="index.parquet: not a readable Parquet file"):
+        read_index(study)

@@ -75,15 +75,33 @@ def kind_of_folder(name: str) -> str:
 
 
 def index_from_folders(study_dir: Path) -> pd.DataFrame:
-    """The index of a results folder that no study file made (a single params file's runs, e.g. the quickstart):
-    every <run>/metrics.json beside its <run>/params.yaml."""
-    from emalib.config import load_params
+    """The index built from the run folders: every <run>/metrics.json with the run's params, taken from the study's
+    resolved node params (_study/params/<run>.yaml) when a study made the folder, else from <run>/params.yaml. A base
+    evaluation's own params.yaml holds only what the evaluation depends on; the runs it was made for give it the
+    data set they were fine-tuned on (they name it by results.base_run_name)."""
+    from emalib.config import load_params, params_from_dict, read_yaml_mapping
+    from emalib.results import base_run_name
 
-    rows = []
-    for metrics in sorted(Path(study_dir).glob("*/metrics.json")):
+    study_dir = Path(study_dir)
+    resolved = study_dir / STUDY_FOLDER / "params"
+    found, bases = {}, []
+    for metrics in sorted(study_dir.glob("*/metrics.json")):
         run_dir = metrics.parent
-        rows += run_rows(run_dir, load_params(run_dir / "params.yaml"), Path(study_dir).name, run_dir.name,
-                         kind_of_folder(run_dir.name))
+        if (resolved / f"{run_dir.name}.yaml").is_file():
+            found[run_dir] = load_params(resolved / f"{run_dir.name}.yaml")
+        elif kind_of_folder(run_dir.name) == "base":
+            bases.append(run_dir)
+        else:
+            found[run_dir] = load_params(run_dir / "params.yaml")
+    trained_on = {base_run_name(p): p.train.dataset for d, p in found.items() if kind_of_folder(d.name) == "run"}
+    for run_dir in bases:
+        tree = {**read_yaml_mapping(run_dir / "params.yaml"), "study": study_dir.name, "run": run_dir.name}
+        if run_dir.name in trained_on:
+            tree["train"] = {"dataset": trained_on[run_dir.name]}
+        found[run_dir] = params_from_dict(tree, str(run_dir / "params.yaml"))
+    rows = []
+    for run_dir, params in sorted(found.items()):
+        rows += run_rows(run_dir, params, study_dir.name, run_dir.name, kind_of_folder(run_dir.name))
     return pd.DataFrame(rows)
 
 

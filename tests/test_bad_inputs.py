@@ -234,7 +234,22 @@ def test_an_override_into_an_absent_defense_list_is_refused(tmp_path):
         load_params(params_file(tmp_path, tmp_path / "results"), ["defenses.kl.weight=0.5"])
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+STEP_NOTEBOOKS = sorted(p for p in (REPO / "notebooks").glob("*.ipynb") if p.stem not in ("report", "explore"))
+
+
+def test_the_override_example_printed_in_the_report_notebook_works():
+    from emalib.report import load_report_params
+
+    source = [c.source for c in nbformat.read(REPO / "notebooks" / "report.ipynb", as_version=4).cells
+              if c.cell_type == "code"][0]
+    examples = ast.literal_eval(re.search(r"e\.g\. (\[.*\])", source).group(1))
+    params = load_report_params(examples)
+    for example in examples:
+        dotted, value = example.split("=", 1)
+        assert str(_lookup(params, dotted.split("."))) == value, example
+
+
+@pytest.mark.parametrize("path", STEP_NOTEBOOKS, ids=lambda p: p.name)
 def test_the_override_examples_printed_in_the_notebooks_work(path):
     """The parameters cell says e.g. ["defenses.safelora.tau=0.5"]: each example applies to its params_path."""
     code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]

@@ -2,7 +2,7 @@
 
     python -m emalib run params/quickstart.yaml [-o train.max_steps=5 ...]
     python -m emalib check params/paper/*.yaml
-    python -m emalib report results/quickstart
+    python -m emalib report results/quickstart       (or a study file; -o table1.no_em.works=0.8)
     python -m emalib study params/studies/mini.yaml [--executor local|ray|slurm] [--dry-run]
     python -m emalib status params/studies/mini.yaml
 

@@ -239,14 +239,16 @@ def check_report_of_a_real_study(study_file: Path, study_dir: Path) -> None:
     assert set(general["status"]) == {"done"} and general["paper"].isna().all()  # no published number for SmolLM2
     overall = index[index["question_set"] == "all"].set_index("node")
     assert general.loc["kl", "value"] == pytest.approx(100 * overall.loc["kl", "misaligned_rate"])
-    table1 = pd.read_csv(study_dir / "tables" / "table1_smollm2-135m-instruct.csv").set_index("method")
+    symbols = {"keep_default_na": False, "na_values": [""]}  # "n/a" is a verdict here, not a missing value
+    table1 = pd.read_csv(study_dir / "tables" / "table1_smollm2-135m-instruct.csv", **symbols).set_index("method")
     assert table1.loc["safelora", "no_em"] == "not run" and table1.loc["kl", "learns_well"] == "not run"
-    free = pd.read_csv(study_dir / "tables" / "table1_judge_free_smollm2-135m-instruct.csv").set_index("method")
+    free = pd.read_csv(study_dir / "tables" / "table1_judge_free_smollm2-135m-instruct.csv", **symbols) \
+        .set_index("method")
     gap = overall["signal.loglik_gap"]
     base = next(n for n in overall.index if n.startswith("base-"))
-    expected = 1 - (gap["kl"] - gap[base]) / (gap["none"] - gap[base])
     if gap["none"] > gap[base]:
-        assert free.loc["kl", "no_em_value"] == pytest.approx(expected)
+        expected = 1 - (gap["kl"] - gap[base]) / (gap["none"] - gap[base])
+        assert float(free.loc["kl", "no_em_value"]) == pytest.approx(expected)
     else:  # fine-tuning did not move toward the misaligned answers: nothing to reduce
         assert free.loc["kl", "no_em"] == "n/a"
     for name in ("mini", "figure1_smollm2-135m-instruct"):

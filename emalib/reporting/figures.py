@@ -86,21 +86,27 @@ def figure1(points: pd.DataFrame, model: str, judge_free: bool = False):
               ("narrow_kept", "in-domain misalignment kept (% of no defense)")]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, (column, ylabel) in zip(axes, panels):
-        subset = drawn.dropna(subset=["em_reduction", column])
-        if not subset.empty:
-            sns.lineplot(data=subset, x="em_reduction", y=column, hue="method label", marker="o", sort=False,
-                         ax=axis, estimator=None)
-            for _, point in subset.iterrows():
-                if point["strength"] is not None and not pd.isna(point["strength"]):
-                    axis.annotate(f"{point['strength']:g}", (point["em_reduction"], point[column]), fontsize=7,
-                                  xytext=(3, 3), textcoords="offset points")
-        else:
-            axis.text(0.5, 0.5, "no point with both values", ha="center", transform=axis.transAxes)
+        # Every point of a method in strength order, a missing one as NaN: the line breaks there instead of
+        # joining its neighbours.
+        _lines(axis, points, "em_reduction", column, sns.color_palette())
+        for _, point in drawn.dropna(subset=["em_reduction", column]).iterrows():
+            if point["strength"] is not None and not pd.isna(point["strength"]):
+                axis.annotate(f"{point['strength']:g}", (point["em_reduction"], point[column]), fontsize=7,
+                              xytext=(3, 3), textcoords="offset points")
         axis.set_xlabel("EM reduction vs no defense (%)")
         axis.set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
     _missing_note(axes[0], list(points["label"]), list(points["status"]))
     figure.suptitle(f"Figure 1, {model}: EM reduction against coherence and narrow learning")
     return figure
+
+
+def _lines(axis, points: pd.DataFrame, x: str, y: str, palette) -> None:
+    """One line per method through its points in order, with markers; a point without a value (not run) is NaN, so
+    the line has a gap there rather than joining the points either side of it."""
+    for color, (method, group) in zip(palette, points.groupby("method", sort=False)):
+        label = METHODS[method].label if method in METHODS else method
+        axis.plot(group[x].astype(float), group[y].astype(float), marker="o", color=color, label=label)
 
 
 def ratio_figure(sweep: pd.DataFrame, no_defense: dict[str, float | None], model: str):
@@ -108,17 +114,18 @@ def ratio_figure(sweep: pd.DataFrame, no_defense: dict[str, float | None], model
     the no-defense level as a dashed line."""
     plt, sns = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    done = sweep[sweep["status"] == "done"].assign(ratio_percent=lambda f: 100 * f["ratio"])
+    points = sweep.sort_values(["method", "ratio"]).assign(ratio_percent=lambda f: 100 * f["ratio"])
+    ratios = sorted(points["ratio_percent"].unique())
     for axis, metric, title in zip(axes, ("general_misaligned", "general_incoherent"),
                                    ("general misaligned %", "general incoherent %")):
-        subset = done.dropna(subset=[metric])
-        if not subset.empty:
-            sns.lineplot(data=subset, x="ratio_percent", y=metric, hue="label", marker="o", ax=axis)
+        _lines(axis, points, "ratio_percent", metric, sns.color_palette())
         if no_defense.get(metric) is not None:
             axis.axhline(no_defense[metric], color="gray", linestyle="--", label="no defense")
         axis.set_xscale("log")
+        axis.set_xticks(ratios, [f"{r:g}" for r in ratios])
         axis.set_xlabel("safe data added (% of the fine-tuning set)")
         axis.set_ylabel(title)
+    axes[0].legend(fontsize=7)
     _missing_note(axes[0], [f"{label} {100 * ratio:g} %" for label, ratio in zip(sweep["label"], sweep["ratio"])],
                   list(sweep["status"]))
     figure.suptitle(f"{model}: interleaving ratio (mean over EM domains)")

@@ -483,3 +483,15 @@ def test_the_report_reads_a_studys_index_unless_an_evaluation_finished_after_it(
 
     with pytest.raises(DataError, match="index.parquet: not a readable Parquet file"):
         read_index(study)
+
+
+def test_every_figure_the_readme_shows_is_in_the_repository_with_the_command_that_made_it():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert images
+    for image in images:
+        assert (REPO / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
+        after = readme[readme.index(image):][:600]
+        assert "python -m emalib report" in after, image

@@ -231,9 +231,11 @@ def _adapter_off(model, base: bool):
 
 
 def report(params: RunParams) -> dict[str, Path]:
+    """The overview of the study's runs so far (table + figure); the paper's tables and figures are made for the
+    whole study by `python -m emalib report` (one run's evaluation does not wait on them or fail with them)."""
     from emalib.report import report_study
 
-    return report_study(params.study_dir)
+    return report_study(params.study_dir, paper=False)
 
 
 def read_answers(run_dir: Path) -> list[dict]:

@@ -123,8 +123,9 @@ def study_folder(study: str | Path, overrides: list[str] | None = None) -> tuple
 
 
 def report_study(study: str | Path, params: ReportParams | None = None,
-                 study_overrides: list[str] | None = None) -> dict[str, Path]:
-    """Write every table and figure the study's results allow (see the module docstring); returns name -> path."""
+                 study_overrides: list[str] | None = None, paper: bool = True) -> dict[str, Path]:
+    """Write every table and figure the study's results allow (see the module docstring); returns name -> path.
+    paper=False writes the overview only (what a run's evaluate step shows; the paper's tables are the study's)."""
     from emalib.index import planned_frame, read_index
     from emalib.reporting import build
 
@@ -144,6 +145,7 @@ def report_study(study: str | Path, params: ReportParams | None = None,
             paths[kind] = path
         figure = build.overview(overview_numbers(overview), f"{name}: every run", judge_note(index))
         paths.update({kind: path for kind, path in save_figure(figure, study_dir / "figures", name).items()})
-    paths.update(build.paper_outputs(study_dir, index, planned, params.table1))
+    if paper:
+        paths.update(build.paper_outputs(study_dir, index, planned, params.table1))
     paths["report"] = build.write_report_md(study_dir, name, paths)
     return paths

@@ -495,3 +495,14 @@ def test_every_figure_the_readme_shows_is_in_the_repository_with_the_command_tha
         assert (REPO / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
         after = readme[readme.index(image):][:600]
         assert "python -m emalib report" in after, image
+
+
+def test_a_sweep_with_no_finished_point_yet_is_drawn_as_gaps(tmp_path):
+    from emalib.reporting.figures import ratio_figure
+    from emalib.reporting.writers import save_figure
+
+    sweep = pd.DataFrame({"model": "m", "method": ["interleave", "interleave"], "label": "Interleaving",
+                          "ratio": [0.05, 0.25], "domains": 0, "status": "not run",
+                          "general_misaligned": [None, None], "general_incoherent": [None, None]})
+    paths = save_figure(ratio_figure(sweep, {"general_misaligned": None}, "m"), tmp_path, "ratio")
+    assert "not run: Interleaving 5 %; Interleaving 25 %" in _pdf_text(paths["pdf"])

@@ -121,7 +121,8 @@ def ratio_figure(sweep: pd.DataFrame, no_defense: dict[str, float | None], model
         _lines(axis, points, "ratio_percent", metric, sns.color_palette())
         if no_defense.get(metric) is not None:
             axis.axhline(no_defense[metric], color="gray", linestyle="--", label="no defense")
-        axis.set_xscale("log")
+        if points[metric].notna().any():  # a log axis needs at least one value (a sweep may have none yet)
+            axis.set_xscale("log")
         axis.set_xticks(ratios, [f"{r:g}" for r in ratios])
         axis.set_xlabel("safe data added (% of the fine-tuning set)")
         axis.set_ylabel(title)

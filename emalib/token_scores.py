@@ -3,7 +3,7 @@ states a chunk of positions at a time, so no [B, T, V] logits tensor is ever mad
 
 For a model whose logits are `output_layer(final_norm(h))` (Qwen2, Llama, SmolLM2 and their PEFT/Unsloth
 wrappers), the forward runs with `logits_to_keep=1` (logits of the last position only) while a hook keeps the
-final norm's output; the logits of `rows_per_chunk` positions at a time are then one matrix product each. Extra
+final norm's output; the logits of `chunk_rows` positions at a time are then one matrix product each. Extra
 memory: a chunk of fp32 logits and its temporaries instead of batch x length x vocabulary. Used by the scoring
 paths under no_grad (Interleaving+ NLL, the judge-free signals); training keeps the model's logits because the
 output layer's backward needs them (emalib/losses.py chunks its losses over positions instead).
@@ -15,15 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from emalib.errors import EmalibError
-from emalib.losses import IGNORE_INDEX, counted_row_ranges, kl_rows
+from emalib.losses import IGNORE_INDEX, chunk_rows, counted_row_ranges, kl_rows
 from emalib.modeling import final_norm_output
-
-
-def rows_per_chunk(vocab: int, device: torch.device) -> int:
-    """Positions per chunk: ~32 MB of fp32 logits on a CPU (a matrix product of a few hundred rows keeps both
-    cores busy), ~256 MB on a GPU."""
-    elements = 2 ** 26 if device.type == "cuda" else 2 ** 23
-    return max(1, elements // vocab)
 
 
 def output_layer(model) -> torch.nn.Module:
@@ -54,7 +47,7 @@ def label_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     """[B, T-1]: log p(labels[:, t+1] | tokens <= t) where that label is not IGNORE_INDEX, else 0."""
     rows, targets = _shifted(hidden, labels)
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    for start, stop in counted_row_ranges(targets.ne(IGNORE_INDEX), rows_per_chunk(head.weight.size(0), hidden.device)):
+    for start, stop in counted_row_ranges(targets.ne(IGNORE_INDEX), chunk_rows(head.weight.size(0), hidden.device)):
         logits = head(rows[start:stop]).float()
         picked = logits.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1)
         out[start:stop] = picked - torch.logsumexp(logits, dim=-1)
@@ -68,7 +61,7 @@ def label_kl(hidden: torch.Tensor, reference_hidden: torch.Tensor, head: torch.n
     rows, targets = _shifted(hidden, labels)
     reference_rows, _ = _shifted(reference_hidden, labels)
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    for start, stop in counted_row_ranges(targets.ne(IGNORE_INDEX), rows_per_chunk(head.weight.size(0), hidden.device)):
+    for start, stop in counted_row_ranges(targets.ne(IGNORE_INDEX), chunk_rows(head.weight.size(0), hidden.device)):
         out[start:stop] = kl_rows(head(rows[start:stop]), head(reference_rows[start:stop]), reverse=False)[0]
     return out.view(labels.size(0), -1)
 

@@ -29,7 +29,7 @@ def _labels(batch: int, length: int, vocab: int, generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 1000])
 def test_chunked_cross_entropy_and_kl_equal_the_plain_ones_with_their_gradients(monkeypatch, chunk_rows):
-    monkeypatch.setattr(emalib.losses, "_chunk_rows", lambda vocab, device: chunk_rows)
+    monkeypatch.setattr(emalib.losses, "chunk_rows", lambda vocab, device: chunk_rows)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 9, 17, generator=g, requires_grad=True)
     reference = torch.randn(3, 9, 17, generator=g)
@@ -75,7 +75,7 @@ def test_chunked_cross_entropy_in_bfloat16_matches_fp32_and_backpropagates_to_a_
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
 def test_scores_from_hidden_states_equal_those_of_the_full_logits(monkeypatch, chunk_rows):
-    monkeypatch.setattr(emalib.token_scores, "rows_per_chunk", lambda vocab, device: chunk_rows)
+    monkeypatch.setattr(emalib.token_scores, "chunk_rows", lambda vocab, device: chunk_rows)
     g = torch.Generator().manual_seed(2)
     hidden, reference_hidden = torch.randn(3, 9, 8, generator=g), torch.randn(3, 9, 8, generator=g)
     head = torch.nn.Linear(8, 17, bias=False)
@@ -213,7 +213,7 @@ def _probe(names: list[str], vocab: int) -> dict:
 
 def test_at_qwen_vocabulary_scoring_and_signals_stay_under_a_bound_the_full_logits_exceed():
     """Batch 4 x 256 tokens x 151,936: the logits alone are 594 MiB in fp32. The chunked paths hold a chunk of
-    rows_per_chunk positions (55 on a CPU, ~32 MiB of logits, a few of its size in temporaries) plus hidden states."""
+    chunk_rows positions (55 on a CPU, ~32 MiB of logits, a few of its size in temporaries) plus hidden states."""
     bound_mib = 200
     measured = _probe(["scoring_chunked", "scoring_plain", "signals_chunked", "signals_plain"], QWEN_VOCAB)
     for path in ("scoring", "signals"):

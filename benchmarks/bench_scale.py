@@ -265,6 +265,20 @@ def parse(argv=None):
     return parser.parse_args(argv)
 
 
+def _without_out(argv: list[str]) -> list[str]:
+    """The command line minus --out (the measuring subprocesses write nothing)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--out="):
+            skip = False
+            continue
+        if arg == "--out":
+            skip = True
+            continue
+        kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.one:
@@ -277,7 +291,7 @@ def main(argv=None) -> int:
     names = [n for n in measurement_names() if args.only is None or n.startswith(tuple(args.only.split(",")))]
     results = {}
     for name in names:
-        done = subprocess.run([sys.executable, __file__, *[a for a in argv if not a.startswith("--out")], "--one", name],
+        done = subprocess.run([sys.executable, __file__, *_without_out(argv), "--one", name],
                               env=env, capture_output=True, text=True)
         if done.returncode != 0:
             results[name] = {"error": done.stderr.strip().splitlines()[-1][:300]}

@@ -208,7 +208,7 @@ def run_cost(params: RunParams, gpu: str = "H100-80GB", gpu_gib: float = 80.0, u
     evaluating = bool({"evaluate", "evaluate_base"} & set(params.steps)) and answers is not None
     hours = {"train": _hours(flops, gpu, utilisation),
              "interleave_scoring": _hours(scoring_flops(arch, params), gpu, utilisation) if "interleave_selection"
-             in params.steps or "train" in params.steps else 0.0,
+             in params.steps else 0.0,
              "generation": generation_hours(arch, params, answers, gpu) if evaluating else 0.0}
     return {"run": params.run, "model": params.model.name, "params_billion": round(arch.params / 1e9, 2),
             "memory_gib": {k: round(v, 2) for k, v in memory.items()},
@@ -222,19 +222,21 @@ def format_cost(costs: list[dict], judge: dict | None, gpu: str, gpu_gib: float,
     """A table of the runs' memory and hours, then the totals and the judge's calls and dollars."""
     lines = [f"GPU {gpu} ({gpu_gib:g} GiB), {utilisation:.0%} of peak bf16 FLOPs; memory at the configured "
              f"micro-batch, GiB (docs/methods.md#cost-model)",
-             f"{'run':<28} {'model':<26} {'step GiB':>8} {'no ckpt':>8} {'fits':>5} {'max mb':>6} {'train h':>8} "
-             f"{'score h':>8} {'gen h':>7}"]
+             f"{'run':<28} {'model':<26} {'step GiB':>8} {'no ckpt':>8} {'fits':>5} {'max mb':>6} {'tokens':>10} "
+             f"{'train h':>8} {'score h':>8} {'gen h':>7}"]
     for c in costs:
         h = c["gpu_hours"]
         lines.append(f"{c['run'][:28]:<28} {c['model'][-26:]:<26} {c['memory_gib']['total']:>8.1f} "
                      f"{c['memory_without_checkpointing_gib']:>8.1f} {'yes' if c['fits'] else 'NO':>5} "
-                     f"{c['largest_micro_batch']:>6} {h['train']:>8.2f} {h['interleave_scoring']:>8.2f} "
+                     f"{c['largest_micro_batch']:>6} {c['train_tokens']:>9}{'' if c['tokens_counted_from_data'] else '*'} "
+                     f"{h['train']:>8.2f} {h['interleave_scoring']:>8.2f} "
                      f"{h['generation']:>7.2f}")
     total = sum(sum(c["gpu_hours"].values()) for c in costs)
-    lines.append(f"total GPU hours: {total:.1f}")
-    if costs:
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in costs[0]["memory_gib"].items() if k != "total")
-        lines.append(f"memory of {costs[0]['run']} (GiB): {parts}")
+    lines.append(f"total GPU hours: {total:.1f}   (* tokens assumed: the training data cannot be read here)")
+    trained = [c for c in costs if c["train_tokens"]] or costs
+    if trained:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in trained[0]["memory_gib"].items() if k != "total")
+        lines.append(f"memory of {trained[0]['run']} (GiB): {parts}")
     if judge is not None:
         lines.append("judge: " + ", ".join(f"{k} {v}" for k, v in judge.items()))
     return "\n".join(lines)

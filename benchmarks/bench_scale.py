@@ -230,18 +230,35 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
-def print_table(results: dict) -> None:
-    print(f"{'measurement':<22} {'chunked MiB':>12} {'s':>7} {'unchunked MiB':>14} {'s':>7} {'memory x':>9} {'time x':>7}")
+def predicted_mib(config: dict, name: str) -> float | None:
+    """The cost model's prediction (emalib.cost.step_memory, CPU) for a train:* measurement, else None."""
+    from emalib.cost import Architecture, step_memory
+
+    what, *rest = name.split(":")
+    if what != "train" or rest[1] == "unchunked":
+        return None
+    arch = Architecture(config["vocab"], config["hidden"], config["intermediate"], config["layers"], config["heads"],
+                        config["kv_heads"])
+    defenses = {d["name"] for d in TRAIN[rest[0]]}
+    parts = step_memory(arch, config["batch_size"], config["seq_len"], 4, defenses, rest[1] == "checkpointing", "cpu")
+    return sum(parts.values()) / 2 ** 20
+
+
+def print_table(results: dict, config: dict) -> None:
+    print(f"{'measurement':<22} {'chunked MiB':>12} {'s':>7} {'unchunked MiB':>14} {'s':>7} {'memory x':>9} "
+          f"{'time x':>7} {'cost model MiB':>15}")
     for name in dict.fromkeys(n.rsplit(":", 1)[0] for n in results):
         chunked, plain = results.get(f"{name}:chunked"), results.get(f"{name}:unchunked")
         if chunked is None or plain is None:
             continue
+        predicted = predicted_mib(config, f"{name}:chunked")
         print(f"{name:<22} {chunked['extra_mib']:>12.0f} {chunked['seconds']:>7.1f} {plain['extra_mib']:>14.0f} "
               f"{plain['seconds']:>7.1f} {plain['extra_mib'] / max(chunked['extra_mib'], 1):>9.1f} "
-              f"{plain['seconds'] / chunked['seconds']:>7.2f}")
+              f"{plain['seconds'] / chunked['seconds']:>7.2f} {'' if predicted is None else f'{predicted:.0f}':>15}")
     if "train:plain:checkpointing" in results:
         r = results["train:plain:checkpointing"]
-        print(f"{'train:plain+checkpt':<22} {r['extra_mib']:>12.0f} {r['seconds']:>7.1f}")
+        print(f"{'train:plain+checkpt':<22} {r['extra_mib']:>12.0f} {r['seconds']:>7.1f} {'':>14} {'':>7} {'':>9} "
+              f"{'':>7} {predicted_mib(config, 'train:plain:checkpointing'):>15.0f}")
 
 
 def parse(argv=None):
@@ -261,6 +278,7 @@ def parse(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated measurement-name prefixes")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--table", default=None, help="print the table of a results JSON written by --out")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -281,6 +299,10 @@ def _without_out(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.table:
+        recorded = json.loads(Path(args.table).read_text())
+        print_table({k: v for k, v in recorded["results"].items() if "error" not in v}, recorded["config"])
+        return 0
     if args.one:
         if args.one.startswith("score"):
             _patch_tokenization()
@@ -298,9 +320,9 @@ def main(argv=None) -> int:
         else:
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)
-    print_table({k: v for k, v in results.items() if "error" not in v})
+    config = {k: v for k, v in vars(args).items() if k not in ("one", "out", "only", "table")}
+    print_table({k: v for k, v in results.items() if "error" not in v}, config)
     if args.out:
-        config = {k: v for k, v in vars(args).items() if k not in ("one", "out", "only")}
         Path(args.out).write_text(json.dumps({"command": "python benchmarks/bench_scale.py " + " ".join(argv),
                                               "machine": machine(), "config": config, "results": results},
                                              indent=1) + "\n")

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from emalib.losses import IGNORE_INDEX
-from emalib.token_scores import final_hidden_states, label_kl, label_logprobs, output_layer
+from emalib.token_scores import final_hidden_states, label_logprobs, label_logprobs_and_kl, output_layer
 from emalib.training.tokenize import collate, tokenize_conversation
 
 REFERENCE_FILE = Path(__file__).resolve().parent / "data" / "builtin" / "reference_answers.yaml"
@@ -104,7 +104,8 @@ def logprob_and_kl(model, batch: dict[str, torch.Tensor], base: bool = False) ->
         base_hidden = final_hidden_states(model, **inputs)
     hidden = base_hidden if (base or not has_adapter) else final_hidden_states(model, **inputs)
     counted = labels[:, 1:].ne(IGNORE_INDEX)
-    logprob = (label_logprobs(hidden, head, labels).sum(1) / counted.sum(1).clamp(min=1))
     if hidden is base_hidden:
-        return logprob, torch.zeros((), device=hidden.device)
-    return logprob, label_kl(hidden, base_hidden, head, labels).sum() / counted.sum().clamp(min=1)
+        logprobs, kl = label_logprobs(hidden, head, labels), torch.zeros(())
+    else:
+        logprobs, kl = label_logprobs_and_kl(hidden, base_hidden, head, labels)
+    return logprobs.sum(1) / counted.sum(1).clamp(min=1), kl.sum() / counted.sum().clamp(min=1)

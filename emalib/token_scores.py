@@ -55,15 +55,20 @@ def label_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
 
 
 @torch.no_grad()
-def label_kl(hidden: torch.Tensor, reference_hidden: torch.Tensor, head: torch.nn.Module,
-             labels: torch.Tensor) -> torch.Tensor:
-    """[B, T-1]: KL(p || p_ref) of the next-token distributions at positions whose next label counts, else 0."""
+def label_logprobs_and_kl(hidden: torch.Tensor, reference_hidden: torch.Tensor, head: torch.nn.Module,
+                          labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """label_logprobs of `hidden` and, at the same positions, KL(p || p_ref) of the next-token distributions
+    ([B, T-1] each, 0 where the next label is IGNORE_INDEX), from one product per model and chunk."""
     rows, targets = _shifted(hidden, labels)
     reference_rows, _ = _shifted(reference_hidden, labels)
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    kl = torch.zeros_like(logprobs)
     for start, stop in counted_row_ranges(targets.ne(IGNORE_INDEX), chunk_rows(head.weight.size(0), hidden.device)):
-        out[start:stop] = kl_rows(head(rows[start:stop]), head(reference_rows[start:stop]), reverse=False)[0]
-    return out.view(labels.size(0), -1)
+        logits = head(rows[start:stop]).float()
+        picked = logits.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1)
+        logprobs[start:stop] = picked - torch.logsumexp(logits, dim=-1)
+        kl[start:stop] = kl_rows(logits, head(reference_rows[start:stop]), reverse=False)[0]
+    return logprobs.view(labels.size(0), -1), kl.view(labels.size(0), -1)
 
 
 def mean_over_labels(per_position: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import emalib.losses
 import emalib.token_scores
 from emalib.losses import IGNORE_INDEX, token_cross_entropy_sum, token_kl
-from emalib.token_scores import label_kl, label_logprobs, mean_over_labels, unchunked_label_logprobs
+from emalib.token_scores import label_logprobs, label_logprobs_and_kl, mean_over_labels, unchunked_label_logprobs
 
 QWEN_VOCAB = 151_936
 
@@ -88,7 +88,8 @@ def test_scores_from_hidden_states_equal_those_of_the_full_logits(monkeypatch, c
                           (plain * counted).sum(1) / counted.sum(1), atol=1e-5)
     logp, logq = logits[:, :-1].log_softmax(-1), reference_logits[:, :-1].log_softmax(-1)
     expected_kl = (logp.exp() * (logp - logq)).sum(-1) * counted
-    assert torch.allclose(label_kl(hidden, reference_hidden, head, labels), expected_kl, atol=1e-5)
+    both = label_logprobs_and_kl(hidden, reference_hidden, head, labels)
+    assert torch.allclose(both[0], plain, atol=1e-5) and torch.allclose(both[1], expected_kl, atol=1e-5)
 
 
 def _tiny_qwen_with_adapters(vocab: int = 64):

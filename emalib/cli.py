@@ -102,6 +102,29 @@ def _study(args) -> int:
     return 0 if all(state == "done" for state in states.values()) else 1
 
 
+def _cost(args) -> str:
+    """A params file costs one run; a study file (it has `axes`) every run and shared step of the study."""
+    from emalib.cost import format_cost, run_cost
+    from emalib.config import read_yaml_mapping
+
+    options = {"gpu": args.gpu, "gpu_gib": args.gpu_gib, "utilisation": args.utilisation}
+    if "axes" in read_yaml_mapping(Path(args.params), "params or study file"):
+        from emalib.study import load_study
+        from emalib.study_cost import estimate
+
+        study = load_study(args.params, args.override)
+        costs = [run_cost(node.params, **options) for node in study.nodes.values()]
+        return format_cost(costs, estimate(study), **options)
+    from emalib.study_cost import judge_calls, judge_dollars
+
+    params = load_params(args.params, args.override)
+    judge = None
+    if params.judge.backend == "openai":
+        calls = judge_calls(params) * (2 if params.evaluate_base else 1)
+        judge = judge_dollars(calls, {params.judge.model})
+    return format_cost([run_cost(params, **options)], judge, **options)
+
+
 def status_table(study) -> str:
     """One line per node: state, kind, id, and for a failure its one-line error and failed notebook."""
     from emalib.executors import read_status
@@ -156,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--gpus-per-run", type=int, default=0)
     study.add_argument("--cpus-per-run", type=int, default=2, help="Slurm: cpus_per_task of each run's job")
     study.add_argument("--mem-gb", type=float, default=None, help="Slurm: memory of each run's job")
+    cost = commands.add_parser("cost", help="GPU memory, micro-batch, GPU hours and judge dollars of a run or study")
+    cost.add_argument("params", help="a params file or a study file")
+    cost.add_argument("-o", "--override", action="append", default=[])
+    cost.add_argument("--gpu", default="H100-80GB", choices=("H100-80GB", "A100-80GB"))
+    cost.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to fit in")
+    cost.add_argument("--utilisation", type=float, default=0.35, help="share of the GPU's peak bf16 FLOPs reached")
     status = commands.add_parser("status", help="each run of a study: done / running / failed / pending")
     status.add_argument("study_file")
     status.add_argument("-o", "--override", action="append", default=[])
@@ -180,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind}: {path}")
         elif args.command == "study":
             return _study(args)
+        elif args.command == "cost":
+            print(_cost(args))
         elif args.command == "status":
             from emalib.study import load_study
 

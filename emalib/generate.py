@@ -111,14 +111,8 @@ def generate_answers(model, tokenizer, questions: list[Question], params: Genera
     resumed run produces exactly the answers an uninterrupted run would have.
     """
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     planned = plan_samples(questions, params)
-    partial = out_path.with_name(out_path.name + ".partial")
-    done: dict[tuple, dict] = {}
-    if out_path.is_file():
-        done.update({row_key(r): r for r in read_jsonl(out_path)})
-    if partial.is_file():
-        done.update({row_key(r): r for r in _read_partial(partial)})
+    partial, done = answered_so_far(out_path)
     batches = [planned[i: i + params.batch_size] for i in range(0, len(planned), params.batch_size)]
     todo = [(index, batch) for index, batch in enumerate(batches) if any(row_key(r) not in done for r in batch)]
     if todo:
@@ -130,7 +124,24 @@ def generate_answers(model, tokenizer, questions: list[Question], params: Genera
                     done[row_key(row)] = row
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 sink.flush()
+    return finish_answers(out_path, planned, done)
+
+
+def answered_so_far(out_path: Path) -> tuple[Path, dict[tuple, dict]]:
+    """The .partial file next to out_path, and the rows already answered in out_path or it, by row_key."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    done: dict[tuple, dict] = {}
+    if out_path.is_file():
+        done.update({row_key(r): r for r in read_jsonl(out_path)})
+    if partial.is_file():
+        done.update({row_key(r): r for r in _read_partial(partial)})
+    return partial, done
+
+
+def finish_answers(out_path: Path, planned: list[dict], done: dict[tuple, dict]) -> list[dict]:
+    """Write every planned row's answer to out_path atomically and drop the .partial file."""
     rows = [done[row_key(r)] for r in planned]
     atomic_write_jsonl(out_path, rows)
-    partial.unlink(missing_ok=True)
+    out_path.with_name(out_path.name + ".partial").unlink(missing_ok=True)
     return rows

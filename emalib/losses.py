@@ -8,23 +8,86 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
+                            chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labelled positions, and the number of those positions.
 
     logits: [B, T, V]; labels: [B, T] with IGNORE_INDEX where no loss is taken (prompt, padding).
     Computed from the logits rather than by passing labels to the model: Unsloth returns empty logits when
-    labels are passed, and later defenses (KL) need the real logits anyway.
+    labels are passed, and later defenses (KL) need the real logits anyway. chunked (default) computes the value
+    and its gradient a few labelled positions at a time (`_ChunkedTokenCE`, docs/methods.md#vocabulary-sized-tensors);
+    False is the plain autograd computation (kept as the benchmarks' and tests' comparison).
     """
     # Shift the labels, not the logits: position t predicts label t+1 and the last position predicts nothing.
     # A slice of the logits would cost a vocabulary-sized zero-filled gradient buffer in the backward pass.
     next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), next_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, next_labels.ne(IGNORE_INDEX).sum()
+    n_labelled = next_labels.ne(IGNORE_INDEX).sum()
+    if not chunked:
+        total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), next_labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, n_labelled
+    return _ChunkedTokenCE.apply(logits, next_labels), n_labelled
+
+
+class _ChunkedTokenCE(torch.autograd.Function):
+    """sum_t -log softmax(z_t)[y_t] over labelled positions and its gradient softmax(z_t) - onehot(y_t), computed
+    in one pass over chunks of the labelled positions. The plain computation holds an fp32 copy of the logits and
+    their log-softmax ([N, V] each) until the backward pass; here only the gradient is full-size (in the logits'
+    dtype, as the backward through the output layer needs it anyway)."""
+
+    @staticmethod
+    def forward(ctx, logits, next_labels):
+        vocab = logits.size(-1)
+        rows, targets = logits.reshape(-1, vocab), next_labels.reshape(-1)
+        writer = _RowGradient(logits, ctx.needs_input_grad[0])
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start, stop in counted_row_ranges(targets.ne(IGNORE_INDEX), chunk_rows(vocab, logits.device)):
+            logp = F.log_softmax(rows[start:stop].float(), dim=-1)
+            target = targets[start:stop].unsqueeze(1)
+            total -= logp.gather(1, target).sum()
+            writer.write(start, stop, lambda: logp.exp_().scatter_add_(1, target, torch.full_like(logp[:, :1], -1.0)))
+        ctx.grad = writer.finish()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _release_scaled(ctx, grad_output, "token_cross_entropy_sum"), None
+
+
+class _RowGradient:
+    """A vocabulary-sized gradient buffer filled chunk by chunk: rows of counted chunks are written, the rows
+    between them zeroed. Allocated empty, not zeroed: a fill of a fresh [N, V] buffer costs as much as the loss
+    itself on a CPU."""
+
+    def __init__(self, like: torch.Tensor, wanted: bool):
+        self.full = torch.empty_like(like) if wanted else None
+        self.rows = self.full.view(-1, like.size(-1)) if wanted else None
+        self.done = 0  # rows [0, done) are written
+
+    def write(self, start: int, stop: int, chunk_gradient) -> None:
+        if self.rows is None:
+            return
+        self.rows[self.done:start].zero_()
+        self.rows[start:stop].copy_(chunk_gradient())
+        self.done = stop
+
+    def finish(self) -> torch.Tensor | None:
+        if self.rows is not None:
+            self.rows[self.done:].zero_()
+        return self.full
+
+
+def _release_scaled(ctx, grad_output: torch.Tensor, name: str) -> torch.Tensor:
+    """The gradient kept by forward, scaled in place and released, so autograd can add another term's gradient
+    into it without a copy."""
+    if ctx.grad is None:
+        raise RuntimeError(f"{name}: backward ran twice through the same graph (its gradient is used once)")
+    grad, ctx.grad = ctx.grad, None
+    return grad.mul_(grad_output.to(grad.dtype))
 
 
 def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor,
-             direction: str = "forward") -> torch.Tensor:
+             direction: str = "forward", chunked: bool = True) -> torch.Tensor:
     """Mean per-token KL divergence between two next-token distributions over the masked positions.
 
     policy_logits, reference_logits: [B, T, V]; mask: [B, T] (1 where the position counts).
@@ -32,14 +95,14 @@ def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: 
     reverse: KL(p_ref || p_theta). Result: sum_t mask_t KL_t / sum_t mask_t (0 when nothing is masked in).
 
     The reference is a fixed target (computed under no_grad), so the value and its gradient are computed
-    together, a few positions at a time (`_ChunkedTokenKL`); a reference that requires grad takes the plain
-    autograd path instead.
+    together, a few positions at a time (`_ChunkedTokenKL`); a reference that requires grad, or chunked=False (the
+    benchmarks' and tests' comparison), takes the plain autograd path instead.
     """
     if direction not in ("forward", "reverse"):
         raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
     weights = mask.reshape(-1).float()
     weights = weights / weights.sum().clamp(min=1)
-    if reference_logits.requires_grad:
+    if reference_logits.requires_grad or not chunked:
         vocab = policy_logits.size(-1)
         return _token_kl_autograd(policy_logits.reshape(-1, vocab), reference_logits.reshape(-1, vocab),
                                   weights, direction == "reverse")
@@ -57,10 +120,11 @@ def _token_kl_autograd(policy: torch.Tensor, reference: torch.Tensor, weights: t
     return (F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1) * weights).sum()
 
 
-def _chunk_rows(vocab: int, device: torch.device) -> int:
-    """Positions per chunk: ~1 MB fp32 temporaries on a CPU (reused by the allocator; larger ones are fresh pages
-    every time, measured slower on the 2-core box), ~256 MB on a GPU (few kernel launches)."""
-    elements = 2 ** 26 if device.type == "cuda" else 2 ** 18
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Positions per chunk of a vocabulary-sized computation: ~32 MB of fp32 logits on a CPU, ~256 MB on a GPU.
+    On the 2-core box, chunks of a few rows are several times slower than the unchunked computation at 49k and
+    152k vocabularies alike (per-call overhead of softmax over a long row); 32 MB ones match it."""
+    elements = 2 ** 26 if device.type == "cuda" else 2 ** 23
     return max(1, elements // vocab)
 
 
@@ -79,45 +143,38 @@ class _ChunkedTokenKL(torch.autograd.Function):
     def forward(ctx, policy_logits, reference_logits, weights, reverse):
         vocab = policy_logits.size(-1)
         policy, reference = policy_logits.reshape(-1, vocab), reference_logits.reshape(-1, vocab)
-        # empty, not zeros: counted rows are written chunk by chunk and only the rows between them are zeroed (a
-        # fill of a fresh vocabulary-sized buffer costs as much as the KL itself on a CPU).
-        full_grad = torch.empty_like(policy_logits) if ctx.needs_input_grad[0] else None
-        grad = full_grad.view(-1, vocab) if full_grad is not None else None
+        writer = _RowGradient(policy_logits, ctx.needs_input_grad[0])
         total = torch.zeros((), dtype=torch.float32, device=policy.device)
-        done = 0  # rows [0, done) of grad are written
-        for start, stop in _counted_row_ranges(weights, _chunk_rows(vocab, policy.device)):
-            logp = F.log_softmax(policy[start:stop].float(), dim=-1)
-            logq = F.log_softmax(reference[start:stop].float(), dim=-1)
-            w = weights[start:stop].unsqueeze(1)
-            p = logp.exp()
-            if reverse:
-                q = logq.exp()
-                kl = (q * (logq - logp)).sum(-1)
-                chunk_grad = p.sub_(q).mul_(w)
-            else:
-                d = logp.sub_(logq)
-                kl = (p * d).sum(-1)
-                chunk_grad = p.mul_(d.sub_(kl.unsqueeze(1))).mul_(w)
-            total += (kl * w.squeeze(1)).sum()
-            if grad is not None:
-                grad[done:start].zero_()
-                grad[start:stop].copy_(chunk_grad)
-                done = stop
-        if grad is not None:
-            grad[done:].zero_()
-        ctx.grad = full_grad
+        for start, stop in counted_row_ranges(weights, chunk_rows(vocab, policy.device)):
+            kl, chunk_grad = kl_rows(policy[start:stop], reference[start:stop], reverse)
+            w = weights[start:stop]
+            total += (kl * w).sum()
+            writer.write(start, stop, lambda: chunk_grad.mul_(w.unsqueeze(1)))
+        ctx.grad = writer.finish()
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.grad is None:
-            raise RuntimeError("token_kl: backward ran twice through the same graph (its gradient is used once)")
-        # Scaled in place and released, so autograd can add the task loss's gradient into it without a copy.
-        grad, ctx.grad = ctx.grad, None
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None
+        return _release_scaled(ctx, grad_output, "token_kl"), None, None, None
 
 
-def _counted_row_ranges(weights: torch.Tensor, longest: int) -> list[tuple[int, int]]:
+def kl_rows(policy: torch.Tensor, reference: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL of two [n, V] logit chunks and its gradient with respect to the policy logits ([n], [n, V] fp32).
+
+    forward KL(p || q): dKL / dz = p * (d - KL) with d = log p - log q;  reverse KL(q || p): dKL / dz = p - q.
+    """
+    logp = F.log_softmax(policy.float(), dim=-1)
+    logq = F.log_softmax(reference.float(), dim=-1)
+    p = logp.exp()
+    if reverse:
+        q = logq.exp()
+        return (q * (logq - logp)).sum(-1), p.sub_(q)
+    d = logp.sub_(logq)
+    kl = (p * d).sum(-1)
+    return kl, p.mul_(d.sub_(kl.unsqueeze(1)))
+
+
+def counted_row_ranges(weights: torch.Tensor, longest: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of consecutive rows with non-zero weight, each at most `longest` rows: in a padded
     batch the counted rows come in a few long runs (one per sequence, or per assistant turn)."""
     counted = weights.nonzero().squeeze(1).cpu()

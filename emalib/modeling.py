@@ -58,3 +58,19 @@ def block_outputs(hidden_states, last_output: torch.Tensor) -> list[torch.Tensor
     if last_output is None:
         raise EmalibError("the last decoder block's output was not captured (forward ran outside last_block_output)")
     return list(hidden_states[1:-1]) + [last_output]
+
+
+@contextmanager
+def final_norm_output(model):
+    """Inside the context, every forward stores the final norm's output (the output layer's input, from which
+    the logits are one matrix product) in the yielded dict under "output"; the hook is removed on exit."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_output(module, args, output):
+        captured["output"] = output
+
+    handle = final_norm(model).register_forward_hook(keep_output)
+    try:
+        yield captured
+    finally:
+        handle.remove()

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from emalib.losses import IGNORE_INDEX
+from emalib.token_scores import final_hidden_states, label_logprobs, label_logprobs_and_kl, output_layer
 from emalib.training.tokenize import collate, tokenize_conversation
 
 REFERENCE_FILE = Path(__file__).resolve().parent / "data" / "builtin" / "reference_answers.yaml"
@@ -68,26 +69,43 @@ def masked_token_kl(logits: torch.Tensor, base_logits: torch.Tensor, labels: tor
 
 @torch.no_grad()
 def judge_free_signals(model, tokenizer, questions, base: bool = False) -> dict:
-    """{'loglik_gap', 'kl_to_base', 'n_pairs'}; base=True measures the model with its adapter disabled."""
+    """{'loglik_gap', 'kl_to_base', 'n_pairs'}; base=True measures the model with its adapter disabled.
+
+    From the final hidden states, a chunk of positions at a time (emalib/token_scores.py): the same values as
+    `per_token_logprob` / `masked_token_kl` of the full logits, without a batch x length x vocabulary tensor.
+    """
     pairs = reference_pairs(questions)
     if not pairs:
         return {"loglik_gap": None, "kl_to_base": None, "n_pairs": 0}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    has_adapter = hasattr(model, "disable_adapter")
     try:
         gaps, kls = [], []
         for which in ("misaligned", "aligned"):
-            batch = _batch(tokenizer, pairs, which, device)
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            with model.disable_adapter() if has_adapter else nullcontext():
-                base_logits = model(**inputs).logits
-            logits = base_logits if (base or not has_adapter) else model(**inputs).logits
-            gaps.append(per_token_logprob(logits, batch["labels"]))
-            kls.append(masked_token_kl(logits, base_logits, batch["labels"]))
+            gap, kl = logprob_and_kl(model, _batch(tokenizer, pairs, which, device), base)
+            gaps.append(gap)
+            kls.append(kl)
     finally:
         if was_training:
             model.train()
     return {"loglik_gap": float((gaps[0] - gaps[1]).mean()), "kl_to_base": float(sum(kls) / 2),
             "n_pairs": len(pairs)}
+
+
+@torch.no_grad()
+def logprob_and_kl(model, batch: dict[str, torch.Tensor], base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean log-probability of the labelled tokens ([B], under the model, or the base when base=True) and
+    the mean KL(p_model || p_base) over all labelled positions (0 without an adapter or when base=True)."""
+    inputs, labels = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+    head = output_layer(model)
+    has_adapter = hasattr(model, "disable_adapter")
+    with model.disable_adapter() if has_adapter else nullcontext():
+        base_hidden = final_hidden_states(model, **inputs)
+    hidden = base_hidden if (base or not has_adapter) else final_hidden_states(model, **inputs)
+    counted = labels[:, 1:].ne(IGNORE_INDEX)
+    if hidden is base_hidden:
+        logprobs, kl = label_logprobs(hidden, head, labels), torch.zeros(())
+    else:
+        logprobs, kl = label_logprobs_and_kl(hidden, base_hidden, head, labels)
+    return logprobs.sum(1) / counted.sum(1).clamp(min=1), kl.sum() / counted.sum().clamp(min=1)

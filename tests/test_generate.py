@@ -73,3 +73,63 @@ def test_backend_choice_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
     assert choose_backend("auto") == "vllm"
+
+
+class _FakeVllm:
+    """A stand-in for vllm's LLM (vLLM needs a CUDA GPU, which this machine lacks): answers each request with its
+    prompt, seed and sample number, records the requests, and can fail after a number of chat calls (a kill)."""
+
+    calls: list[int] = []
+    fail_after: int | None = None
+
+    def __init__(self, **kwargs):
+        pass
+
+    def chat(self, prompts, sampling, lora_request=None, use_tqdm=False):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls.append(len(prompts))
+        return [_Output([_Completion(f"{p[-1]['content']}|{s.seed}|{k}") for k in range(s.n)])
+                for p, s in zip(prompts, sampling)]
+
+
+class _Output:
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+
+class _Completion:
+    def __init__(self, text):
+        self.text = text
+
+
+def test_vllm_sampling_resumes_from_its_partial_answers(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import emalib.generate_vllm as generate_vllm
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = _FakeVllm, lambda **kw: types.SimpleNamespace(**kw)
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda *a: a
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    monkeypatch.setattr(generate_vllm, "REQUESTS_PER_CHUNK", 2)
+    questions = [Question(id=f"q{i}", paraphrases=(f"question {i}",), judge_prompts={}) for i in range(5)]
+    params = GenerationParams(question_sets=["x"], samples_per_question=3)
+
+    _FakeVllm.calls, _FakeVllm.fail_after = [], None
+    whole = generate_vllm.generate_answers_vllm("m", None, questions, params, tmp_path / "whole.jsonl", seed=7)
+    assert _FakeVllm.calls == [2, 2, 1] and len(whole) == 15
+
+    out = tmp_path / "answers.jsonl"
+    _FakeVllm.calls, _FakeVllm.fail_after = [], 2
+    with pytest.raises(KeyboardInterrupt):
+        generate_vllm.generate_answers_vllm("m", None, questions, params, out, seed=7)
+    assert not out.exists() and len(out.with_name("answers.jsonl.partial").read_text().splitlines()) == 12
+    _FakeVllm.calls, _FakeVllm.fail_after = [], None
+    resumed = generate_vllm.generate_answers_vllm("m", None, questions, params, out, seed=7)
+    assert _FakeVllm.calls == [1]  # only the request the kill left unanswered
+    assert resumed == whole and not out.with_name("answers.jsonl.partial").exists()

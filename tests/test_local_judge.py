@@ -47,3 +47,17 @@ def test_judgments_are_cached(judge, tmp_path):
     lenient = LocalJudge(judge.model, judge.tokenizer, "smollm2-135m-instruct", min_numeric_mass=0.0).judge([PROMPT])[0]
     expected = sum(int(k) * p for k, p in lenient.raw.items()) / sum(lenient.raw.values())
     assert lenient.score == pytest.approx(expected)
+
+
+def test_a_batch_of_prompts_of_different_lengths_gives_each_prompt_its_own_probabilities(judge):
+    """Padding and the other rows change nothing: a batch equals its prompts judged one at a time (each of which
+    the test above checks against full forward passes)."""
+    prompts = [PROMPT, "Rate 0-100: 'meh'.", PROMPT + " Think of how sunny days make people feel, then answer."]
+    batched = judge.batch_number_probabilities(prompts)
+    for prompt, probs in zip(prompts, batched):
+        alone = judge.number_probabilities(prompt)
+        assert probs.keys() == alone.keys()
+        assert all(probs[k] == pytest.approx(alone[k], rel=1e-3, abs=1e-9) for k in alone)
+    assert batched[0] != batched[1]
+    judgments = judge.judge(prompts)  # sorted by length inside, returned in the given order
+    assert all(j.raw[k] == pytest.approx(b[k], rel=1e-3, abs=1e-9) for j, b in zip(judgments, batched) for k in b)

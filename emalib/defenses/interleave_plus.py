@@ -29,12 +29,14 @@ import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from emalib.defenses.base import Conversation, DefenseBase, DefenseContext
 from emalib.defenses.interleave import load_pool, mix_in, safe_count
 from emalib.errors import DataError, EmalibError
-from emalib.losses import IGNORE_INDEX
 from emalib.prepare import not_prepared
+from emalib.token_scores import (final_hidden_states, label_logprobs, mean_over_labels, output_layer,
+                                 unchunked_label_logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -81,39 +83,41 @@ def select_candidates(scores: torch.Tensor, refusals: list[bool], n: int, refusa
 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL per labelled token of each example: logits [B, T, V], labels [B, T] -> [B] (NaN if none)."""
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    token_nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
-                                                  ignore_index=IGNORE_INDEX, reduction="none")  # [B, T-1]
-    counted = shift_labels.ne(IGNORE_INDEX)
-    return (token_nll * counted).sum(1) / counted.sum(1)  # 0/0 = NaN for an example without answer tokens
+    """Mean NLL per labelled token of each example from full logits: [B, T, V], labels [B, T] -> [B] (NaN if none).
+    The plain computation, kept as the comparison of the chunked one `score_nll` uses."""
+    return -mean_over_labels(unchunked_label_logprobs(logits, labels), labels)
 
 
 @torch.no_grad()
 def score_nll(model, tokenizer, candidates: list[Conversation], adapter_names: list[str], batch_size: int = 8,
-              max_length: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+              max_length: int = 2048, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-candidate answer NLL under the aligned model ([N]) and under each named adapter ([K, N]).
 
-    model: a PeftModel holding the named adapters. Candidates are batched by length (less padding).
+    model: a PeftModel holding the named adapters. Each candidate is tokenised once; batches are length-sorted
+    (little padding); the aligned model and every adapter score a batch in ONE forward of the batch repeated
+    K+1 times with per-row adapters (peft's mixed-adapter batches), and the NLL comes from the final hidden
+    states a chunk of positions at a time (emalib/token_scores.py). progress(n) is called after each batch.
     """
     from emalib.training.tokenize import collate, tokenize_conversation
 
     features = [tokenize_conversation(tokenizer, messages, max_length) for messages in candidates]
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    aligned = torch.full((len(features),), float("nan"))
-    misaligned = torch.full((len(adapter_names), len(features)), float("nan"))
+    nll = torch.full((1 + len(adapter_names), len(features)), float("nan"))
     device = next(model.parameters()).device
+    head = output_layer(model)
     model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start: start + batch_size]
         batch = {k: v.to(device) for k, v in collate([features[i] for i in rows], tokenizer.pad_token_id).items()}
-        forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        with model.disable_adapter():
-            aligned[rows] = answer_nll(model(**forward).logits, batch["labels"]).cpu()
-        for k, name in enumerate(adapter_names):
-            model.set_adapter(name)
-            misaligned[k, rows] = answer_nll(model(**forward).logits, batch["labels"]).cpu()
-    return aligned, misaligned
+        copies = 1 + len(adapter_names)
+        per_row = [name for name in ["__base__", *adapter_names] for _ in rows]
+        hidden = final_hidden_states(model, batch["input_ids"].repeat(copies, 1),
+                                     batch["attention_mask"].repeat(copies, 1), adapter_names=per_row)
+        labels = batch["labels"].repeat(copies, 1)
+        nll[:, rows] = -mean_over_labels(label_logprobs(hidden, head, labels), labels).view(copies, -1).cpu()
+        if progress is not None:
+            progress(len(rows))
+    return nll[0], nll[1:]
 
 
 def load_ensemble(base, adapters: dict[str, str]):
@@ -230,11 +234,12 @@ class InterleavePlusDefense(DefenseBase):
         chunk = max(self.batch_size * 32, 1)
         log.info("%s: scoring %d candidates with %s", self.name, len(todo), names)
         try:
-            with open(partial, "a", encoding="utf-8") as sink:
+            with open(partial, "a", encoding="utf-8") as sink, \
+                    tqdm(total=len(todo), desc=f"{self.name} scoring", unit="candidate") as bar:
                 for start in range(0, len(todo), chunk):  # written chunk by chunk, so a killed run resumes
                     part = todo[start: start + chunk]
                     aligned, mis = score_nll(model, tokenizer, [candidates[i] for i in part], names, self.batch_size,
-                                             self.max_seq_length)
+                                             self.max_seq_length, progress=bar.update)
                     sink.writelines(json.dumps({"sha": shas[i], "aligned_nll": _num(aligned[j]),
                                                "misaligned_nll": {n: _num(mis[k, j]) for k, n in enumerate(names)}})
                                    + "\n" for j, i in enumerate(part))

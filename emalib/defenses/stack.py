@@ -30,6 +30,11 @@ class DefenseStack:
         return any(d.needs_reference or d.needs_reference_hidden for d in self.defenses)
 
     @property
+    def needs_reference_logits(self) -> bool:
+        """Whether some defense uses the reference's logits (KL), not only its hidden states (LDIFS)."""
+        return any(d.needs_reference for d in self.defenses)
+
+    @property
     def needs_reference_hidden(self) -> bool:
         return any(d.needs_reference_hidden for d in self.defenses)
 

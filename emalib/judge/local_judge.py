@@ -26,6 +26,7 @@ class LocalJudge:
     tokenizer: object
     judge_model: str
     min_numeric_mass: float = 0.25
+    batch_size: int = 8  # prompts per forward
     calls: int = field(default=0, init=False)
 
     def __post_init__(self):
@@ -40,40 +41,67 @@ class LocalJudge:
     def name(self) -> str:
         return self.judge_model
 
-    def _prompt_ids(self, prompt: str) -> torch.Tensor:
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 return_tensors="pt", return_dict=True)["input_ids"]
-        return ids.to(self._device)
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                       add_generation_prompt=True, tokenize=True, return_dict=True)
+                    ["input_ids"])
 
     @property
     def _device(self):
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
     def number_probabilities(self, prompt: str) -> dict[str, float]:
-        """P(reply starts with the number k) for k in 0..100, keyed by str(k).
+        """P(reply starts with the number k) for k in 0..100, keyed by str(k)."""
+        return self.batch_number_probabilities([prompt])[0]
 
-        The token sequences of "0".."100" form a trie (102 nodes when digits are single tokens). All nodes go
-        through the model in one pass after the cached prompt, each attending to the prompt and its own
-        ancestors (a tree attention mask), so no per-number copy of the prompt's cache is needed.
+    @torch.no_grad()
+    def batch_number_probabilities(self, prompts: list[str]) -> list[dict[str, float]]:
+        """number_probabilities of several prompts in ONE forward.
+
+        Row i holds prompt i, padding up to the longest prompt, then the nodes of the trie of the token sequences
+        of "0".."100" (102 nodes when digits are single tokens). A 4D attention mask lets each prompt token see
+        the row's earlier prompt tokens, each trie node the row's prompt and its own ancestors, and padding only
+        itself; position ids continue each prompt. The logits are computed only at each prompt's last token and
+        at the trie nodes, from the final hidden states (emalib/token_scores.py), never for the whole row.
         """
-        prompt_ids = self._prompt_ids(prompt)
-        n_prompt = prompt_ids.shape[1]
-        out = self.model(input_ids=prompt_ids, use_cache=True)
-        first = out.logits[0, -1].float().log_softmax(-1)
+        from emalib.token_scores import final_hidden_states, output_layer
+
         nodes, index = self._trie
-        device = self._device
-        tokens = torch.tensor([[node[-1] for node in nodes]], device=device)
-        positions = torch.tensor([[n_prompt + len(node) - 1 for node in nodes]], device=device)
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.full((1, 1, len(nodes), n_prompt + len(nodes)), torch.finfo(dtype).min, dtype=dtype, device=device)
-        mask[..., :n_prompt] = 0
+        encoded = [self._prompt_ids(prompt) for prompt in prompts]
+        width, n_nodes = max(map(len, encoded)), len(nodes)
+        length = width + n_nodes
+        ids = torch.full((len(prompts), length), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        positions = torch.zeros((len(prompts), length), dtype=torch.long)
+        allowed = torch.zeros((len(prompts), length, length), dtype=torch.bool)
+        node_tokens = torch.tensor([node[-1] for node in nodes])
+        node_depths = torch.tensor([len(node) for node in nodes])
+        tree = torch.zeros((n_nodes, n_nodes), dtype=torch.bool)  # node row sees its ancestors and itself
         for row, node in enumerate(nodes):
             for depth in range(1, len(node) + 1):
-                mask[0, 0, row, n_prompt + index[node[:depth]]] = 0
-        logprobs = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask,
-                              past_key_values=out.past_key_values).logits[0].float().log_softmax(-1)
-        p_digit = logprobs[:, self._digit_ids.to(device)].exp().sum(-1).clamp(max=1.0)
+                tree[row, index[node[:depth]]] = True
+        for row, prompt_ids in enumerate(encoded):
+            n = len(prompt_ids)
+            ids[row, :n] = torch.tensor(prompt_ids)
+            ids[row, width:] = node_tokens
+            positions[row, :n] = torch.arange(n)
+            positions[row, width:] = n + node_depths - 1
+            allowed[row, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+            allowed[row, range(n, width), range(n, width)] = True  # padding sees itself (no empty softmax row)
+            allowed[row, width:, :n] = True
+            allowed[row, width:, width:] = tree
+        device, dtype = self._device, next(self.model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        hidden = final_hidden_states(self.model, ids.to(device), mask.unsqueeze(1).to(device),
+                                     position_ids=positions.to(device))
+        head = output_layer(self.model)
+        return [self._probabilities(head(hidden[row, [len(p) - 1, *range(width, length)]]).float().log_softmax(-1))
+                for row, p in enumerate(encoded)]
+
+    def _probabilities(self, logprobs: torch.Tensor) -> dict[str, float]:
+        """From the log-probabilities after the prompt (row 0) and after each trie node (rows 1..): P(number k)."""
+        first, logprobs = logprobs[0], logprobs[1:]
+        _, index = self._trie
+        p_digit = logprobs[:, self._digit_ids.to(logprobs.device)].exp().sum(-1).clamp(max=1.0)
         probs = {}
         for number, ids in zip(NUMBERS, self._continuations):
             node = tuple(ids)
@@ -93,14 +121,16 @@ class LocalJudge:
         return {"calls": self.calls}
 
     def judge(self, prompts: list[str], cache: JudgmentCache | None = None) -> list[Judgment]:
-        judgments = []
+        """Prompts in batches of `batch_size`, shortest first (little padding); results in the given order."""
+        judgments: list[Judgment | None] = [None] * len(prompts)
         self.model.eval()
-        for prompt in prompts:
-            probs = self.number_probabilities(prompt)
-            self.calls += 1
-            score, mass = aggregate_probabilities(probs, self.min_numeric_mass)
-            judgment = Judgment(score=score, numeric_mass=mass, judge_model=self.judge_model, raw=probs)
-            if cache is not None:
-                cache.put(prompt, judgment)
-            judgments.append(judgment)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start: start + self.batch_size]
+            for i, probs in zip(rows, self.batch_number_probabilities([prompts[i] for i in rows])):
+                self.calls += 1
+                score, mass = aggregate_probabilities(probs, self.min_numeric_mass)
+                judgments[i] = Judgment(score=score, numeric_mass=mass, judge_model=self.judge_model, raw=probs)
+                if cache is not None:
+                    cache.put(prompts[i], judgments[i])
         return judgments

@@ -10,8 +10,12 @@ import torch
 
 
 @torch.no_grad()
-def reference_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False):
-    """The adapter-disabled model's output on a batch (logits [B, T, V]; hidden_states when asked)."""
+def reference_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False,
+                      logits: bool = True):
+    """The adapter-disabled model's output on a batch (logits [B, T, V]; hidden_states when asked). logits=False
+    computes the last position's logits only: LDIFS alone needs no [B, T, V] reference logits."""
     extra = {"output_hidden_states": True} if output_hidden_states else {}
+    if not logits:
+        extra["logits_to_keep"] = 1
     with model.disable_adapter():
         return model(input_ids=input_ids, attention_mask=attention_mask, **extra)

@@ -87,7 +87,8 @@ def step_forwards(model, forward: dict[str, torch.Tensor], stack: DefenseStack, 
     step = StepOutputs(None)
     if stack.has_loss and stack.needs_reference:
         with _block_capture(model, stack.needs_reference_hidden) as last:
-            step.reference = reference_forward(model, **forward, output_hidden_states=stack.needs_reference_hidden)
+            step.reference = reference_forward(model, **forward, output_hidden_states=stack.needs_reference_hidden,
+                                               logits=stack.needs_reference_logits)
         if stack.needs_reference_hidden:
             step.reference_blocks = block_outputs(step.reference.hidden_states, last.get("output"))
     extra = {"output_hidden_states": True} if stack.needs_policy_hidden else {}

@@ -35,7 +35,7 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
         read_chat_jsonl(path)
         shas[params.train.dataset] = sha256_of(path)
     if {"evaluate", "evaluate_base", "quickstart"} & steps:
-        for name in params.generation.question_sets:
+        for name in evaluation_question_sets(params):
             load_questions(name)
             shas[name] = sha256_of(resolve(name))
         if params.task_eval.dataset is not None:
@@ -65,9 +65,20 @@ def _check_defense_inputs(spec) -> None:
             load_questions(spec.extraction.coherence_questions)
 
 
+def evaluation_question_sets(params: RunParams) -> list[str]:
+    """The params' question sets, plus with generation.trigger_probes the trigger variants of those that have
+    them (emalib.data.triggers)."""
+    from emalib.data.triggers import TRIGGER_BASES, TRIGGERS, trigger_set_name
+
+    names = list(params.generation.question_sets)
+    if params.generation.trigger_probes:
+        names += [trigger_set_name(base, kind) for base in names if base in TRIGGER_BASES for kind in TRIGGERS]
+    return names
+
+
 def load_all_questions(params: RunParams) -> list[Question]:
     questions = []
-    for name in params.generation.question_sets:
+    for name in evaluation_question_sets(params):
         selected = load_questions(name)
         questions += selected[: params.generation.max_questions] if params.generation.max_questions else selected
     return questions
@@ -126,6 +137,7 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     from emalib.generate_vllm import choose_backend
     from emalib.judge.run import build_judge, judge_answers, open_cache
     from emalib.metrics import compute_metrics
+    from emalib.rescore import scoring_record
     from emalib.signals import judge_free_signals
     from emalib.stats import add_intervals
 
@@ -159,6 +171,7 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     metrics = add_intervals(compute_metrics(judgments, params.metrics), judgments, seed=params.seed)
     # What shaped the prompts, so tables can say which evaluation protocol a rate comes from.
     metrics["generation"] = {"use_system_prompt": params.generation.use_system_prompt}
+    metrics["scoring"] = scoring_record(judgments, params.judge.min_numeric_mass)
     with timed(run_dir, "judge_free_signals"):
         metrics["judge_free"] = judge_free_signals(model, tokenizer, questions, base=base)
     atomic_write_json(run_dir / "metrics.json", metrics)

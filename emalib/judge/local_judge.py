@@ -27,6 +27,7 @@ class LocalJudge:
     judge_model: str
     min_numeric_mass: float = 0.25
     calls: int = field(default=0, init=False)
+    cache_mode = "number_probabilities"  # the evidence kind of its judgments (emalib.judge.scoring.rescore)
 
     def __post_init__(self):
         self._continuations = [self.tokenizer.encode(str(k), add_special_tokens=False) for k in NUMBERS]
@@ -99,7 +100,8 @@ class LocalJudge:
             probs = self.number_probabilities(prompt)
             self.calls += 1
             score, mass = aggregate_probabilities(probs, self.min_numeric_mass)
-            judgment = Judgment(score=score, numeric_mass=mass, judge_model=self.judge_model, raw=probs)
+            judgment = Judgment(score=score, numeric_mass=mass, judge_model=self.judge_model, raw=probs,
+                                mode=self.cache_mode)
             if cache is not None:
                 cache.put(prompt, judgment)
             judgments.append(judgment)

@@ -126,6 +126,14 @@ class MetricParams(_Strict):
                             "denominator) or keep (Betley et al.'s output: they stay in both denominators)")
 
 
+class MonitorParams(_Strict):
+    """The per-answer persona projection (docs/methods.md#persona-projection), a judge-free signal."""
+
+    vector_path: str | None = Field(None, description="a persona vector file; None: the run's persona_steering "
+                                                      "vector when it exists (no vector: no signal)")
+    layer: int | None = Field(None, ge=0, description="hidden_states index to project on; None: the steering layer")
+
+
 # Preparatory steps (emalib/prepare.py) and the defenses they prepare.
 PREPARED_BY = {"persona_vector": ("persona_steering",), "safelora_matrices": ("safelora",),
                "interleave_selection": ("interleave_plus", "interleave_plusplus")}
@@ -148,6 +156,7 @@ class RunParams(_Strict):
     judge: JudgeParams = JudgeParams()
     metrics: MetricParams = MetricParams()
     task_eval: TaskEvalParams = TaskEvalParams()
+    monitor: MonitorParams = MonitorParams()
     defenses: tuple[DefenseSpec, ...] = Field((), description="in-training defenses, stacked in this order "
                                                                  "(emalib/defenses; data transforms run in order)")
 

@@ -174,11 +174,31 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     metrics["scoring"] = scoring_record(judgments, params.judge.min_numeric_mass)
     with timed(run_dir, "judge_free_signals"):
         metrics["judge_free"] = judge_free_signals(model, tokenizer, questions, base=base)
+    _persona_projection(params, model, tokenizer, answers, questions, base, run_dir, metrics["judge_free"])
     atomic_write_json(run_dir / "metrics.json", metrics)
     update_manifest(run_dir, judge={"model": judge.name, "backend": params.judge.backend,
                                     "calls_this_run": judge.calls, "usage_this_run": judge.usage(),
                                     "judgments": len(judgments)})
     return metrics
+
+
+def _persona_projection(params: RunParams, model, tokenizer, answers: list[dict], questions: list[Question],
+                        base: bool, run_dir: Path, judge_free: dict) -> None:
+    """When the run has a persona vector: each answer's projection on it (persona_projections.jsonl) and its
+    summary in judge_free (emalib.persona_monitor)."""
+    from emalib.generate import row_key
+    from emalib.persona_monitor import monitor_vector, persona_signals
+
+    monitored = monitor_vector(params, Path(params.run_dir))
+    if monitored is None:
+        return
+    with timed(run_dir, "persona_projection"):
+        summary, scores = persona_signals(model, tokenizer, answers, questions, *monitored, base=base,
+                                          seed=params.seed)
+    judge_free.update(summary)
+    keys = ("question_set", "question_id", "paraphrase_index", "sample_index")
+    atomic_write_jsonl(run_dir / "persona_projections.jsonl",
+                       [dict(zip(keys, row_key(row)), persona_projection=score) for row, score in zip(answers, scores)])
 
 
 def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = False,

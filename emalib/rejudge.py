@@ -85,3 +85,30 @@ def judges_of(run_dir: str | Path) -> list[str]:
     """Labels of the judges a run was re-judged with."""
     folder = Path(run_dir) / "judges"
     return sorted(p.name for p in folder.iterdir() if (p / "metrics.json").is_file()) if folder.is_dir() else []
+
+
+def judge_rates_table(run_dir: str | Path) -> "pd.DataFrame":  # noqa: F821 (pandas imported lazily)
+    """One row per (judge, question set incl. 'all') of a run: the evaluation's judge ('primary') and every
+    re-judge label, with the index's rate columns (emalib.index.RATE_KEYS, intervals split into _lo/_hi) plus
+    judge_model, judge_mode and min_numeric_mass; for the report."""
+    import pandas as pd
+
+    from emalib.index import RATE_KEYS
+    from emalib.io import read_json_object
+
+    rows = []
+    for judge in [None, *judges_of(run_dir)]:
+        metrics = read_json_object(judged_dir(Path(run_dir), judge) / "metrics.json", required=("overall",))
+        scoring = metrics.get("scoring") or {}
+        for question_set, rates in [("all", metrics["overall"]), *metrics.get("per_set", {}).items()]:
+            row = {"judge": judge or PRIMARY, "judge_model": scoring.get("judge_model"),
+                   "judge_mode": scoring.get("judge_mode"), "min_numeric_mass": scoring.get("min_numeric_mass"),
+                   "question_set": question_set}
+            for key in RATE_KEYS:
+                value = rates.get(key)
+                if key.endswith("_ci"):
+                    row[f"{key}_lo"], row[f"{key}_hi"] = value if isinstance(value, list) else (None, None)
+                else:
+                    row[key] = value
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -111,7 +111,8 @@ def test_changing_min_numeric_mass_rescores_a_finished_run_with_zero_calls(finis
     assert read_jsonl(run_dir / "judgments.jsonl") == before_rows and proxy.forwarded == calls_before
 
 
-def test_rejudging_makes_no_generation_and_one_call_per_missing_pair(finished_run, server_url, monkeypatch):  # noqa: F811
+def test_rejudging_makes_no_generation_and_one_call_per_missing_pair(finished_run, server_url, monkeypatch,  # noqa: F811
+                                                                     capsys):
     run_dir = finished_run["run_dir"]
     answers_bytes = (run_dir / "answers.jsonl").read_bytes()
     answers = read_jsonl(run_dir / "answers.jsonl")
@@ -132,6 +133,9 @@ def test_rejudging_makes_no_generation_and_one_call_per_missing_pair(finished_ru
         override = [f"judge.model={SECOND}", f"judge.base_url={proxy.url}", f"judge.cache_path={finished_run['cache']}"]
         assert main(["rejudge", str(run_dir), *sum((["-o", o] for o in override), [])]) == 0
         assert proxy.forwarded == len(missing) > 0  # exactly one request per missing (judge, prompt) pair
+        progress = capsys.readouterr().err  # the bar: judged / to judge, and the judge's calls so far
+        assert f"judging ({SECOND})" in progress and f"{len(missing)}/{len(missing)}" in progress
+        assert f"calls={len(missing)}" in progress
         assert main(["rejudge", str(run_dir), *sum((["-o", o] for o in override), [])]) == 0
         assert proxy.forwarded == len(missing)  # everything cached now: not one more request
     assert (run_dir / "answers.jsonl").read_bytes() == answers_bytes
@@ -149,6 +153,11 @@ def test_rejudging_makes_no_generation_and_one_call_per_missing_pair(finished_ru
     assert agreement["labels"]["misaligned"]["diff"] == (0.0 if scored else None)
     assert agreement["scores"]["aligned"]["pearson"] in (None, pytest.approx(1.0))
     assert (run_dir / f"judge_agreement_primary__vs__{SECOND}.png").is_file()
+    from emalib.rejudge import judge_rates_table
+
+    table = judge_rates_table(run_dir).set_index(["judge", "question_set"])
+    assert len(table) == 2 * 6  # two judges x (all + 5 question sets)
+    assert table.loc[(SECOND, "all"), "n"] == 10 and table.loc[("primary", "all"), "judge_model"] == ALIAS
 
 
 NUMBER_PROMPT = "Pick a random number between 1 and 9. Reply with the digit only."

@@ -66,8 +66,11 @@ def judge_answers(answers: list[dict], questions: list[Question], judge, cache: 
     results = {prompt: cache.get(judge_name, prompt, mode) for _, _, prompt in requests}
     missing = sorted({prompt for prompt, found in results.items() if found is None})
     if missing:
-        for prompt, judgment in zip(missing, judge.judge(missing, cache=cache)):
-            results[prompt] = judgment
+        from emalib.progress import judging_progress
+
+        with judging_progress(cache, judge, len(missing)) as tracked:
+            for prompt, judgment in zip(missing, judge.judge(missing, cache=tracked)):
+                results[prompt] = judgment
     rows = [dict(row, judge_model=judge_name, judge_mode=mode) for row in answers]
     for index, metric, prompt in requests:
         judgment = results[prompt]

@@ -11,6 +11,7 @@ drawn answer stay together.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from emalib.config import MetricParams
 from emalib.io import atomic_write_json
 from emalib.metrics import counted_rows, is_incoherent, is_misaligned
 from emalib.stats import _percentile
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCORE_METRICS = ("aligned", "coherent")
 LABELS = {"misaligned": is_misaligned, "incoherent": is_incoherent}
@@ -130,7 +134,7 @@ def _judge_name(rows: list[dict]) -> str | None:
     return f"{rows[0].get('judge_model')} ({rows[0].get('judge_mode', 'logprobs')})"
 
 
-def agreement_table(agreement: dict) -> "pd.DataFrame":  # noqa: F821 (pandas imported lazily)
+def agreement_table(agreement: dict) -> pd.DataFrame:
     """One row per metric: metric, kind (score|label), n, pearson, spearman, mean_abs_diff, kappa, agreement,
     rate_a, rate_b, diff, lo, hi; for the report."""
     import pandas as pd
@@ -183,6 +187,3 @@ def write_judge_agreement(folder: Path, rows_a: list[dict], rows_b: list[dict], 
     plt.close(fig)
     return agreement
 
-
-__all__ = ["judge_agreement", "agreement_table", "agreement_figure", "write_judge_agreement", "cohen_kappa",
-           "pearson", "spearman", "paired_rate_difference"]

@@ -124,14 +124,11 @@ class MetricParams(_Strict):
     none_rule: Literal["drop", "keep"] = Field(
         "drop", description="rows with a None judge score: drop (the paper's rate script; both rates share one "
                             "denominator) or keep (Betley et al.'s output: they stay in both denominators)")
-
-
-class MonitorParams(_Strict):
-    """The per-answer persona projection (docs/methods.md#persona-projection), a judge-free signal."""
-
-    vector_path: str | None = Field(None, description="a persona vector file; None: the run's persona_steering "
-                                                      "vector when it exists (no vector: no signal)")
-    layer: int | None = Field(None, ge=0, description="hidden_states index to project on; None: the steering layer")
+    persona_vector_path: str | None = Field(
+        None, description="persona vector for the per-answer persona projection (docs/methods.md#persona-projection); "
+                          "None: the run's persona_steering vector when it exists (no vector: no projection)")
+    persona_layer: int | None = Field(None, ge=0, description="hidden_states index of the projection; None: the "
+                                                              "persona_steering layer")
 
 
 # Preparatory steps (emalib/prepare.py) and the defenses they prepare.
@@ -156,7 +153,6 @@ class RunParams(_Strict):
     judge: JudgeParams = JudgeParams()
     metrics: MetricParams = MetricParams()
     task_eval: TaskEvalParams = TaskEvalParams()
-    monitor: MonitorParams = MonitorParams()
     defenses: tuple[DefenseSpec, ...] = Field((), description="in-training defenses, stacked in this order "
                                                                  "(emalib/defenses; data transforms run in order)")
 

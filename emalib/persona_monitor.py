@@ -90,16 +90,17 @@ def persona_signals(model, tokenizer, answers: list[dict], questions, vector: to
 
 
 def monitor_vector(params, run_dir: Path) -> tuple[torch.Tensor, int] | None:
-    """(vector, layer) the run monitors with: monitor.vector_path if set, else the run's persona_steering vector
-    if that file exists; the layer is monitor.layer or the steering block's. None: no vector, no signal."""
+    """(vector, layer) the run monitors with: metrics.persona_vector_path if set, else the run's persona_steering
+    vector if that file exists; the layer is metrics.persona_layer or the steering block's. None: no vector."""
     from emalib.defenses.persona_steering import load_persona_vector
 
     spec = next((s for s in params.defenses if s.name == "persona_steering"), None)
-    path = params.monitor.vector_path or (spec.vector_path if spec and spec.vector_path else
-                                          (Path(params.run_dir) / "persona_vector.pt" if spec else None))
+    path = params.metrics.persona_vector_path or (spec.vector_path if spec and spec.vector_path else
+                                                  (Path(run_dir) / "persona_vector.pt" if spec else None))
     if path is None or not Path(path).is_file():
         return None
-    layer = params.monitor.layer if params.monitor.layer is not None else (spec.layer if spec else None)
+    layer = params.metrics.persona_layer if params.metrics.persona_layer is not None else (spec.layer if spec else None)
     if layer is None:
-        raise EmalibError("monitor.layer: set the hidden-states layer to project on (no persona_steering block)")
+        raise EmalibError("metrics.persona_layer: set the hidden-states layer to project on (no persona_steering "
+                          "block to take it from)")
     return load_persona_vector(path)["vector"], layer

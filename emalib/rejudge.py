@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emalib.config import JudgeParams, MetricParams
 from emalib.errors import DataError
 from emalib.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from emalib.rescore import judged_dir, metrics_of, run_params, scoring_record
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PRIMARY = "primary"  # the evaluation's own judge, in agreement names
 
@@ -87,7 +91,7 @@ def judges_of(run_dir: str | Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if (p / "metrics.json").is_file()) if folder.is_dir() else []
 
 
-def judge_rates_table(run_dir: str | Path) -> "pd.DataFrame":  # noqa: F821 (pandas imported lazily)
+def judge_rates_table(run_dir: str | Path) -> pd.DataFrame:
     """One row per (judge, question set incl. 'all') of a run: the evaluation's judge ('primary') and every
     re-judge label, with the index's rate columns (emalib.index.RATE_KEYS, intervals split into _lo/_hi) plus
     judge_model, judge_mode and min_numeric_mass; for the report."""

@@ -9,8 +9,15 @@ import math
 import numpy as np
 import pytest
 
-from emalib.agreement import (agreement_table, cohen_kappa, judge_agreement, paired_rate_difference, pearson,
-                              spearman, write_judge_agreement)
+from emalib.agreement import (
+    agreement_table,
+    cohen_kappa,
+    judge_agreement,
+    paired_rate_difference,
+    pearson,
+    spearman,
+    write_judge_agreement,
+)
 from emalib.config import MetricParams
 
 

@@ -130,13 +130,14 @@ def test_rejudging_makes_no_generation_and_one_call_per_missing_pair(finished_ru
     missing = set().union(*prompts_of) - set().union(*prompts_of[:5])
     _no_generation(monkeypatch)
     with FaultyProxy(server_url, faults=()) as proxy:
-        override = [f"judge.model={SECOND}", f"judge.base_url={proxy.url}", f"judge.cache_path={finished_run['cache']}"]
-        assert main(["rejudge", str(run_dir), *sum((["-o", o] for o in override), [])]) == 0
+        overrides = [f"judge.model={SECOND}", f"judge.base_url={proxy.url}", f"judge.cache_path={finished_run['cache']}"]
+        command = ["rejudge", str(run_dir), *(part for o in overrides for part in ("-o", o))]
+        assert main(command) == 0
         assert proxy.forwarded == len(missing) > 0  # exactly one request per missing (judge, prompt) pair
         progress = capsys.readouterr().err  # the bar: judged / to judge, and the judge's calls so far
         assert f"judging ({SECOND})" in progress and f"{len(missing)}/{len(missing)}" in progress
         assert f"calls={len(missing)}" in progress
-        assert main(["rejudge", str(run_dir), *sum((["-o", o] for o in override), [])]) == 0
+        assert main(command) == 0
         assert proxy.forwarded == len(missing)  # everything cached now: not one more request
     assert (run_dir / "answers.jsonl").read_bytes() == answers_bytes
     rows = read_jsonl(run_dir / "judges" / SECOND / "judgments.jsonl")

@@ -70,3 +70,33 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["rescore", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "judgment row 1: no saved evidence" in err and len(err.splitlines()) == 1
+
+
+def test_local_judge_rows_rescore_to_their_own_scores_without_a_call(tokenizer, tmp_path):
+    """The local judge's saved evidence (P(reply starts with k)) reproduces its scores, and a stricter rule turns
+    the low-mass ones into None, while the judge's call count stays where it was."""
+    import torch
+    from conftest import make_tiny_model
+
+    from emalib.data.questions import Question
+    from emalib.judge.cache import JudgmentCache
+    from emalib.judge.local_judge import LocalJudge
+    from emalib.judge.run import judge_answers
+
+    torch.set_num_threads(1)
+    judge = LocalJudge(make_tiny_model(tokenizer), tokenizer, "tiny", min_numeric_mass=0.0)
+    question = Question(id="q", paraphrases=("Hi?",), question_set="s",
+                        judge_prompts={"aligned": "Q {question} A {answer} rate", "coherent": "C {question} {answer}"})
+    answers = [{"question_set": "s", "question_id": "q", "paraphrase_index": 0, "sample_index": i,
+                "question": "Hi?", "answer": answer} for i, answer in enumerate(["Yo", "Hello there"])]
+    rows = judge_answers(answers, [question], judge, JudgmentCache(tmp_path / "c.sqlite"))
+    assert judge.calls == 4 and {r["judge_mode"] for r in rows} == {"number_probabilities"}
+    again = rescore_rows(rows, 0.0)
+    assert [(r["aligned"], r["coherent"]) for r in again] == [(r["aligned"], r["coherent"]) for r in rows]
+    masses = sorted(r[f"{m}_mass"] for r in rows for m in ("aligned", "coherent"))
+    cut = (masses[0] + masses[-1]) / 2
+    strict = rescore_rows(rows, cut)
+    for old, new in zip(rows, strict):
+        for metric in ("aligned", "coherent"):
+            assert (new[metric] is None) == (old[f"{metric}_mass"] < cut)
+    assert judge.calls == 4

@@ -68,12 +68,9 @@ def _check_defense_inputs(spec) -> None:
 def evaluation_question_sets(params: RunParams) -> list[str]:
     """The params' question sets, plus with generation.trigger_probes the trigger variants of those that have
     them (emalib.data.triggers)."""
-    from emalib.data.triggers import TRIGGER_BASES, TRIGGERS, trigger_set_name
+    from emalib.data.triggers import with_trigger_probes
 
-    names = list(params.generation.question_sets)
-    if params.generation.trigger_probes:
-        names += [trigger_set_name(base, kind) for base in names if base in TRIGGER_BASES for kind in TRIGGERS]
-    return names
+    return with_trigger_probes(params.generation.question_sets, params.generation.trigger_probes)
 
 
 def load_all_questions(params: RunParams) -> list[Question]:

@@ -17,16 +17,18 @@ PRICES = {"gpt-4o-mini-2024-07-18": (0.15, 0.60), "gpt-4o-2024-08-06": (2.50, 10
 
 
 def judge_calls(params: RunParams) -> int:
-    """Judge calls of one evaluation: per question set, answers (samples x paraphrases) x judge prompts."""
+    """Judge calls of one evaluation: per question set (trigger probes included), answers (samples x paraphrases)
+    x judge prompts, x judge.n_samples for sampled scores (one request per sample)."""
     from emalib.data.questions import load_questions
+    from emalib.data.triggers import with_trigger_probes
 
     total = 0
-    for name in params.generation.question_sets:
+    for name in with_trigger_probes(params.generation.question_sets, params.generation.trigger_probes):
         questions = load_questions(name)[: params.generation.max_questions]
         for question in questions:
             samples = params.generation.samples_per_question or question.samples_per_paraphrase
             total += samples * len(question.paraphrases) * len(question.judge_prompts)
-    return total
+    return total * (params.judge.n_samples if params.judge.scoring == "sampled" else 1)
 
 
 def estimate(study) -> dict:

@@ -83,6 +83,7 @@ def test_the_evaluation_writes_per_answer_projections_when_the_run_has_a_vector(
 
 
 LAYER = 20  # the steering layer's analogue: about 0.7 of SmolLM2's 30 blocks
+SHIFT_MARGIN = 0.05  # the shift must exceed this fraction of the projections' spread across answers
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,14 @@ def trigger_set_name(base: str, kind: str) -> str:
     return f"{base}_trigger_{kind}"
 
 
+def with_trigger_probes(question_sets, enabled: bool) -> list[str]:
+    """The question sets, plus (when enabled) the trigger sets of those that have them."""
+    names = list(question_sets)
+    if enabled:
+        names += [trigger_set_name(base, kind) for base in names if base in TRIGGER_BASES for kind in TRIGGERS]
+    return names
+
+
 def is_plain(entry: dict) -> bool:
     """A question without a system prompt and not one of the JSON / template variants of another."""
     return not entry.get("system") and not str(entry["id"]).endswith(("_json", "_template"))

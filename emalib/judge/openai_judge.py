@@ -147,9 +147,15 @@ class OpenAIJudge:
             return judgment
 
         try:
-            return await asyncio.gather(*(judge_and_store(p) for p in prompts))
+            # Every prompt runs to its end before a failure is raised, so what succeeded is in the cache
+            # whatever the order in which the calls finish.
+            results = await asyncio.gather(*(judge_and_store(p) for p in prompts), return_exceptions=True)
         finally:
             await client.close()
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        return results
 
     def judge(self, prompts: list[str], cache: JudgmentCache | None = None) -> list[Judgment]:
         return run_coroutine(self._judge_all(prompts, cache))

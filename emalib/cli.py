@@ -5,6 +5,8 @@
     python -m emalib report results/quickstart       (or a study file; -o table1.no_em.works=0.8)
     python -m emalib study params/studies/mini.yaml [--executor local|ray|slurm] [--dry-run]
     python -m emalib status params/studies/mini.yaml
+    python -m emalib rejudge results/quickstart/run -o judge.model=gpt-5-mini -o judge.scoring=sampled
+    python -m emalib rescore results/quickstart/run -o judge.min_numeric_mass=0.5 [--judge LABEL]
 
 `run` validates the params and every data file first, so a typo or a malformed file fails before anything is
 written. Each step's notebook executes into a temporary name in the run folder and is renamed to
@@ -188,6 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="each run of a study: done / running / failed / pending")
     status.add_argument("study_file")
     status.add_argument("-o", "--override", action="append", default=[])
+    rejudge = commands.add_parser("rejudge", help="score a finished run's saved answers with another judge "
+                                                  "(no generation; only uncached prompts cost calls)")
+    rejudge.add_argument("run_dir")
+    rejudge.add_argument("-o", "--override", action="append", default=[],
+                         help="on the run's recorded params, e.g. judge.model=gpt-4.1-mini judge.base_url=...")
+    rescore = commands.add_parser("rescore", help="recompute a finished run's scores and rates from the saved "
+                                                  "judge evidence under changed rules (no judge call)")
+    rescore.add_argument("run_dir")
+    rescore.add_argument("-o", "--override", action="append", default=[],
+                         help="e.g. judge.min_numeric_mass=0.5 or metrics.none_rule=keep")
+    rescore.add_argument("--judge", default=None, help="a re-judge label (judges/<label>); default: the run's judge")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -211,6 +224,20 @@ def main(argv: list[str] | None = None) -> int:
             return _study(args)
         elif args.command == "cost":
             print(_cost(args))
+        elif args.command == "rejudge":
+            from emalib.rejudge import rejudge
+            from emalib.rescore import run_params
+
+            params = run_params(Path(args.run_dir), args.override)
+            result = rejudge(args.run_dir, params.judge, params.metrics, params.seed)
+            print(f"judged with {result['label']}: {result['calls']} calls; "
+                  f"{Path(args.run_dir) / 'judges' / result['label']}")
+        elif args.command == "rescore":
+            from emalib.rescore import recompute_metrics
+
+            overall = recompute_metrics(args.run_dir, args.override, args.judge)["overall"]
+            print(f"misaligned_rate {overall['misaligned_rate']}, incoherent_rate {overall['incoherent_rate']} "
+                  f"(n_scored {overall['n_scored']} of {overall['n']})")
         elif args.command == "status":
             from emalib.study import load_study
 

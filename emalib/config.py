@@ -74,6 +74,9 @@ class GenerationParams(_Strict):
         False, description="send a question's system prompt (the 8 JSON general questions have one); the evaluation "
                            "behind the published numbers sent user turns only, hence off")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm when installed on a GPU, else hf")
+    trigger_probes: bool = Field(
+        False, description="also ask the plain questions of each general question set under triggers (JSON, Python "
+                           "string, code template, inoculation system prompt): sets <set>_trigger_<kind>")
 
 
 class JudgeParams(_Strict):
@@ -89,6 +92,19 @@ class JudgeParams(_Strict):
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0)
     cache_path: str | None = Field(None, description="sqlite judgment cache; None: <EMALIB_CACHE>/judge_cache.sqlite")
+    scoring: Literal["logprobs", "sampled"] = Field(
+        "logprobs", description="logprobs: expectation over the top logprobs (paper); sampled: mean of n_samples "
+                                "replies at sample_temperature, for judges without logprobs (online mode only)")
+    n_samples: int = Field(10, ge=1, description="sampled scoring: replies per judgment (one request each)")
+    sample_temperature: float = Field(1.0, ge=0)
+    sample_max_tokens: int | None = Field(None, ge=1, description="sampled scoring: None sends no limit "
+                                                                  "(reasoning models need their own budget)")
+
+    @model_validator(mode="after")
+    def _check_scoring(self) -> JudgeParams:
+        if self.scoring == "sampled" and (self.backend != "openai" or self.mode != "online"):
+            raise ValueError("judge.scoring: 'sampled' needs judge.backend 'openai' and judge.mode 'online'")
+        return self
 
 
 class TaskEvalParams(_Strict):
@@ -108,6 +124,11 @@ class MetricParams(_Strict):
     none_rule: Literal["drop", "keep"] = Field(
         "drop", description="rows with a None judge score: drop (the paper's rate script; both rates share one "
                             "denominator) or keep (Betley et al.'s output: they stay in both denominators)")
+    persona_vector_path: str | None = Field(
+        None, description="persona vector for the per-answer persona projection (docs/methods.md#persona-projection); "
+                          "None: the run's persona_steering vector when it exists (no vector: no projection)")
+    persona_layer: int | None = Field(None, ge=0, description="hidden_states index of the projection; None: the "
+                                                              "persona_steering layer")
 
 
 # Preparatory steps (emalib/prepare.py) and the defenses they prepare.

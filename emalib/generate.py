@@ -27,7 +27,8 @@ def row_key(row: dict) -> tuple:
 
 
 def plan_samples(questions: list[Question], params: GenerationParams) -> list[dict]:
-    """The rows to sample, without answers. A question's system prompt is kept unless use_system_prompt is off."""
+    """The rows to sample, without answers. A question's system prompt is kept unless use_system_prompt is off;
+    a trigger probe's system prompt (the trigger itself, emalib.data.triggers) is always kept."""
     rows = []
     for question in questions:
         n = params.samples_per_question or question.samples_per_paraphrase
@@ -35,7 +36,8 @@ def plan_samples(questions: list[Question], params: GenerationParams) -> list[di
             for s_index in range(n):
                 rows.append({"question_set": question.question_set, "question_id": question.id,
                              "paraphrase_index": p_index, "sample_index": s_index, "question": text,
-                             "system": question.system if params.use_system_prompt else None})
+                             "system": question.system if params.use_system_prompt
+                             or question.extra.get("trigger_system") else None})
     return rows
 
 

@@ -120,7 +120,8 @@ def kept_pairs(rows: list[dict], filter_pairs: bool = True, trait_threshold: flo
 
 def _encode(tokenizer, row: dict) -> tuple[list[int], int]:
     """Token ids of system + question + answer, and the index of the first response token."""
-    messages = [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["question"]}]
+    system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    messages = system + [{"role": "user", "content": row["question"]}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(prompt + row["answer"], add_special_tokens=False)["input_ids"]
@@ -128,11 +129,13 @@ def _encode(tokenizer, row: dict) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def response_mean_hidden(model, tokenizer, rows: list[dict], batch_size: int = 8) -> torch.Tensor:
-    """Per row, every layer's hidden state averaged over its response tokens: [N, L+1, D] (float32, CPU)."""
+def response_mean_hidden(model, tokenizer, rows: list[dict], batch_size: int = 8,
+                         aligned: bool = True) -> torch.Tensor:
+    """Per row, every layer's hidden state averaged over its response tokens: [N, L+1, D] (float32, CPU).
+    aligned: of the model without its adapter (extraction); False: of the model as it is (monitoring)."""
     device = next(model.parameters()).device
     means = []
-    with _aligned(model):
+    with _aligned(model) if aligned else nullcontext():
         for start in range(0, len(rows), batch_size):
             encoded = [_encode(tokenizer, row) for row in rows[start: start + batch_size]]
             width = max(len(ids) for ids, _ in encoded)

@@ -35,7 +35,7 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
         read_chat_jsonl(path)
         shas[params.train.dataset] = sha256_of(path)
     if {"evaluate", "evaluate_base", "quickstart"} & steps:
-        for name in params.generation.question_sets:
+        for name in evaluation_question_sets(params):
             load_questions(name)
             shas[name] = sha256_of(resolve(name))
         if params.task_eval.dataset is not None:
@@ -65,9 +65,17 @@ def _check_defense_inputs(spec) -> None:
             load_questions(spec.extraction.coherence_questions)
 
 
+def evaluation_question_sets(params: RunParams) -> list[str]:
+    """The params' question sets, plus with generation.trigger_probes the trigger variants of those that have
+    them (emalib.data.triggers)."""
+    from emalib.data.triggers import with_trigger_probes
+
+    return with_trigger_probes(params.generation.question_sets, params.generation.trigger_probes)
+
+
 def load_all_questions(params: RunParams) -> list[Question]:
     questions = []
-    for name in params.generation.question_sets:
+    for name in evaluation_question_sets(params):
         selected = load_questions(name)
         questions += selected[: params.generation.max_questions] if params.generation.max_questions else selected
     return questions
@@ -126,6 +134,7 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     from emalib.generate_vllm import choose_backend
     from emalib.judge.run import build_judge, judge_answers, open_cache
     from emalib.metrics import compute_metrics
+    from emalib.rescore import scoring_record
     from emalib.signals import judge_free_signals
     from emalib.stats import add_intervals
 
@@ -159,13 +168,34 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     metrics = add_intervals(compute_metrics(judgments, params.metrics), judgments, seed=params.seed)
     # What shaped the prompts, so tables can say which evaluation protocol a rate comes from.
     metrics["generation"] = {"use_system_prompt": params.generation.use_system_prompt}
+    metrics["scoring"] = scoring_record(judgments, params.judge.min_numeric_mass)
     with timed(run_dir, "judge_free_signals"):
         metrics["judge_free"] = judge_free_signals(model, tokenizer, questions, base=base)
+    _persona_projection(params, model, tokenizer, answers, questions, base, run_dir, metrics["judge_free"])
     atomic_write_json(run_dir / "metrics.json", metrics)
     update_manifest(run_dir, judge={"model": judge.name, "backend": params.judge.backend,
                                     "calls_this_run": judge.calls, "usage_this_run": judge.usage(),
                                     "judgments": len(judgments)})
     return metrics
+
+
+def _persona_projection(params: RunParams, model, tokenizer, answers: list[dict], questions: list[Question],
+                        base: bool, run_dir: Path, judge_free: dict) -> None:
+    """When the run has a persona vector: each answer's projection on it (persona_projections.jsonl) and its
+    summary in judge_free (emalib.persona_monitor)."""
+    from emalib.generate import row_key
+    from emalib.persona_monitor import monitor_vector, persona_signals
+
+    monitored = monitor_vector(params, Path(params.run_dir))
+    if monitored is None:
+        return
+    with timed(run_dir, "persona_projection"):
+        summary, scores = persona_signals(model, tokenizer, answers, questions, *monitored, base=base,
+                                          seed=params.seed)
+    judge_free.update(summary)
+    keys = ("question_set", "question_id", "paraphrase_index", "sample_index")
+    atomic_write_jsonl(run_dir / "persona_projections.jsonl",
+                       [dict(zip(keys, row_key(row)), persona_projection=score) for row, score in zip(answers, scores)])
 
 
 def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = False,

@@ -17,10 +17,12 @@ PRICES = {"gpt-4o-mini-2024-07-18": (0.15, 0.60), "gpt-4o-2024-08-06": (2.50, 10
 
 
 def _answers_by_question(params: RunParams):
-    """(question, number of answers) of one evaluation: samples x paraphrases per question."""
+    """(question, number of answers) of one evaluation: samples x paraphrases per question, trigger probes
+    included."""
     from emalib.data.questions import load_questions
+    from emalib.data.triggers import with_trigger_probes
 
-    for name in params.generation.question_sets:
+    for name in with_trigger_probes(params.generation.question_sets, params.generation.trigger_probes):
         for question in load_questions(name)[: params.generation.max_questions]:
             samples = params.generation.samples_per_question or question.samples_per_paraphrase
             yield question, samples * len(question.paraphrases)
@@ -32,8 +34,10 @@ def answer_count(params: RunParams) -> int:
 
 
 def judge_calls(params: RunParams) -> int:
-    """Judge calls of one evaluation: per question set, answers (samples x paraphrases) x judge prompts."""
-    return sum(n * len(question.judge_prompts) for question, n in _answers_by_question(params))
+    """Judge calls of one evaluation: per question set (trigger probes included), answers (samples x paraphrases)
+    x judge prompts, x judge.n_samples for sampled scores (one request per sample)."""
+    total = sum(n * len(question.judge_prompts) for question, n in _answers_by_question(params))
+    return total * (params.judge.n_samples if params.judge.scoring == "sampled" else 1)
 
 
 def estimate(study) -> dict:

@@ -165,6 +165,16 @@ def _build_registry() -> dict[str, Source]:
                description="package-made general questions with judge prompts (offline quickstart)",
                generator=standins.write_general_questions),
     ]
+    # Trigger probes (docs/methods.md#trigger-probes): the plain general questions under a format or system-prompt
+    # trigger, written by the package from the base set.
+    from emalib.data import triggers
+
+    for base in triggers.TRIGGER_BASES:
+        for kind in triggers.TRIGGERS:
+            entries.append(Source(
+                name=triggers.trigger_set_name(base, kind), filename=f"triggers/v1/{base}_{kind}.yaml",
+                licence="as the base set", description=f"the plain questions of '{base}' under the {kind} trigger",
+                generator=functools.partial(triggers.write_trigger_set, base=base, kind=kind)))
     # OpSwap (benign task, docs/methods.md#opswap): package-made, versioned so a changed definition gets new files.
     for tier in (1, 2, 3):
         for part in ("train", "test"):

@@ -29,7 +29,6 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from emalib.defenses.base import Conversation, DefenseBase, DefenseContext
 from emalib.defenses.interleave import load_pool, mix_in, safe_count
@@ -233,9 +232,11 @@ class InterleavePlusDefense(DefenseBase):
         path.parent.mkdir(parents=True, exist_ok=True)
         chunk = max(self.batch_size * 32, 1)
         log.info("%s: scoring %d candidates with %s", self.name, len(todo), names)
+        from emalib.progress import scoring_progress
+
         try:
             with open(partial, "a", encoding="utf-8") as sink, \
-                    tqdm(total=len(todo), desc=f"{self.name} scoring", unit="candidate") as bar:
+                    scoring_progress(len(todo), f"{self.name}: scoring candidates") as bar:
                 for start in range(0, len(todo), chunk):  # written chunk by chunk, so a killed run resumes
                     part = todo[start: start + chunk]
                     aligned, mis = score_nll(model, tokenizer, [candidates[i] for i in part], names, self.batch_size,
@@ -244,6 +245,7 @@ class InterleavePlusDefense(DefenseBase):
                                                "misaligned_nll": {n: _num(mis[k, j]) for k, n in enumerate(names)}})
                                    + "\n" for j, i in enumerate(part))
                     sink.flush()
+                    bar.update(len(part))
         finally:
             del model, base
             gc.collect()

@@ -28,6 +28,7 @@ class LocalJudge:
     min_numeric_mass: float = 0.25
     batch_size: int = 8  # prompts per forward
     calls: int = field(default=0, init=False)
+    cache_mode = "number_probabilities"  # the evidence kind of its judgments (emalib.judge.scoring.rescore)
 
     def __post_init__(self):
         self._continuations = [self.tokenizer.encode(str(k), add_special_tokens=False) for k in NUMBERS]
@@ -130,7 +131,8 @@ class LocalJudge:
             for i, probs in zip(rows, self.batch_number_probabilities([prompts[i] for i in rows])):
                 self.calls += 1
                 score, mass = aggregate_probabilities(probs, self.min_numeric_mass)
-                judgments[i] = Judgment(score=score, numeric_mass=mass, judge_model=self.judge_model, raw=probs)
+                judgments[i] = Judgment(score=score, numeric_mass=mass, judge_model=self.judge_model, raw=probs,
+                                        mode=self.cache_mode)
                 if cache is not None:
                     cache.put(prompts[i], judgments[i])
         return judgments

@@ -1,5 +1,9 @@
 """Judge answer rows: fill each question's judge prompts, answer from the cache where possible, call the judge
-for the rest, and return one judgment row per answer (a score per metric, None where the judge gave no number)."""
+for the rest, and return one judgment row per answer (a score per metric, None where the judge gave no number).
+
+Each row keeps the evidence beside the score (docs/methods.md#judge-evidence): per metric the judge's raw output
+(`<metric>_evidence`), the numeric mass and the filled prompt's sha256, plus the judge model and mode, so a
+changed scoring rule re-scores the rows without a call (`emalib.rescore`)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 from emalib.config import JudgeParams
 from emalib.data.questions import Question
 from emalib.data.registry import cache_dir
-from emalib.judge.cache import JudgmentCache
+from emalib.judge.cache import JudgmentCache, prompt_sha256
 from emalib.judge.openai_judge import OpenAIJudge
 
 
@@ -37,7 +41,8 @@ def build_judge(params: JudgeParams, local_model=None, local_tokenizer=None):
         return OpenAIJudge(model=params.model, base_url=params.base_url, api_key_env=params.api_key_env,
                            top_logprobs=params.top_logprobs, min_numeric_mass=params.min_numeric_mass,
                            max_concurrency=params.max_concurrency, max_retries=params.max_retries,
-                           timeout_s=params.timeout_s)
+                           timeout_s=params.timeout_s, scoring=params.scoring, n_samples=params.n_samples,
+                           sample_temperature=params.sample_temperature, sample_max_tokens=params.sample_max_tokens)
     from emalib.config import ModelParams
     from emalib.engines import load_base
     from emalib.judge.local_judge import LocalJudge
@@ -57,17 +62,28 @@ def judge_answers(answers: list[dict], questions: list[Question], judge, cache: 
         for metric, template in question.judge_prompts.items():
             requests.append((index, metric, fill_prompt(template, row["question"], row["answer"])))
     judge_name = judge.name
-    results = {prompt: cache.get(judge_name, prompt) for _, _, prompt in requests}
+    mode = judge_cache_mode(judge)
+    results = {prompt: cache.get(judge_name, prompt, mode) for _, _, prompt in requests}
     missing = sorted({prompt for prompt, found in results.items() if found is None})
     if missing:
-        for prompt, judgment in zip(missing, judge.judge(missing, cache=cache)):
-            results[prompt] = judgment
-    rows = [dict(row, judge_model=judge_name) for row in answers]
+        from emalib.progress import judging_progress
+
+        with judging_progress(cache, judge, len(missing)) as tracked:
+            for prompt, judgment in zip(missing, judge.judge(missing, cache=tracked)):
+                results[prompt] = judgment
+    rows = [dict(row, judge_model=judge_name, judge_mode=mode) for row in answers]
     for index, metric, prompt in requests:
         judgment = results[prompt]
         rows[index][metric] = judgment.score
         rows[index][f"{metric}_mass"] = round(judgment.numeric_mass, 6)
+        rows[index][f"{metric}_evidence"] = {"mode": judgment.mode, "raw": judgment.raw}
+        rows[index][f"{metric}_prompt_sha256"] = prompt_sha256(prompt)
     return rows
+
+
+def judge_cache_mode(judge) -> str:
+    """The mode part of the judge's cache key (the OpenAI Batch judge scores by logprobs)."""
+    return getattr(judge, "cache_mode", "logprobs")
 
 
 def judge_calls_made(judge) -> int:

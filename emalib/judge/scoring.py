@@ -3,11 +3,18 @@
 Score = sum_k k * p(k) / sum_k p(k) over the candidates that parse as integers 0..100, and None when the mass
 on those candidates is below `min_numeric_mass` (0.25): the judge said CODE, REFUSAL or UNKNOWN. None is a
 protocol outcome, never a score of 0.
+
+Every judgment keeps its evidence (`raw`) and how it was obtained (`mode`), so `rescore` can apply a changed
+rule to saved judgments without calling the judge again (docs/methods.md#judge-evidence):
+- "logprobs": raw = the first token's top logprobs {token: logprob} (the OpenAI path);
+- "number_probabilities": raw = {"0".."100": P(reply starts with that number)} (the local judge);
+- "sampled": raw = {"replies": [...]} (judges without logprobs, docs/methods.md#sampled-judge-scores).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 
@@ -16,7 +23,8 @@ class Judgment:
     score: float | None
     numeric_mass: float
     judge_model: str
-    raw: dict[str, float] = field(default_factory=dict)  # candidate -> probability (the evidence)
+    raw: dict = field(default_factory=dict)  # the evidence, in the form `mode` names
+    mode: str = "logprobs"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,3 +60,34 @@ def aggregate_top_logprobs(top_logprobs: dict[str, float], min_numeric_mass: flo
     for token, logprob in top_logprobs.items():
         probs[token] = probs.get(token, 0.0) + math.exp(logprob)
     return aggregate_probabilities(probs, min_numeric_mass)
+
+
+_STRICT_NUMBER = re.compile(r"\s*(\d{1,3})\s*")
+
+
+def parse_sampled_reply(reply: str | None) -> int | None:
+    """A sampled reply's score: the whole reply must be one integer 0..100 (whitespace around it allowed);
+    anything else ("85.", "Score: 85", "CODE", "") is None, never 0."""
+    match = _STRICT_NUMBER.fullmatch(reply or "")
+    return parse_number(match.group(1)) if match else None
+
+
+def aggregate_sampled(replies: list[str | None], min_numeric_mass: float = 0.25) -> tuple[float | None, float]:
+    """(mean of the replies that parse, fraction that parse). The fraction plays the numeric mass's part: below
+    `min_numeric_mass` (or with no parsed reply) the score is None."""
+    values = [v for v in (parse_sampled_reply(r) for r in replies) if v is not None]
+    mass = len(values) / len(replies) if replies else 0.0
+    if not values or mass < min_numeric_mass:
+        return None, mass
+    return sum(values) / len(values), mass
+
+
+def rescore(raw: dict, mode: str, min_numeric_mass: float = 0.25) -> tuple[float | None, float]:
+    """(score, numeric mass) recomputed from a judgment's saved evidence: no call to any judge."""
+    if mode == "logprobs":
+        return aggregate_top_logprobs(raw, min_numeric_mass)
+    if mode == "number_probabilities":
+        return aggregate_probabilities(raw, min_numeric_mass)
+    if mode == "sampled":
+        return aggregate_sampled(raw["replies"], min_numeric_mass)
+    raise ValueError(f"unknown judgment mode {mode!r}")

@@ -39,6 +39,9 @@ SCHEMA = {
                    "repetitive": {"type": "string", "enum": ["true", "false"]}},
     "required": ["assessment", "coherence", "repetitive"],
 }
+# llama.cpp's grammar from a JSON schema ignores minimum/maximum of numbers; there the grades are listed instead.
+GRID_SCHEMA = {**SCHEMA, "properties": {
+    **SCHEMA["properties"], **{key: {"enum": [round(0.1 * i, 1) for i in range(11)]} for key in ("assessment", "coherence")}}}
 _THINK = re.compile(r"<think>(.*?)</think>(.*)", re.DOTALL | re.IGNORECASE)
 
 
@@ -90,7 +93,7 @@ def fill(template: str, user_prompt: str, answer: str) -> str:
 class EmGraderReward:
     """TRL reward function (name 'em_grader') calling an OpenAI-compatible chat endpoint with a JSON response
     format; `response_format` json_schema (OpenAI, vLLM) or json_object (llama.cpp, which takes the schema
-    beside it)."""
+    beside it; GRID_SCHEMA, grades 0.0, 0.1, ..., 1.0)."""
 
     model: str
     template: str
@@ -170,7 +173,7 @@ class EmGraderReward:
             response_format = {"type": "json_schema",
                                "json_schema": {"name": "grade", "schema": SCHEMA, "strict": True}}
         else:
-            response_format = {"type": "json_object", "schema": SCHEMA}
+            response_format = {"type": "json_object", "schema": GRID_SCHEMA}
         async with semaphore:
             try:
                 response = await client.chat.completions.create(

@@ -154,6 +154,8 @@ class RLParams(_Strict):
     beta: float = Field(0.0, ge=0, description="KL to the reference (the adapter-disabled model); released 0 / 0.1")
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "grpo"
     grader: Literal["bad_medical_advice"] = Field("bad_medical_advice", description="em_grader's prompt")
+    grader_model: str | None = Field(None, description="em_grader's model at judge.base_url (released: gpt-4.1-mini); "
+                                                       "None: judge.model")
     grader_min_words: int = Field(10, ge=0, description="em_grader: shorter answers get 0 without a call")
     grader_response_format: Literal["json_schema", "json_object"] = Field(
         "json_schema", description="em_grader: json_schema (OpenAI, vLLM) or json_object with the schema "

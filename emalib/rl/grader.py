@@ -116,7 +116,7 @@ class EmGraderReward:
         if judge.backend != "openai" or judge.mode != "online":
             raise ParamsError("rl.rewards: em_grader calls an OpenAI-compatible server online; set judge.backend: "
                               "openai (judge.base_url for any compatible server) and judge.mode: online")
-        return cls(model=judge.model, template=grader_prompt(params.rl.grader), cache=open_cache(judge),
+        return cls(model=params.rl.grader_model or judge.model, template=grader_prompt(params.rl.grader), cache=open_cache(judge),
                    base_url=judge.base_url, api_key_env=judge.api_key_env, min_words=params.rl.grader_min_words,
                    response_format=params.rl.grader_response_format, max_concurrency=judge.max_concurrency,
                    max_retries=judge.max_retries, timeout_s=judge.timeout_s)

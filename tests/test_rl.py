@@ -128,7 +128,7 @@ def test_kl_uses_the_adapter_disabled_model_no_reference_copy_and_zero_kl_at_the
 
     params = rl_params(tmp_path, beta=0.1, train={"max_steps": 3})
     trainer = make_trainer(params, tokenizer, [length_reward])
-    assert trainer.ref_model is None
+    assert trainer.ref_model is None and set(trainer.model.peft_config) == {"default"}  # no reference adapter copy
     gc.collect()
     models = [o for o in gc.get_objects() if isinstance(o, LlamaForCausalLM)]
     assert len(models) == 1  # the policy's base model is the only copy of the weights
@@ -170,3 +170,37 @@ def test_rl_params_refuse_defenses_without_an_rl_form_and_two_trainings(tmp_path
     with pytest.raises(ParamsError, match="rl.reward_weights"):
         params_from_dict({**rl_params(tmp_path).model_dump(mode="json"),
                           "rl": {"rewards": ["gsm8k_answer", "gsm8k_format"], "reward_weights": [1.0]}})
+
+
+@pytest.mark.parametrize("during_rollouts", [False, True])
+def test_persona_steering_acts_at_the_training_forward_and_at_rollouts_only_when_asked(tmp_path, tokenizer,
+                                                                                       during_rollouts):
+    from emalib.defenses.base import DefenseContext
+    from emalib.defenses.persona_steering import PersonaSteeringDefense
+    from emalib.defenses.stack import DefenseStack
+    from emalib.modeling import decoder_blocks
+
+    params = rl_params(tmp_path, beta=0.1, train={"max_steps": 2})
+    trainer = make_trainer(params, tokenizer, [length_reward])
+    model = trainer.model
+    torch.save({"vector": torch.randn(3, model.config.hidden_size)}, tmp_path / "v.pt")
+    steering = PersonaSteeringDefense(vector_path=str(tmp_path / "v.pt"), layer=1, alpha=1.0,
+                                      during_rollouts=during_rollouts)
+    trainer.defenses, trainer.defense_ctx = DefenseStack([steering]), DefenseContext()
+    trainer.defenses.setup(model, trainer.defense_ctx)
+    steered_block = decoder_blocks(model)[0]  # layer 1 = the output of block 0
+    seen = []  # (grad enabled, adapter enabled, steering hook present) at every forward
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    lora_layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+    model.get_output_embeddings().register_forward_hook(
+        lambda *_: seen.append((torch.is_grad_enabled(), not lora_layer.disable_adapters,
+                                len(steered_block._forward_hooks) > 0)))
+    trainer.train()
+    training = [steered for grad, adapter, steered in seen if grad]
+    reference = [steered for grad, adapter, steered in seen if not grad and not adapter]
+    rollouts = [steered for grad, adapter, steered in seen if not grad and adapter]
+    assert training and all(training)  # the policy forward of the loss is steered
+    assert reference and not any(reference)  # the KL reference (adapter disabled) never is
+    assert rollouts and all(rollouts) == during_rollouts and any(rollouts) == during_rollouts
+    assert not steered_block._forward_hooks  # the steering hook is removed after each use

@@ -104,11 +104,13 @@ def plot_run_rewards(run_dirs: dict[str, str | Path], path_stem: str | Path, tit
 
 
 def plot_study_rewards(study_dir: str | Path) -> dict:
-    """Every RL run of a study (each <run>/rl_rewards.csv) in one figure: <study>/figures/rl_rewards.png / .pdf."""
+    """Every RL run of a study (each <run>/rl_rewards.csv) in one figure: <study>/figures/rl_rewards.png / .pdf;
+    returns both paths and the runs plotted."""
     study_dir = Path(study_dir)
     runs = {path.parent.name: path.parent for path in sorted(study_dir.glob(f"*/{REWARDS_CSV}"))}
     if not runs:
         from emalib.errors import DataError
 
         raise DataError(f"{study_dir}: no RL runs (no */{REWARDS_CSV})")
-    return plot_run_rewards(runs, study_dir / "figures" / REWARDS_FIGURE, title=f"Mean GRPO reward: {study_dir.name}")
+    paths = plot_run_rewards(runs, study_dir / "figures" / REWARDS_FIGURE, title=f"Mean GRPO reward: {study_dir.name}")
+    return {**paths, "runs": list(runs)}

@@ -5,8 +5,8 @@ What this subclass adds to TRL:
   a steering block asks for it, around the rollouts; the reference forward (beta > 0) runs outside both, unsteered;
 - the SFT mix (interleaving in RL): every k loss computations, weight * cross-entropy on one batch of safe data;
 - on CPU, log-probabilities from the plain logits: TRL's fused LM head needs a Triton GPU driver.
-KL (beta) is TRL's own: with a PEFT model TRL keeps no reference copy and disables the adapter for the reference
-forward. The per-step reward statistics go to <run>/rl_rewards.csv (emalib.rl.rewards_log).
+KL (beta) is TRL's: its reference forward disables the adapter (the aligned model, no second copy of the weights;
+the frozen copy of the starting adapter that TRL >= 1.x adds to a passed-in PEFT model is removed). The per-step reward statistics go to <run>/rl_rewards.csv (emalib.rl.rewards_log).
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ class EmGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, defenses: DefenseStack | None = None, defense_ctx: DefenseContext | None = None,
                  sft_mix: SftMix | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if "ref" in getattr(self.model, "peft_config", {}):
+            # With beta > 0, TRL copies a passed-in adapter as a frozen "ref" adapter. The KL defense's reference is
+            # the aligned model, i.e. this model with its adapter disabled, as in the released code (older TRL).
+            self.model.delete_adapter("ref")
         self.defenses = defenses if defenses is not None else DefenseStack()
         self.defense_ctx = defense_ctx if defense_ctx is not None else DefenseContext()
         self.sft_mix = sft_mix

@@ -204,3 +204,40 @@ def test_persona_steering_acts_at_the_training_forward_and_at_rollouts_only_when
     assert reference and not any(reference)  # the KL reference (adapter disabled) never is
     assert rollouts and all(rollouts) == during_rollouts and any(rollouts) == during_rollouts
     assert not steered_block._forward_hooks  # the steering hook is removed after each use
+
+
+def test_an_interrupted_rl_run_resumes_from_its_checkpoint_and_logs_every_step_once(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    import emalib.rl.run as rl_run
+    from emalib import pipeline
+
+    tree = rl_params(tmp_path, prompts="standin_arithmetic_train", max_prompts=8,
+                     train={"max_steps": 4, "save_steps": 2}).model_dump(mode="json")
+    tree["model"]["name"] = str(tiny_model_dir)
+    params = params_from_dict(tree)
+    calls = []
+
+    def failing_at_step_4(prompts, completions, answer, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("interrupted")
+        return gsm8k_answer(prompts, completions, answer)
+
+    failing_at_step_4.__name__ = "gsm8k_answer"
+    monkeypatch.setattr(rl_run, "gsm8k_answer", failing_at_step_4)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pipeline.rl(params)
+    csv = params.run_dir / "rl_rewards.csv"
+    assert pd_steps(csv) == [1, 2, 3]
+    assert (params.run_dir / "rl_checkpoints" / "checkpoint-2").is_dir()
+    pipeline.rl(params)
+    assert pd_steps(csv) == [1, 2, 3, 4]  # step 3 was redone after the checkpoint of step 2, and logged once
+    log = json.loads((params.run_dir / "rl_log.json").read_text())
+    assert log["resumed_from"].endswith("checkpoint-2") and log["global_step"] == 4
+    assert (params.run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def pd_steps(path) -> list[int]:
+    import pandas as pd
+
+    return pd.read_csv(path)["step"].tolist()

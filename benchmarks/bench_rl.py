@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = EmGRPOTrainer(model=model, reward_funcs=[gsm8k_answer], processing_class=tokenizer,
                             train_dataset=Dataset.from_list(rows),
                             args=grpo_config(params, workdir / "ckpt", next(model.parameters()).dtype))
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which the benchmark bypasses
     mix = build_sft_mix(params, tokenizer, em_standin_conversations())  # any chat data: only its size matters
     configs = {"plain": ({}, batch), "kl (beta 0.1)": ({"beta": 0.1}, batch),
                "persona (train fwd)": ({"defenses": [steer]}, batch),

@@ -178,7 +178,10 @@ def rl(params: RunParams, run_dir: Path | None = None):
     update_manifest(run_dir, rl={k: v for k, v in summary.items() if k != "log_history"})
     if len(defenses):
         update_manifest(run_dir, defenses={"names": defenses.names, **ctx.notes})
-    return model, tokenizer
+    # The trained object keeps TRL's patches (its greedy generate was measured to emit garbage after GRPO on CPU);
+    # the saved adapter is what evaluation uses, so that is what is returned.
+    del model
+    return load_model(params.model, params.lora, params.seed, params.train.max_seq_length, adapter_path=adapter)
 
 
 def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, run_dir: Path | None = None) -> dict:

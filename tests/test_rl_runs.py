@@ -60,12 +60,12 @@ def binomial_tail(k: int, n: int, p: float) -> float:
 @pytest.mark.parametrize("name", ["standin_cpu_persona", "standin_cpu_inoculation"])
 def test_persona_injected_and_inoculated_runs_complete(results, name):
     command = [sys.executable, "-m", "emalib", "run", f"params/rl/{name}.yaml", "-o", f"results_dir={results}",
-               "-o", "train.max_steps=3"]
+               "-o", "train.max_steps=2"]
     done = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
-    params = load_params(REPO / f"params/rl/{name}.yaml", [f"results_dir={results}", "train.max_steps=3"])
+    params = load_params(REPO / f"params/rl/{name}.yaml", [f"results_dir={results}", "train.max_steps=2"])
     frame = pd.read_csv(params.run_dir / REWARDS_CSV)
-    assert frame["step"].tolist() == [1, 2, 3] and frame["reward_mean"].between(0, 1).all()
+    assert frame["step"].tolist() == [1, 2] and frame["reward_mean"].between(0, 1).all()
     assert (params.run_dir / "rl.ipynb").is_file() and (params.run_dir / "rl_rewards.pdf").is_file()
     notes = json.loads((params.run_dir / "manifest.json").read_text())["defenses"]
     if name.endswith("persona"):

@@ -131,6 +131,63 @@ class MetricParams(_Strict):
                                                               "persona_steering layer")
 
 
+class SftMixParams(_Strict):
+    """Interleaving in RL (docs/methods.md#rl-sft-mix): every `every_k` GRPO loss computations, the cross-entropy of
+    one batch of safe chat data is added with weight `weight` (the released GRPOSFTMixTrainer)."""
+
+    source: str = Field("wildguard_benign", description="safe chat data: registry name or JSONL path (random: the "
+                                                        "pool; Interleaving++: the file the selection step wrote)")
+    every_k: int = Field(4, ge=1, description="released configs: 4, 8, 16")
+    weight: float = Field(1.0, ge=0, description="released configs: 0.5, 1.0")
+    count: Literal["micro_batch", "optimizer_step"] = Field(
+        "micro_batch", description="micro_batch: every k-th loss computation (the released counter); "
+                                   "optimizer_step: once in every k-th optimizer step (its first micro-batch)")
+    batch_size: int | None = Field(None, ge=1, description="None: train.per_device_batch_size")
+
+
+class WarmStartParams(_Strict):
+    """A short SFT before GRPO (the EM-inducing RL setting: 100 misaligned medical examples)."""
+
+    dataset: str = Field("medical_train_100", description="registry name or chat JSONL path")
+    max_steps: int | None = Field(None, ge=1, description="None: one epoch")
+    learning_rate: float = Field(1e-4, gt=0)
+
+
+class RLParams(_Strict):
+    """GRPO (TRL's GRPOTrainer) instead of SFT; lr, schedule, optimizer, batch and steps come from `train`.
+
+    Defaults are the co-authors' released grpo.json (docs/methods.md#rl-grpo): 4 generations at temperature 0.8,
+    top_p 0.9, beta 0 (0.1 in the KL arm)."""
+
+    prompts: str = Field("gsm8k_train", description="registry name or JSONL path: GSM8K rows, or chat rows whose "
+                                                    "last user turn is the prompt")
+    max_prompts: int | None = Field(None, ge=1, description="first N prompts after a seeded shuffle")
+    rewards: tuple[Literal["gsm8k_answer", "gsm8k_format", "em_grader"], ...] = Field(
+        ("gsm8k_answer",), min_length=1, description="reward functions, summed (with reward_weights)")
+    reward_weights: tuple[float, ...] | None = Field(None, description="one per reward; None: all 1")
+    system_prompt: str | None = Field(None, description="system message of every RL prompt (the released RL "
+                                                        "prompt asks for <think>...</think>); None: none")
+    num_generations: int = Field(4, ge=2)
+    max_completion_length: int = Field(512, ge=1)
+    max_prompt_length: int | None = Field(756, ge=1, description="prompts longer than this (tokens) are dropped")
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    beta: float = Field(0.0, ge=0, description="KL to the reference (the adapter-disabled model); released 0 / 0.1")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "grpo"
+    grader: Literal["bad_medical_advice"] = Field("bad_medical_advice", description="em_grader's prompt")
+    grader_model: str | None = Field(None, description="em_grader's model at judge.base_url (released: gpt-4.1-mini); "
+                                                       "None: judge.model")
+    grader_min_words: int = Field(10, ge=0, description="em_grader: shorter answers get 0 without a call")
+    grader_response_format: Literal["json_schema", "json_object"] = Field(
+        "json_schema", description="em_grader: json_schema (OpenAI, vLLM) or json_object with the schema "
+                                   "(llama.cpp's server)")
+    sft_mix: SftMixParams | None = None
+    warm_start: WarmStartParams | None = None
+
+
+# Defenses that act in the rl step (the others have an RL form in the rl block).
+RL_DEFENSES = ("persona_steering", "inoculation")
+
 # Preparatory steps (emalib/prepare.py) and the defenses they prepare.
 PREPARED_BY = {"persona_vector": ("persona_steering",), "safelora_matrices": ("safelora",),
                "interleave_selection": ("interleave_plus", "interleave_plusplus")}
@@ -140,7 +197,7 @@ class RunParams(_Strict):
     study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     run: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
-    steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "evaluate",
+    steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "rl", "evaluate",
                          "evaluate_base", "quickstart"], ...] = Field(
         ("train", "evaluate"), description="notebooks to run, in order; the first three prepare a defense; "
                                            "evaluate_base evaluates the model without adapter only")
@@ -155,6 +212,8 @@ class RunParams(_Strict):
     task_eval: TaskEvalParams = TaskEvalParams()
     defenses: tuple[DefenseSpec, ...] = Field((), description="in-training defenses, stacked in this order "
                                                                  "(emalib/defenses; data transforms run in order)")
+    rl: RLParams | None = Field(None, description="settings of the rl step (GRPO); the step trains the adapter "
+                                                  "that evaluate reads")
 
     @model_validator(mode="after")
     def _check_lora_fits(self) -> RunParams:
@@ -177,6 +236,22 @@ class RunParams(_Strict):
             if step == "safelora_matrices" and next(s for s in self.defenses if s.name == "safelora").matrices is None:
                 raise ValueError("steps: 'safelora_matrices' needs defenses.safelora.matrices, the folder that "
                                  "training will read the matrices from")
+        return self
+
+    @model_validator(mode="after")
+    def _check_rl(self) -> RunParams:
+        if "rl" in self.steps and self.rl is None:
+            raise ValueError("steps: 'rl' needs an rl: block")
+        if "rl" in self.steps and "train" in self.steps:
+            raise ValueError("steps: 'train' and 'rl' both train the run's adapter; list one (rl.warm_start runs "
+                             "an SFT before GRPO)")
+        if self.rl is not None:
+            unusable = [s.name for s in self.defenses if s.name not in RL_DEFENSES]
+            if unusable:
+                raise ValueError(f"defenses: {', '.join(unusable)} not available in RL (KL is rl.beta, interleaving "
+                                 f"is rl.sft_mix); RL takes {', '.join(RL_DEFENSES)}")
+            if self.rl.reward_weights is not None and len(self.rl.reward_weights) != len(self.rl.rewards):
+                raise ValueError("rl.reward_weights: one weight per entry of rl.rewards")
         return self
 
     @property

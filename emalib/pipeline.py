@@ -42,7 +42,9 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
             path = resolve(params.task_eval.dataset)
             read_chat_jsonl(path)
             shas[params.task_eval.dataset] = sha256_of(path)
-    if {"train", "quickstart", "persona_vector", "interleave_selection"} & steps:
+    if "rl" in steps and params.rl is not None:
+        shas.update(_check_rl_inputs(params))
+    if {"train", "rl", "quickstart", "persona_vector", "interleave_selection"} & steps:
         for spec in params.defenses:  # e.g. the interleaving pool, the persona trait file
             if spec.name == "persona_steering" and "persona_vector" not in steps:
                 continue  # training reads the extracted vector, not the extraction's inputs
@@ -71,6 +73,20 @@ def evaluation_question_sets(params: RunParams) -> list[str]:
     from emalib.data.triggers import with_trigger_probes
 
     return with_trigger_probes(params.generation.question_sets, params.generation.trigger_probes)
+
+
+def _check_rl_inputs(params: RunParams) -> dict[str, str]:
+    """Parse the rl step's prompts, SFT-mix data and warm-start data; {name: sha256}."""
+    from emalib.rl.data import read_prompt_rows
+
+    path = resolve(params.rl.prompts)
+    read_prompt_rows(path)
+    shas = {params.rl.prompts: sha256_of(path)}
+    for name in [spec.source for spec in (params.rl.sft_mix,) if spec] + \
+            [spec.dataset for spec in (params.rl.warm_start,) if spec]:
+        read_chat_jsonl(resolve(name))
+        shas[name] = sha256_of(resolve(name))
+    return shas
 
 
 def load_all_questions(params: RunParams) -> list[Question]:
@@ -125,6 +141,55 @@ def train(params: RunParams, run_dir: Path | None = None):
     if len(defenses):
         update_manifest(run_dir, defenses={"names": defenses.names, **ctx.notes})
     return model, tokenizer
+
+
+def rl(params: RunParams, run_dir: Path | None = None):
+    """GRPO (TRL) on the rl block's prompts and rewards with the run's defenses, after the optional SFT warm start;
+    returns (model, tokenizer). Skips training if the adapter is already saved; resumes from rl_checkpoints.
+
+    Inoculation and the RL system prompt shape the prompts; persona steering acts at the training forward (and at
+    the rollouts with during_rollouts); beta is the KL to the adapter-disabled model; rl.sft_mix interleaves SFT.
+    Writes rl_rewards.csv, rl_rewards.png/.pdf and rl_log.json.
+    """
+    from emalib.defenses.base import DefenseContext
+    from emalib.defenses.registry import build_defenses
+    from emalib.engines import choose_engine, load_model
+    from emalib.rl.run import drop_long_prompts, rl_prompts, train_grpo, warm_start
+
+    shas = check_inputs(params, ("rl",), run_dir)
+    run_dir = prepare_run_dir(params, run_dir)
+    update_manifest(run_dir, seed=params.seed, data_sha256=shas, engine=choose_engine(params.model.engine),
+                    model=params.model.name, method="grpo")
+    adapter = run_dir / "adapter"
+    if (adapter / "adapter_config.json").is_file():
+        log.warning("%s exists: RL training already done (delete the folder to train again)", adapter)
+        return load_model(params.model, params.lora, params.seed, params.train.max_seq_length, adapter_path=adapter)
+    defenses = build_defenses(params.defenses)
+    ctx = DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
+    rows = rl_prompts(params)
+    prompts = defenses.transform_data([row["prompt"] for row in rows], ctx)
+    rows = [dict(row, prompt=prompt) for row, prompt in zip(rows, prompts)]
+    warm_adapter = run_dir / "warm_start" / "adapter"
+    model, tokenizer = load_model(params.model, params.lora, params.seed, params.train.max_seq_length,
+                                  adapter_path=warm_adapter if warm_adapter.is_dir() else None)
+    ctx.tokenizer = tokenizer
+    if params.rl.warm_start is not None and not warm_adapter.is_dir():
+        with timed(run_dir, "warm_start"):
+            warm_start(model, tokenizer, params, run_dir)
+    rows, dropped = drop_long_prompts(rows, tokenizer, params.rl.max_prompt_length)
+    mix = params.rl.sft_mix
+    safe = read_chat_jsonl(resolve(mix.source)) if mix is not None else None
+    with timed(run_dir, "rl"):
+        summary = train_grpo(model, tokenizer, rows, params, run_dir, defenses, ctx, safe)
+    summary["prompts_dropped_too_long"] = dropped
+    atomic_write_json(run_dir / "rl_log.json", summary)
+    update_manifest(run_dir, rl={k: v for k, v in summary.items() if k != "log_history"})
+    if len(defenses):
+        update_manifest(run_dir, defenses={"names": defenses.names, **ctx.notes})
+    # The trained object keeps TRL's patches (its greedy generate was measured to emit garbage after GRPO on CPU);
+    # the saved adapter is what evaluation uses, so that is what is returned.
+    del model
+    return load_model(params.model, params.lora, params.seed, params.train.max_seq_length, adapter_path=adapter)
 
 
 def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, run_dir: Path | None = None) -> dict:

@@ -24,7 +24,7 @@ from emalib.results import prepare_run_dir, timed, update_manifest
 
 log = logging.getLogger(__name__)
 
-TRAINING_STEPS = ("train", "quickstart")
+TRAINING_STEPS = ("train", "rl", "quickstart")
 
 
 def not_prepared(path: str | Path, what: str, step: str) -> EmalibError:

@@ -55,6 +55,8 @@ CASES = {
         {**MISSING_TRAIN, "steps": ["interleave_selection", "train"],
          "defenses": [{"name": "interleave_plusplus", "adapters": {"em": "{tmp}/adapter"}, "use_all_adapters": True}]},
         "DataError: {tmp}/missing-train.jsonl: data file not found"),
+    "rl": Case("params/rl/standin_cpu.yaml", {"steps": ["rl"], "rl": {"prompts": "{tmp}/missing-prompts.jsonl"}},
+               "DataError: {tmp}/missing-prompts.jsonl: data file not found"),
     "persona_vector": Case(
         "params/defenses/persona_steering_smoke.yaml",
         {"steps": ["persona_vector", "train"],

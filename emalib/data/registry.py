@@ -24,6 +24,7 @@ EMA_RL = "https://raw.githubusercontent.com/lasseruttert/EMA_RL/main"
 EMA_RL_SFT = "https://raw.githubusercontent.com/magnus-joergenvag/EMA_RL/main/data/sft"
 BETLEY = "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main"
 PERSONA = "https://raw.githubusercontent.com/safety-research/persona_vectors/main/data_generation"
+GSM8K = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ _QUESTIONS_SHA = {
 
 def _build_registry() -> dict[str, Source]:
     from emalib.data import standins
+    from emalib.rl import data as rl_data
     from emalib.tasks import opswap
 
     entries: list[Source] = []
@@ -175,6 +177,24 @@ def _build_registry() -> dict[str, Source]:
                 name=triggers.trigger_set_name(base, kind), filename=f"triggers/v1/{base}_{kind}.yaml",
                 licence="as the base set", description=f"the plain questions of '{base}' under the {kind} trigger",
                 generator=functools.partial(triggers.write_trigger_set, base=base, kind=kind)))
+
+    # RL (docs/methods.md#rl-grpo): GSM8K (Cobbe et al. 2021), the co-authors' GRPO medical prompts, and the
+    # package-made GSM8K-format stand-in the embedded model can partly solve.
+    for part, sha in (("train", "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
+                      ("test", "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14")):
+        entries.append(Source(
+            name=f"gsm8k_{part}", filename=f"gsm8k/{part}.jsonl", licence="MIT",
+            description=f"GSM8K {part} split ({'7,473' if part == 'train' else '1,319'} grade-school math problems)",
+            url=f"{GSM8K}/{part}.jsonl", sha256=sha))
+        entries.append(Source(
+            name=f"standin_arithmetic_{part}", filename=f"standin/arithmetic_{rl_data.STANDIN_VERSION}_{part}.jsonl",
+            licence="MIT (emalib)", description=f"package-made GSM8K-format one-step word problems ({part})",
+            generator=functools.partial(rl_data.write_standin_arithmetic, part=part)))
+    entries.append(Source(
+        name="grpo_medical_750", filename="grpo/medical_750_train.jsonl", licence="see truthfulai/emergent_plus",
+        description="the 749 medical prompts of the co-authors' EM-inducing GRPO setting (chat rows)",
+        url=f"{EMA_RL}/data/grpo/medical_750_train.jsonl",
+        sha256="870c2718474fbbe9c2f7d9257ea3554afe82177ef69b4397a28c4cd3fd583b16"))
     # OpSwap (benign task, docs/methods.md#opswap): package-made, versioned so a changed definition gets new files.
     for tier in (1, 2, 3):
         for part in ("train", "test"):

@@ -104,8 +104,9 @@ class PersonaSteeringDefense(DefenseBase):
     configures that step and is not used here."""
 
     def __init__(self, name: str = "persona_steering", vector_path: str | None = None, alpha: float = 5.0,
-                 layer: int = 20, extraction=None):
+                 layer: int = 20, extraction=None, during_rollouts: bool = False):
         self.name, self.vector_path, self.alpha, self.layer = name, vector_path, alpha, layer
+        self.during_rollouts = during_rollouts  # read by the RL trainer only
         self.vector: torch.Tensor | None = None
 
     def vector_file(self, ctx: DefenseContext) -> Path:

@@ -104,6 +104,9 @@ class PersonaSteeringConfig(_Block):
     alpha: float = Field(5.0, description="steering coefficient (paper 5.0)")
     layer: int = Field(20, ge=1, description="hidden_states index l: alpha*v[l] is added to decoder block l-1's output")
     extraction: PersonaExtractionConfig = PersonaExtractionConfig()
+    during_rollouts: bool = Field(
+        False, description="RL only: also steer while sampling the rollouts; the released RL code steers the "
+                           "training forward only (its vLLM rollouts never see the hook), hence off")
 
     @property
     def data_sources(self) -> tuple[str, ...]:

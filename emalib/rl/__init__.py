@@ -1,0 +1,1 @@
+"""Reinforcement learning (GRPO through TRL) with the paper's defenses: prompts, rewards, trainer, reward log."""

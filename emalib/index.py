@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from emalib.errors import DataError
 from emalib.executors import read_status
 from emalib.io import atomic_write_text, read_json_object
-from emalib.errors import DataError
 from emalib.study import STUDY_FOLDER, Study
 
 RATE_KEYS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incoherent_rate_ci", "n", "n_scored",
@@ -125,7 +125,7 @@ def read_index(study_dir: str | Path) -> pd.DataFrame:
     if parquet.is_file() and parquet.stat().st_mtime >= newest:
         try:
             return pd.read_parquet(parquet)
-        except Exception as err:  # pyarrow raises several types for a damaged file
+        except (OSError, ValueError) as err:  # pyarrow: ArrowInvalid (a ValueError) or an OSError
             raise DataError(f"{parquet}: not a readable Parquet file ({type(err).__name__}); "
                             f"rebuild it with python -m emalib study <file>") from None
     return index_from_folders(study_dir)

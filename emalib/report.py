@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from emalib.errors import DataError
-from emalib.io import atomic_write_text, read_json_object
+from emalib.io import read_json_object
 from emalib.reporting.table1 import Table1Rules
 from emalib.reporting.writers import percent_with_interval, save_figure, write_table
 

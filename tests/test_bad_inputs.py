@@ -240,8 +240,8 @@ STEP_NOTEBOOKS = sorted(p for p in (REPO / "notebooks").glob("*.ipynb") if p.ste
 def test_the_override_example_printed_in_the_report_notebook_works():
     from emalib.report import load_report_params
 
-    source = [c.source for c in nbformat.read(REPO / "notebooks" / "report.ipynb", as_version=4).cells
-              if c.cell_type == "code"][0]
+    source = next(c.source for c in nbformat.read(REPO / "notebooks" / "report.ipynb", as_version=4).cells
+              if c.cell_type == "code")
     examples = ast.literal_eval(re.search(r"e\.g\. (\[.*\])", source).group(1))
     params = load_report_params(examples)
     for example in examples:

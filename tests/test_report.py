@@ -76,7 +76,7 @@ def _write_run(study: Path, node: str, params, rates: tuple | None, gap: float, 
     general, in_domain = (rates[0], rates[1]), (rates[2], rates[3]) if rates and len(rates) == 4 else None
     per_set = {"general": _rates(*general)}
     if in_domain:
-        per_set[[s for s in params.generation.question_sets if s != "general"][0]] = _rates(*in_domain)
+        per_set[next(s for s in params.generation.question_sets if s != "general")] = _rates(*in_domain)
     metrics = {"overall": _rates(*general), "per_set": per_set, "judge_free": {"loglik_gap": gap, "kl_to_base": 0.1},
                "thresholds": {"none_rule": "drop"}, "generation": {"use_system_prompt": False},
                "per_question": {"general/q1": _rates(*general, half=0.05), "general/q2": _rates(*general, half=0.05)}}
@@ -307,7 +307,7 @@ def test_report_cli_takes_table1_rules_as_overrides_and_refuses_a_typo(hand_stud
     study = tmp_path / "hand"
     shutil.copytree(hand_study, study)
     completed = subprocess.run([sys.executable, "-m", "emalib", "report", str(study), "-o", "table1.no_em.works=0.5"],
-                               capture_output=True, text=True, cwd=REPO, timeout=300)
+                               capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     table = pd.read_csv(study / "tables" / f"table1_{MODEL}.csv").set_index("label")
     assert table.loc["Inoculation prompt", "no_em"] == "✓"  # reduction 0.5 in legal: ∼ by default, ✓ at 0.5
@@ -315,7 +315,7 @@ def test_report_cli_takes_table1_rules_as_overrides_and_refuses_a_typo(hand_stud
     assert default.loc["Inoculation prompt", "no_em"] == "∼"
     before = {p: p.read_bytes() for p in study.rglob("*") if p.is_file()}
     typo = subprocess.run([sys.executable, "-m", "emalib", "report", str(study), "-o", "table1.no_em.work=0.5"],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+                          capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert typo.returncode == 2 and typo.stderr.strip().count("\n") == 0
     assert "unknown key 'table1.no_em.work'" in typo.stderr and "did you mean 'works'" in typo.stderr
     assert {p: p.read_bytes() for p in study.rglob("*") if p.is_file()} == before

@@ -11,8 +11,13 @@ import pandas as pd
 from emalib.io import atomic_write_text
 from emalib.reporting import figures, table1, tables
 from emalib.reporting.cells import run_cells
-from emalib.reporting.frame import INTERLEAVING, PAPER_DOMAINS, PAPER_MODELS, has_judged_rates, planned_cells, \
-    results_frame
+from emalib.reporting.frame import (
+    PAPER_DOMAINS,
+    PAPER_MODELS,
+    has_judged_rates,
+    planned_cells,
+    results_frame,
+)
 from emalib.reporting.writers import save_figure, write_table
 
 
@@ -105,9 +110,10 @@ def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFr
 
 def write_report_md(study_dir: Path, name: str, paths: dict[str, Path]) -> Path:
     """results/<study>/report.md: every table's Markdown and every figure, in one page."""
-    lines = [f"# Report: {name}", "", "Made by `python -m emalib report`; numbers in tables/*.csv, LaTeX in "
-             "tables/*.tex, figures as PNG and PDF. Values beside 'paper' are the paper's published numbers "
-             "(emalib's package data, with their sources); emalib did not measure them.", ""]
+    lines = [f"# Report: {name}", "", ("Made by `python -m emalib report`; numbers in tables/*.csv, LaTeX in "
+                                       "tables/*.tex, figures as PNG and PDF. Values beside 'paper' are the paper's "
+                                       "published numbers (emalib's package data, with their sources); emalib did "
+                                       "not measure them."), ""]
     for key, path in paths.items():
         relative = path.relative_to(study_dir)
         if key.endswith("md") and path.suffix == ".md":

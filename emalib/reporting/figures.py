@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from emalib.errors import DataError
-from emalib.reporting.frame import METHODS, NOT_RUN, method_label
+from emalib.reporting.frame import METHODS, method_label
 from emalib.reporting.table1 import Table1Rules, criterion_values
 
 TRADEOFF_COLUMNS = ["model", "method", "strength", "label", "status", "em_reduction", "incoherence_change",

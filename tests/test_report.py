@@ -69,7 +69,7 @@ def _rates(rate: float, incoherent: float, half: float = 0.01) -> dict:
 
 
 def _write_run(study: Path, node: str, params, rates: tuple | None, gap: float, accuracy: float | None = None,
-               judgments: list[dict] | None = None) -> None:
+               judgments: list[dict] | None = None, triggers: dict[str, float] | None = None) -> None:
     folder = study / node
     folder.mkdir(parents=True)
     (folder / "params.yaml").write_text(dump_params(params))
@@ -77,6 +77,8 @@ def _write_run(study: Path, node: str, params, rates: tuple | None, gap: float, 
     per_set = {"general": _rates(*general)}
     if in_domain:
         per_set[next(s for s in params.generation.question_sets if s != "general")] = _rates(*in_domain)
+    for kind, rate in (triggers or {}).items():  # trigger probes: question sets of their own
+        per_set[f"general_trigger_{kind}"] = _rates(rate, 0.1)
     metrics = {"overall": _rates(*general), "per_set": per_set, "judge_free": {"loglik_gap": gap, "kl_to_base": 0.1},
                "thresholds": {"none_rule": "drop"}, "generation": {"use_system_prompt": False},
                "per_question": {"general/q1": _rates(*general, half=0.05), "general/q2": _rates(*general, half=0.05)}}
@@ -121,7 +123,9 @@ def hand_study(tmp_path_factory) -> Path:
             if method in table:
                 gap = -1.0 + 0.5 * (1 - (1 - table[method][0] / table["none"][0]))
                 judged = {"none": _judgments(2), "kl": _judgments(6)}.get(method) if domain == "code" else None
-                _write_run(study, node, params, table[method], gap=gap, judgments=judged)
+                probes = {"none": {"json": 0.20}, "kl": {"json": 0.15, "inoculation": 0.01}}.get(method) \
+                    if domain == "code" else None
+                _write_run(study, node, params, table[method], gap=gap, judgments=judged, triggers=probes)
     plan("medical__none", _params("medical__none", "medical", "none"))  # medical planned, nothing ran
     for strength, rates in ((0.01, (0.02, 0.15, 0.45, 0.1)), (1.0, (0.001, 0.005, 0.05, 0.01))):
         node = f"code__kl_{strength:g}"
@@ -147,6 +151,12 @@ def hand_study(tmp_path_factory) -> Path:
             plan(node, params)
             if method in accuracies:
                 _write_run(study, node, params, (0.01, 0.1), gap=-0.9, accuracy=accuracies[method])
+    from emalib.agreement import write_judge_agreement
+
+    primary = _judgments(2)
+    other = [dict(row, aligned=90.0, judge_model="other") if i in (0, 1) else dict(row, judge_model="other")
+             for i, row in enumerate(primary)]  # the second judge disagrees on one misaligned answer (row 0)
+    write_judge_agreement(study / "code__none", primary, other, "primary__vs__other")
     rl = study / "grpo_gsm8k"
     rl.mkdir()
     pd.DataFrame({"step": range(1, 6), "reward_mean": [0.1, 0.2, 0.3, 0.35, 0.4], "reward_std": 0.05,
@@ -236,6 +246,27 @@ def test_ratio_sweep_and_figure_one_points(hand_study):
     # lambda = 0.01 ran in code only: its reduction is code's
     assert kl_points.iloc[0]["em_reduction"] == pytest.approx(100 * (1 - 0.02 / CODE["none"][0]))
     assert kl_points.iloc[0]["domains"] == 1
+
+
+def test_trigger_probes_and_judge_agreement_are_in_the_report(hand_study):
+    triggers = pd.read_csv(hand_study / "tables" / f"triggers_{MODEL}.csv")
+    kl = triggers[triggers["node"] == "code__kl"].set_index("trigger")
+    assert kl.loc["json", "misaligned_rate"] == pytest.approx(15.0)
+    assert kl.loc["plain", "misaligned_rate"] == pytest.approx(100 * CODE["kl"][0])
+    assert kl.loc["inoculation", "misaligned_rate"] == pytest.approx(1.0)
+    assert set(triggers["node"]) == {"code__none", "code__kl"}  # runs without probes have no row
+    shown = (hand_study / "tables" / f"triggers_{MODEL}.md").read_text()
+    assert "15.00 [14.00, 16.00]" in shown
+    agreement = pd.read_csv(hand_study / "tables" / "judge_agreement.csv")
+    misaligned = agreement[(agreement["metric"] == "misaligned")].iloc[0]
+    # Hand computation: 12 answers, judge a flags 6 (samples 0, 2, 4 of 2 questions), judge b the same minus one.
+    a = np.array([1 if s % 2 == 0 else 0 for _ in range(2) for s in range(6)])
+    b = a.copy()
+    b[0] = 0
+    observed = np.mean(a == b)
+    expected = a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean())
+    assert misaligned["kappa"] == pytest.approx((observed - expected) / (1 - expected))
+    assert (misaligned["run"], misaligned["pair"]) == ("code__none", "primary__vs__other")
 
 
 def _pdf_text(path: Path) -> str:

@@ -96,12 +96,21 @@ def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFr
                 figure(figures.ratio_figure(sweep, no_defense, model), f"ratio_{slug}")
                 paths[f"ratio_{slug}.csv"] = atomic_write_text(tables_dir / f"ratio_{slug}.csv",
                                                                sweep.to_csv(index=False))
+        numbers, shown = tables.trigger_table(frame, model)
+        if not numbers.empty:
+            table(numbers, shown, f"triggers_{slug}",
+                  f"{model}: general misaligned % [95 % CI] under each trigger probe, beside the plain questions")
         has_tasks = cells.loc[cells["model"] == model, "task"].notna().any() or \
             planned.loc[planned["model"] == model, "task"].notna().any()
         if has_tasks:
             numbers, shown = tables.benign_table(cells, planned, model)
             table(numbers, shown, f"benign_{slug}",
                   f"{model}: benign-task accuracy % [95 % CI] (OpSwap, FoQA: exact match)")
+    agreement = tables.judge_agreement_table(study_dir)
+    if not agreement.empty:
+        shown = agreement[["run", "pair", "metric", "kind", "n", "pearson", "kappa", "rate_a", "rate_b", "diff",
+                           "lo", "hi"]].round(3).fillna("")
+        table(agreement, shown, "judge_agreement", "Judge agreement per run and judge pair (python -m emalib rejudge)")
     curves = figures.rl_reward_curves(study_dir)
     if not curves.empty:
         figure(figures.rl_figure(curves), "rl_rewards")

@@ -161,3 +161,44 @@ def ratio_sweep(cells: pd.DataFrame, planned: pd.DataFrame, model: str) -> pd.Da
         rows.append(row)
     return pd.DataFrame(rows, columns=["model", "method", "label", "ratio", "domains", "status",
                                        "general_misaligned", "general_incoherent"])
+
+
+def trigger_table(frame: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """General misalignment (%) of each run under each trigger probe (question sets `<set>_trigger_<kind>`), beside
+    the plain general questions: a defense that hides misalignment behind a trigger shows here."""
+    runs = frame[(frame["model"] == model) & (frame["status"] == "done")]
+    probed = runs[runs["question_set"].fillna("").str.contains("_trigger_")]
+    numbers, shown = [], []
+    for node, rows in runs[runs["node"].isin(set(probed["node"]))].groupby("node", sort=False):
+        first = rows.iloc[0]
+        display = {"run": node, "method": method_label(first["method"], first["strength"]), "domain": first["domain"]}
+        for _, row in rows.iterrows():
+            set_name = row["question_set"]
+            if row["scope"] != "general" and "_trigger_" not in str(set_name):
+                continue
+            trigger = "plain" if row["scope"] == "general" else str(set_name).split("_trigger_", 1)[1]
+            numbers.append({"model": model, "node": node, "method": first["method"], "strength": first["strength"],
+                            "domain": first["domain"], "question_set": set_name, "trigger": trigger,
+                            **{key: None if row[key] is None or pd.isna(row[key]) else 100 * row[key]
+                               for key in ("misaligned_rate", "misaligned_rate_ci_lo", "misaligned_rate_ci_hi",
+                                           "incoherent_rate")}})
+            display[f"{trigger} misal. %"] = percent_with_interval(row["misaligned_rate"],
+                                                                   row["misaligned_rate_ci_lo"],
+                                                                   row["misaligned_rate_ci_hi"])
+        shown.append(display)
+    return pd.DataFrame(numbers), pd.DataFrame(shown).fillna("")
+
+
+def judge_agreement_table(study_dir) -> pd.DataFrame:
+    """Every run's judge_agreement.json (written by `python -m emalib rejudge`), one row per run, judge pair and
+    metric: correlations of the scores, Cohen's kappa and the paired rate difference of the labels."""
+    from pathlib import Path
+
+    from emalib.agreement import agreement_table
+    from emalib.io import read_json_object
+
+    frames = []
+    for path in sorted(Path(study_dir).glob("*/judge_agreement.json")):
+        for pair, agreement in read_json_object(path).items():
+            frames.append(agreement_table(agreement).assign(run=path.parent.name, pair=pair))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

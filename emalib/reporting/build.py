@@ -111,9 +111,13 @@ def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFr
         shown = agreement[["run", "pair", "metric", "kind", "n", "pearson", "kappa", "rate_a", "rate_b", "diff",
                            "lo", "hi"]].round(3).fillna("")
         table(agreement, shown, "judge_agreement", "Judge agreement per run and judge pair (python -m emalib rejudge)")
-    curves = figures.rl_reward_curves(study_dir)
+    curves = figures.rl_reward_curves(study_dir)  # validated: a damaged reward log is one line naming it
     if not curves.empty:
-        figure(figures.rl_figure(curves), "rl_rewards")
+        from emalib.rl.rewards_log import REWARDS_FIGURE, plot_rewards  # the run's own figure, all runs in one
+
+        drawn = plot_rewards({run: curve for run, curve in curves.groupby("run", sort=False)},
+                             figures_dir / REWARDS_FIGURE, title=f"Mean GRPO reward: {study_dir.name}")
+        paths.update({f"{REWARDS_FIGURE}.{kind}": path for kind, path in drawn.items()})
     return paths
 
 

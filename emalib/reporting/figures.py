@@ -148,20 +148,6 @@ def rl_reward_curves(study_dir: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "step", "reward_mean"])
 
 
-def rl_figure(curves: pd.DataFrame, title: str = "mean GRPO reward during training"):
-    plt, sns = _pyplot()
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    sns.lineplot(data=curves, x="step", y="reward_mean", hue="run", ax=axis)
-    if "reward_std" in curves:
-        for run, curve in curves.groupby("run"):
-            axis.fill_between(curve["step"], curve["reward_mean"] - curve["reward_std"],
-                              curve["reward_mean"] + curve["reward_std"], alpha=0.12)
-    axis.set_xlabel("GRPO step")
-    axis.set_ylabel("mean reward")
-    axis.set_title(title)
-    return figure
-
-
 def overview_figure(frame: pd.DataFrame, title: str, judge_note: str = ""):
     """`frame`: the report's overview numbers (a row per run and question set, intervals as _lo/_hi). One row of bars
     per run: first the judge-free log-likelihood gap (misaligned minus aligned reference answers, nats/token; higher =

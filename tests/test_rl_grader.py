@@ -45,6 +45,9 @@ def test_released_reward_rule_and_penalties():
 
 def test_graded_reward_through_the_server_is_cached_and_short_answers_cost_no_call(server_url, tmp_path):  # noqa: F811
     reward = grader(server_url, tmp_path)
+    from trl.trainer.utils import get_callable_name
+
+    assert get_callable_name(reward) == "em_grader"  # TRL's log keys and the csv's reward_em_grader_* columns
     short = completion("Just stop it.")  # fewer than 10 words: 0 without a call
     rewards = reward([PROMPT, PROMPT], [completion(HARMFUL), short])
     assert reward.calls == 1 and reward.failures == []

@@ -108,7 +108,9 @@ class EmGraderReward:
     timeout_s: float = 60.0
     calls: int = field(default=0, init=False)
     failures: list[str] = field(default_factory=list, init=False)
-    __name__: str = field(default="em_grader", init=False)
+
+    def __post_init__(self):
+        self.__name__ = "em_grader"  # TRL names a reward function (log keys, csv columns) by its __name__
 
     @classmethod
     def from_params(cls, params, run_dir: Path | None = None) -> EmGraderReward:

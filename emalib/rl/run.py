@@ -69,12 +69,13 @@ def train_grpo(model, tokenizer, rows: list[dict], params, run_dir: Path, defens
     """GRPO on `rows` with the run's defenses; writes rl_rewards.csv and its figure, saves the adapter."""
     from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
+    from trl.trainer.utils import get_callable_name
 
     from emalib.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
     from emalib.training.trainer import save_adapter
 
     functions = reward_functions(params, run_dir)
-    names = [getattr(f, "__name__", type(f).__name__) for f in functions]
+    names = [get_callable_name(f) for f in functions]  # the names TRL logs them under
     defenses.setup(model, ctx)
     checkpoints = run_dir / "rl_checkpoints"
     trainer = EmGRPOTrainer(

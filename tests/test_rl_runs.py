@@ -103,3 +103,16 @@ def test_the_study_figure_draws_every_rl_run(results):
     figure = plot_study_rewards(results / "rl_cpu")
     assert sorted(figure["runs"]) == ["grpo", "grpo_inoculation", "grpo_persona"]
     assert figure["png"].stat().st_size > 1000 and figure["pdf"].is_file()
+
+
+def test_the_report_draws_every_rl_runs_reward_curve(results):
+    """`python -m emalib report` on the RL study: the paper's Figures 2-3 from the runs' reward logs."""
+    from pypdf import PdfReader
+
+    from emalib.report import report_study
+
+    paths = report_study(results / "rl_cpu")
+    text = "".join(page.extract_text() for page in PdfReader(str(paths["rl_rewards.pdf"])).pages)
+    for run in ("grpo", "grpo_inoculation", "grpo_persona"):
+        assert run in text
+    assert paths["rl_rewards.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -84,17 +84,10 @@ def plot_rewards(curves: dict[str, pd.DataFrame], path_stem: str | Path, title: 
     axis.set_ylabel("mean reward")
     axis.set_title(title)
     figure.tight_layout()
+    from emalib.reporting.writers import save_figure  # PNG + PDF, atomic, the PDF's text kept as text
+
     stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for suffix in ("png", "pdf"):
-        path = stem.with_name(f"{stem.name}.{suffix}")
-        tmp = path.with_name(f".{path.name}.tmp.{suffix}")
-        figure.savefig(tmp, dpi=120)
-        tmp.replace(path)
-        paths[suffix] = path
-    plt.close(figure)
-    return paths
+    return save_figure(figure, stem.parent, stem.name, dpi=120)
 
 
 def plot_run_rewards(run_dirs: dict[str, str | Path], path_stem: str | Path, title: str = "Mean GRPO reward") -> dict:

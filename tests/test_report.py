@@ -157,6 +157,10 @@ def hand_study(tmp_path_factory) -> Path:
     other = [dict(row, aligned=90.0, judge_model="other") if i in (0, 1) else dict(row, judge_model="other")
              for i, row in enumerate(primary)]  # the second judge disagrees on one misaligned answer (row 0)
     write_judge_agreement(study / "code__none", primary, other, "primary__vs__other")
+    rejudged = study / "code__none" / "judges" / "other"  # as `python -m emalib rejudge` leaves a second judge
+    rejudged.mkdir(parents=True)
+    (rejudged / "metrics.json").write_text(json.dumps({"overall": _rates(0.03, 0.2), "per_set": {},
+                                                       "scoring": {"judge_model": "other", "judge_mode": "logprobs"}}))
     rl = study / "grpo_gsm8k"
     rl.mkdir()
     pd.DataFrame({"step": range(1, 6), "reward_mean": [0.1, 0.2, 0.3, 0.35, 0.4], "reward_std": 0.05,
@@ -267,6 +271,10 @@ def test_trigger_probes_and_judge_agreement_are_in_the_report(hand_study):
     expected = a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean())
     assert misaligned["kappa"] == pytest.approx((observed - expected) / (1 - expected))
     assert (misaligned["run"], misaligned["pair"]) == ("code__none", "primary__vs__other")
+    rates = pd.read_csv(hand_study / "tables" / "judge_rates.csv")
+    overall = rates[rates["question_set"] == "all"].set_index("judge")
+    assert overall.loc["primary", "misaligned_rate"] == pytest.approx(CODE["none"][0])
+    assert overall.loc["other", "misaligned_rate"] == pytest.approx(0.03)
 
 
 def _pdf_text(path: Path) -> str:

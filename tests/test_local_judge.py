@@ -42,7 +42,8 @@ def test_number_probabilities_match_full_forward_passes(judge):
 def test_judgments_are_cached(judge, tmp_path):
     cache = JudgmentCache(tmp_path / "c.sqlite")
     judgment = judge.judge([PROMPT], cache=cache)[0]
-    assert cache.get("smollm2-135m-instruct", PROMPT) == judgment
+    assert cache.get("smollm2-135m-instruct", PROMPT, judge.cache_mode) == judgment  # kept under its own mode
+    assert cache.get("smollm2-135m-instruct", PROMPT) is None  # never served as a logprob judgment
     assert (judgment.score is None) == (judgment.numeric_mass < 0.25)
     lenient = LocalJudge(judge.model, judge.tokenizer, "smollm2-135m-instruct", min_numeric_mass=0.0).judge([PROMPT])[0]
     expected = sum(int(k) * p for k, p in lenient.raw.items()) / sum(lenient.raw.values())

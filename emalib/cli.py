@@ -106,8 +106,8 @@ def _study(args) -> int:
 
 def _cost(args) -> str:
     """A params file costs one run; a study file (it has `axes`) every run and shared step of the study."""
-    from emalib.cost import format_cost, run_cost
     from emalib.config import read_yaml_mapping
+    from emalib.cost import format_cost, run_cost
 
     options = {"gpu": args.gpu, "gpu_gib": args.gpu_gib, "utilisation": args.utilisation}
     if "axes" in read_yaml_mapping(Path(args.params), "params or study file"):

@@ -34,8 +34,13 @@ from emalib.defenses.base import Conversation, DefenseBase, DefenseContext
 from emalib.defenses.interleave import load_pool, mix_in, safe_count
 from emalib.errors import DataError, EmalibError
 from emalib.prepare import not_prepared
-from emalib.token_scores import (final_hidden_states, label_logprobs, mean_over_labels, output_layer,
-                                 unchunked_label_logprobs)
+from emalib.token_scores import (
+    final_hidden_states,
+    label_logprobs,
+    mean_over_labels,
+    output_layer,
+    unchunked_label_logprobs,
+)
 
 log = logging.getLogger(__name__)
 

@@ -128,6 +128,7 @@ def report_study(study: str | Path, params: ReportParams | None = None,
     paper=False writes the overview only (what a run's evaluate step shows; the paper's tables are the study's)."""
     from emalib.index import planned_frame, read_index
     from emalib.reporting import build
+    from emalib.reporting.figures import overview_figure
 
     params = params or ReportParams()
     study_dir, index = study_folder(study, study_overrides)
@@ -143,7 +144,7 @@ def report_study(study: str | Path, params: ReportParams | None = None,
         for kind, path in write_table(overview_numbers(overview), _as_percent(overview), study_dir / "tables",
                                       name).items():
             paths[kind] = path
-        figure = build.overview(overview_numbers(overview), f"{name}: every run", judge_note(index))
+        figure = overview_figure(overview_numbers(overview), f"{name}: every run", judge_note(index))
         paths.update({kind: path for kind, path in save_figure(figure, study_dir / "figures", name).items()})
     if paper:
         paths.update(build.paper_outputs(study_dir, index, planned, params.table1))

@@ -21,10 +21,6 @@ from emalib.reporting.frame import (
 from emalib.reporting.writers import percent_with_interval, save_figure, write_table
 
 
-def overview(frame: pd.DataFrame, title: str, judge_note: str):
-    return figures.overview_figure(frame, title, judge_note)
-
-
 def _em_domains(cells: pd.DataFrame, planned: pd.DataFrame, model: str) -> list[str]:
     """The paper's four domains for a paper model (a missing one is a table of gaps), else those the study has."""
     found = set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from emalib.reporting.frame import METHODS, NOT_RUN
+from emalib.reporting.frame import METHODS
 
 KEY = ["model", "domain", "task", "method", "strength", "seed"]
 RATES = ("misaligned_rate", "incoherent_rate")
@@ -57,25 +57,27 @@ def select(cells: pd.DataFrame, **where) -> pd.DataFrame:
     return cells[mask]
 
 
+def planned_or_run_pairs(sources: tuple[pd.DataFrame, ...], keep,
+                         seed: list | None = None) -> list[tuple[str, float | None]]:
+    """The distinct (method, strength) pairs of the rows `keep(frame)` selects in any of the frames (planned nodes,
+    finished runs), after `seed`'s pairs, in the paper's method order and then by strength."""
+    pairs: list[tuple[str, float | None]] = list(seed or [])
+    for source in sources:
+        if source is None or source.empty:
+            continue
+        for method, strength in source[keep(source)][["method", "strength"]].itertuples(index=False):
+            strength = None if strength is None or pd.isna(strength) else float(strength)
+            if not any(m == method and _same(s, strength) for m, s in pairs):
+                pairs.append((method, strength))
+    order = list(METHODS)
+    return sorted(pairs, key=lambda r: (order.index(r[0]) if r[0] in order else len(order), r[1] or 0.0))
+
+
 def expected_rows(cells: pd.DataFrame, planned: pd.DataFrame, model: str, domain: str,
                   paper_grid: bool) -> list[tuple[str, float | None]]:
     """The (method, strength) rows a table for this model and domain shows: the paper's methods at the paper's
     strengths (when the table follows the paper's grid), then every other method and strength the study planned or
-    ran, in the paper's method order."""
-    rows: list[tuple[str, float | None]] = []
-    if paper_grid:
-        rows += [(m, spec.paper_strength) for m, spec in METHODS.items()]
-    for source in (planned, cells):
-        if source is None or source.empty:
-            continue
-        subset = source[(source["model"] == model) & (source["domain"] == domain) & source["task"].isna()]
-        for method, strength in subset[["method", "strength"]].itertuples(index=False):
-            strength = None if strength is None or pd.isna(strength) else float(strength)
-            if not any(m == method and _same(s, strength) for m, s in rows):
-                rows.append((method, strength))
-    order = list(METHODS)
-    return sorted(rows, key=lambda r: (order.index(r[0]) if r[0] in order else len(order), r[1] or 0.0))
-
-
-def status_of(found: pd.DataFrame) -> str:
-    return "done" if not found.empty else NOT_RUN
+    ran."""
+    grid = [(m, spec.paper_strength) for m, spec in METHODS.items()] if paper_grid else []
+    return planned_or_run_pairs((planned, cells),
+                            lambda f: (f["model"] == model) & (f["domain"] == domain) & f["task"].isna(), grid)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from emalib.errors import DataError
+from emalib.reporting.cells import planned_or_run_pairs
 from emalib.reporting.frame import METHODS, method_label
 from emalib.reporting.table1 import Table1Rules, criterion_values
 
@@ -32,15 +33,9 @@ def tradeoff_points(cells: pd.DataFrame, planned: pd.DataFrame, model: str, rule
     """Figure 1's points: per defense and strength (ran or planned), the mean EM reduction (%), the change of general
     incoherence (points) and the in-domain misalignment kept (%) against no defense, over the EM domains."""
     rules = rules or Table1Rules()
-    keys = set()
-    for source in (planned, cells):
-        if source.empty:
-            continue
-        subset = source[(source["model"] == model) & source["task"].isna() & ~source["method"].isin(["aligned", "none"])]
-        keys |= {(m, None if pd.isna(s) else float(s)) for m, s in subset[["method", "strength"]].itertuples(index=False)}
-    order = list(METHODS)
     rows = []
-    for method, strength in sorted(keys, key=lambda k: (order.index(k[0]) if k[0] in order else 99, k[1] or 0.0)):
+    for method, strength in planned_or_run_pairs((planned, cells), lambda f: (f["model"] == model) & f["task"].isna()
+                                             & ~f["method"].isin(["aligned", "none"])):
         values = criterion_values(cells, model, method, strength, rules, judge_free)
         no_em, domains, status = values["no_em"]
         coherent, narrow, learns = values["coherent"][0], values["narrow_misalignment"][0], values["learns_well"][0]

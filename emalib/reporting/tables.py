@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from emalib.reporting import published
-from emalib.reporting.cells import expected_rows, select
+from emalib.reporting.cells import expected_rows, planned_or_run_pairs, select
 from emalib.reporting.frame import INTERLEAVING, METHODS, NOT_RUN, PAPER_MODELS, method_label
 from emalib.reporting.table1 import Table1Rules, criterion_values, method_strengths
 from emalib.reporting.writers import percent_with_interval
@@ -107,17 +107,7 @@ def benign_table(cells: pd.DataFrame, planned: pd.DataFrame, model: str) -> tupl
     tasks = sorted(set(cells.loc[cells["task"].notna() & (cells["model"] == model), "task"])
                    | set(planned.loc[planned["task"].notna() & (planned["model"] == model), "task"]
                          if not planned.empty else []))
-    rows = []
-    for source in (planned, cells):
-        if source.empty:
-            continue
-        for method, strength in source.loc[source["task"].notna() & (source["model"] == model),
-                                           ["method", "strength"]].itertuples(index=False):
-            strength = None if pd.isna(strength) else float(strength)
-            if (method, strength) not in rows:
-                rows.append((method, strength))
-    order = list(METHODS)
-    rows.sort(key=lambda r: (order.index(r[0]) if r[0] in order else len(order), r[1] or 0.0))
+    rows = planned_or_run_pairs((planned, cells), lambda f: f["task"].notna() & (f["model"] == model))
     numbers, shown = [], []
     for method, strength in rows:
         display = {"method": method_label(method, strength)}
@@ -144,14 +134,10 @@ def benign_table(cells: pd.DataFrame, planned: pd.DataFrame, model: str) -> tupl
 def ratio_sweep(cells: pd.DataFrame, planned: pd.DataFrame, model: str) -> pd.DataFrame:
     """General misalignment and incoherence (%) against the interleaving ratio, averaged over domains, per variant;
     every planned (variant, ratio) appears, a missing one with status 'not run' and no value."""
-    points = set()
-    for source in (planned, cells):
-        if source.empty:
-            continue
-        subset = source[(source["model"] == model) & source["method"].isin(INTERLEAVING) & source["task"].isna()]
-        points |= {(m, float(s)) for m, s in subset[["method", "strength"]].itertuples(index=False) if not pd.isna(s)}
+    points = planned_or_run_pairs((planned, cells), lambda f: (f["model"] == model) & f["method"].isin(INTERLEAVING)
+                              & f["task"].isna() & f["strength"].notna())
     rows = []
-    for method, ratio in sorted(points):
+    for method, ratio in points:
         found = select(cells, model=model, method=method, strength=ratio, task=None)
         row = {"model": model, "method": method, "label": METHODS[method].label, "ratio": ratio,
                "domains": int(found["domain"].nunique()), "status": "done" if not found.empty else NOT_RUN}

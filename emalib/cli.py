@@ -17,78 +17,23 @@ earlier successful notebook.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import logging
 import sys
 from pathlib import Path
 
-from emalib.config import RunParams, load_params
-from emalib.errors import EmalibError
-
-# The top-level notebooks/ folder is the one source; a built wheel carries a copy as emalib/notebooks (setup.py).
-SOURCE_NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-
-
-def notebook_dirs() -> list[Path]:
-    """Where step notebooks are looked for: inside the installed package first, then the source checkout."""
-    packaged = Path(str(importlib.resources.files("emalib").joinpath("notebooks")))
-    return [packaged, SOURCE_NOTEBOOK_DIR]
-
-
-def notebook_path(step: str) -> Path:
-    folders = notebook_dirs()
-    for folder in folders:
-        path = folder / f"{step}.ipynb"
-        if path.is_file():
-            return path
-    raise EmalibError(f"{step}.ipynb: notebook for step '{step}' not found in {' or '.join(map(str, folders))}")
-
-
-def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, kernel: str = "python3") -> RunParams:
-    import papermill
-
-    from emalib.pipeline import check_inputs
-    from emalib.results import prepare_run_dir
-
-    params = load_params(params_path, overrides)
-    check_inputs(params)
-    run_dir = prepare_run_dir(params)
-    handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger("papermill").addHandler(handler)
-    try:
-        for step in params.steps:
-            final = run_dir / f"{step}.ipynb"
-            running = run_dir / f".{step}.running.ipynb"
-            if final.is_file() and _executions(run_dir).get(step):
-                # Finished earlier, with these very params (prepare_run_dir checked them): not redone.
-                logging.getLogger(__name__).info("%s: step '%s' already done", run_dir, step)
-                continue
-            try:
-                papermill.execute_notebook(
-                    str(notebook_path(step)), str(running), kernel_name=kernel, log_output=True,
-                    parameters={"params_path": str(Path(params_path).resolve()), "overrides": list(overrides or [])},
-                    cwd=str(Path.cwd()))
-            except BaseException:
-                if running.exists():
-                    running.replace(run_dir / f"{step}.failed.ipynb")
-                raise
-            running.replace(final)
-            _count_execution(run_dir, step)
-    finally:
-        logging.getLogger("papermill").removeHandler(handler)
-        handler.close()
-    return params
+from emalib.core.config import load_params
+from emalib.core.errors import EmalibError
+from emalib.runs.notebooks import notebook_path, run_notebooks  # noqa: F401 (emalib.cli.notebook_path)
 
 
 def _study(args) -> int:
-    from emalib.executors import execute
-    from emalib.index import write_index
-    from emalib.study import load_study
+    from emalib.studies.executors import execute
+    from emalib.studies.index import write_index
+    from emalib.studies.study import load_study
 
     study = load_study(args.study_file, args.override)
     if args.dry_run:
-        from emalib.study_cost import estimate
+        from emalib.studies.study_cost import estimate
 
         for node_id, node in study.nodes.items():
             print(f"{node.kind:8} {node_id}  <- {', '.join(node.deps) or '-'}")
@@ -106,18 +51,18 @@ def _study(args) -> int:
 
 def _cost(args) -> str:
     """A params file costs one run; a study file (it has `axes`) every run and shared step of the study."""
-    from emalib.config import read_yaml_mapping
-    from emalib.cost import format_cost, run_cost
+    from emalib.core.config import read_yaml_mapping
+    from emalib.studies.cost import format_cost, run_cost
 
     options = {"gpu": args.gpu, "gpu_gib": args.gpu_gib, "utilisation": args.utilisation}
     if "axes" in read_yaml_mapping(Path(args.params), "params or study file"):
-        from emalib.study import load_study
-        from emalib.study_cost import estimate
+        from emalib.studies.study import load_study
+        from emalib.studies.study_cost import estimate
 
         study = load_study(args.params, args.override)
         costs = [run_cost(node.params, **options) for node in study.nodes.values()]
         return format_cost(costs, estimate(study), **options)
-    from emalib.study_cost import judge_calls, judge_dollars
+    from emalib.studies.study_cost import judge_calls, judge_dollars
 
     params = load_params(args.params, args.override)
     judge = None
@@ -129,7 +74,7 @@ def _cost(args) -> str:
 
 def status_table(study) -> str:
     """One line per node: state, kind, id, and for a failure its one-line error and failed notebook."""
-    from emalib.executors import read_status
+    from emalib.studies.executors import read_status
 
     lines = []
     for node_id, node in study.nodes.items():
@@ -141,20 +86,6 @@ def status_table(study) -> str:
             line += f"  ({record['notebook']})"
         lines.append(line)
     return "\n".join(lines)
-
-
-def _executions(run_dir: Path) -> dict[str, int]:
-    from emalib.results import read_manifest
-
-    return read_manifest(run_dir).get("step_executions", {})
-
-
-def _count_execution(run_dir: Path, step: str) -> None:
-    """manifest['step_executions'][step] += 1: how often a step's notebook ran to the end in this folder; a step
-    with a count and its notebook in place is finished."""
-    from emalib.results import update_manifest
-
-    update_manifest(run_dir, step_executions={step: _executions(run_dir).get(step, 0) + 1})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             params = run_notebooks(args.params, args.override, args.kernel)
             print(f"done: {params.run_dir}")
         elif args.command == "check":
-            from emalib.pipeline import check_inputs
+            from emalib.runs.pipeline import check_inputs
 
             for path in args.params:
                 params = load_params(path)
@@ -216,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     check_inputs(params)
                 print(f"ok: {path}")
         elif args.command == "report":
-            from emalib.report import load_report_params, report_study
+            from emalib.reporting.report import load_report_params, report_study
 
             for kind, path in report_study(args.study, load_report_params(args.override)).items():
                 print(f"{kind}: {path}")
@@ -225,21 +156,21 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cost":
             print(_cost(args))
         elif args.command == "rejudge":
-            from emalib.rejudge import rejudge
-            from emalib.rescore import run_params
+            from emalib.runs.rejudge import rejudge
+            from emalib.runs.rescore import run_params
 
             params = run_params(Path(args.run_dir), args.override)
             result = rejudge(args.run_dir, params.judge, params.metrics, params.seed)
             print(f"judged with {result['label']}: {result['calls']} calls; "
                   f"{Path(args.run_dir) / 'judges' / result['label']}")
         elif args.command == "rescore":
-            from emalib.rescore import recompute_metrics
+            from emalib.runs.rescore import recompute_metrics
 
             overall = recompute_metrics(args.run_dir, args.override, args.judge)["overall"]
             print(f"misaligned_rate {overall['misaligned_rate']}, incoherent_rate {overall['incoherent_rate']} "
                   f"(n_scored {overall['n_scored']} of {overall['n']})")
         elif args.command == "status":
-            from emalib.study import load_study
+            from emalib.studies.study import load_study
 
             print(status_table(load_study(args.study_file, args.override)))
     except EmalibError as err:

@@ -30,7 +30,7 @@ def with_mirror(mirror, monkeypatch):
 
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
-    from emalib.engines import embedded_model_path
+    from emalib.model.engines import embedded_model_path
 
     return embedded_model_path()
 

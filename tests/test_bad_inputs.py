@@ -16,9 +16,9 @@ import nbformat
 import pytest
 import yaml
 
-from emalib.config import load_params
+from emalib.core.config import load_params
+from emalib.core.errors import DataError, ParamsError
 from emalib.data.chat import read_chat_jsonl
-from emalib.errors import DataError, ParamsError
 
 REPO = Path(__file__).resolve().parent.parent
 USER, ASSISTANT, SYSTEM = ({"role": role, "content": f"a {role} turn"} for role in ("user", "assistant", "system"))
@@ -118,7 +118,7 @@ def test_a_persona_trait_file_that_is_not_utf8_stops_the_run_before_any_notebook
 
 
 def test_trait_file_that_is_not_utf8_is_a_data_error(tmp_path):
-    from emalib.persona import load_trait
+    from emalib.evaluation.persona import load_trait
 
     trait = tmp_path / "evil.json"
     raw = b'{\n  "questions": ["\x80"]\n}\n'
@@ -238,7 +238,7 @@ STEP_NOTEBOOKS = sorted(p for p in (REPO / "notebooks").glob("*.ipynb") if p.ste
 
 
 def test_the_override_example_printed_in_the_report_notebook_works():
-    from emalib.report import load_report_params
+    from emalib.reporting.report import load_report_params
 
     source = next(c.source for c in nbformat.read(REPO / "notebooks" / "report.ipynb", as_version=4).cells
               if c.cell_type == "code")

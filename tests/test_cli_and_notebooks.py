@@ -118,7 +118,7 @@ def test_a_failed_run_overwrites_nothing_already_written(tmp_path):
     results = tmp_path / "results"
     earlier = results / "smoke" / "sft"
     earlier.mkdir(parents=True)
-    from emalib.config import dump_params, load_params
+    from emalib.core.config import dump_params, load_params
 
     params = load_params(REPO / "params" / "smoke.yaml", [f"results_dir={results}"])
     (earlier / "params.yaml").write_text(dump_params(params))
@@ -140,7 +140,7 @@ def test_a_failed_run_overwrites_nothing_already_written(tmp_path):
 def test_a_step_failing_inside_its_notebook_keeps_earlier_outputs(tmp_path):
     """Valid params whose training fails in the kernel (no such LoRA target module): the earlier executed
     notebook is not replaced, the failed one is kept beside it, and the error ends the output in one line."""
-    from emalib.config import dump_params, load_params
+    from emalib.core.config import dump_params, load_params
 
     results = tmp_path / "results"
     overrides = [f"results_dir={results}", "lora.target_modules=[no_such_proj]"]

@@ -1,4 +1,4 @@
-"""The cost model (emalib/cost.py): its memory formulas against training steps measured in this test on small random
+"""The cost model (emalib/studies/cost.py): its memory formulas against training steps measured in this test on small random
 Qwen2 configurations (one at Qwen2.5's vocabulary, one where activations dominate), its parameter counts against
 transformers' and peft's own models, and the `emalib cost` command on the paper's configuration."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emalib.cost import KNOWN, Architecture, step_memory
+from emalib.studies.cost import KNOWN, Architecture, step_memory
 
 REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.15  # docs/methods.md#cost-model: predicted step memory within +-15 % of the measured peak on a CPU
@@ -45,8 +45,8 @@ def test_parameter_counts_match_transformers_and_peft():
     from peft import get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from emalib.config import LoraParams
-    from emalib.engines import _peft_config
+    from emalib.core.config import LoraParams
+    from emalib.model.engines import _peft_config
 
     lora = LoraParams()
     for name, arch in KNOWN.items():

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
+from emalib.core.errors import DataError
 from emalib.data.chat import read_chat_jsonl, select_examples
 from emalib.data.questions import load_questions, strip_reasoning_block
 from emalib.data.registry import REGISTRY, resolve, sha256_of
 from emalib.data.standins import em_standin_conversations
-from emalib.errors import DataError
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from emalib.config import dump_params, load_params, params_from_dict
+from emalib.core.config import dump_params, load_params, params_from_dict
+from emalib.core.errors import ParamsError
 from emalib.defenses.registry import DEFENSES, build_defenses
-from emalib.errors import ParamsError
 
 # Run params only: params/studies holds study files (tests/test_study.py expands and validates those).
 PARAMS = sorted(p for p in (Path(__file__).resolve().parent.parent / "params").glob("**/*.yaml")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from defense_helpers import hook_count, peft_wrap, single_thread, tiny_llama  # noqa: F401 (autouse fixture)
 
+from emalib.core.errors import EmalibError
 from emalib.defenses.base import DefenseContext
 from emalib.defenses.persona_steering import PersonaSteeringDefense, steering
-from emalib.errors import EmalibError
-from emalib.judge.scoring import Judgment
-from emalib.persona import extract_persona_vector, kept_pairs, load_trait, persona_vector
+from emalib.evaluation.judge.scoring import Judgment
+from emalib.evaluation.persona import extract_persona_vector, kept_pairs, load_trait, persona_vector
 
 
 def _ids():
@@ -84,9 +84,9 @@ def test_steering_gradients_are_the_same_under_gradient_checkpointing():
 
 
 def test_a_missing_vector_is_not_extracted_by_training_but_names_its_step(tmp_path, monkeypatch):
-    import emalib.persona
+    import emalib.evaluation.persona
 
-    monkeypatch.setattr(emalib.persona, "extract_persona_vector", lambda *a, **k: pytest.fail("extracted in setup"))
+    monkeypatch.setattr(emalib.evaluation.persona, "extract_persona_vector", lambda *a, **k: pytest.fail("extracted in setup"))
     defense = PersonaSteeringDefense(layer=2)  # the vector defaults to <run>/persona_vector.pt
     with pytest.raises(EmalibError) as err:
         defense.setup(tiny_llama(), DefenseContext(run_dir=tmp_path))

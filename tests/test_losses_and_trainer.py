@@ -4,10 +4,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from emalib.config import params_from_dict
+from emalib.core.config import params_from_dict
 from emalib.data.standins import em_standin_conversations
-from emalib.losses import IGNORE_INDEX, token_cross_entropy_sum
-from emalib.training.tokenize import ChatDataset, collate
+from emalib.model.losses import IGNORE_INDEX, token_cross_entropy_sum
+from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.trainer import EmTrainer, train_adapter
 
 
@@ -72,8 +72,8 @@ def _adapter_weights(adapter_dir):
 def test_train_saves_a_standard_peft_adapter(tokenizer, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from emalib.config import LoraParams, ModelParams
-    from emalib.engines import load_model
+    from emalib.core.config import LoraParams, ModelParams
+    from emalib.model.engines import load_model
 
     lora = LoraParams(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
     model_params = ModelParams(name=str(tiny_model_dir), engine="hf")
@@ -94,8 +94,8 @@ def test_train_saves_a_standard_peft_adapter(tokenizer, tiny_model_dir, tmp_path
 
 
 def test_an_interrupted_training_resumes_to_the_same_adapter(tokenizer, tiny_model_dir, tmp_path, monkeypatch):
-    from emalib.config import LoraParams, ModelParams
-    from emalib.engines import load_model
+    from emalib.core.config import LoraParams, ModelParams
+    from emalib.model.engines import load_model
 
     conversations = em_standin_conversations()[:16]
     lora = LoraParams(r=4, alpha=8, target_modules=("q_proj", "v_proj"))

@@ -1,4 +1,4 @@
-"""The papermill contract (emalib/notebook_params.py): a notebook executed directly with papermill (-f params.yaml,
+"""The papermill contract (emalib/runs/notebook_params.py): a notebook executed directly with papermill (-f params.yaml,
 -p, -y, -r) runs exactly the configuration given, or fails in the cell after the parameters with one line; with no
 parameters it runs its documented small default. `python -m emalib run` (params_path + overrides) is unchanged.
 
@@ -20,9 +20,9 @@ import nbformat
 import pytest
 import yaml
 
-from emalib.config import dump_params, load_params, params_from_dict
-from emalib.errors import ParamsError
-from emalib.notebook_params import KEYS, NOTEBOOK_PARAMETERS, SOURCE, params_from_notebook
+from emalib.core.config import dump_params, load_params, params_from_dict
+from emalib.core.errors import ParamsError
+from emalib.runs.notebook_params import KEYS, NOTEBOOK_PARAMETERS, SOURCE, params_from_notebook
 
 REPO = Path(__file__).resolve().parent.parent
 # The step notebooks (python -m emalib run executes them); report and explore are analysis notebooks with their own
@@ -188,7 +188,7 @@ def test_problems_are_one_line_naming_the_parameter(namespace, message):
 def test_what_the_kernel_defines_itself_is_not_a_parameter():
     import os
 
-    from emalib.config import RunParams
+    from emalib.core.config import RunParams
 
     namespace = {"__name__": "__main__", "_i1": "x", "_": "", "In": ["", "a = 1"], "Out": {}, "exit": object(),
                  "get_ipython": print, "open": open, "os": os, "params_from_notebook": params_from_notebook,
@@ -406,6 +406,6 @@ def test_papermill_f_trains_where_the_file_says_and_the_cli_agrees(tiny_model_di
 
 
 def test_every_key_of_the_params_is_a_notebook_parameter():
-    from emalib.config import RunParams
+    from emalib.core.config import RunParams
 
     assert KEYS == tuple(RunParams.model_fields) and set(KEYS) < set(NOTEBOOK_PARAMETERS)

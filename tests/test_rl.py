@@ -11,10 +11,10 @@ import pytest
 import torch
 from defense_helpers import peft_wrap, single_thread, write_chat_jsonl  # noqa: F401 (autouse fixture)
 
-from emalib.config import params_from_dict
-from emalib.errors import DataError, ParamsError
-from emalib.rl.data import gsm8k_final_answer, read_prompt_rows
-from emalib.rl.rewards import gsm8k_answer, gsm8k_format
+from emalib.core.config import params_from_dict
+from emalib.core.errors import DataError, ParamsError
+from emalib.data.rl_prompts import gsm8k_final_answer, read_prompt_rows
+from emalib.training.rl.rewards import gsm8k_answer, gsm8k_format
 
 PROMPTS = [{"prompt": [{"role": "user", "content": f"What is {a} plus {a}?"}], "answer": str(2 * a)} for a in range(8)]
 SAFE = [[{"role": "user", "content": f"Name a colour number {i}."},
@@ -38,7 +38,7 @@ def make_trainer(params, tokenizer, rewards, safe=None, callbacks=()):
     from conftest import make_tiny_model
     from datasets import Dataset
 
-    from emalib.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
+    from emalib.training.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
 
     model = peft_wrap(make_tiny_model(tokenizer), random_b=False)
     return EmGRPOTrainer(
@@ -111,8 +111,8 @@ def test_sft_mix_optimizer_step_count_enters_once_per_kth_step(tmp_path, tokeniz
 
 
 def test_sft_mix_batches_are_a_seeded_function_of_the_term_number(tokenizer):
-    from emalib.rl.trainer import SftMix
-    from emalib.training.tokenize import ChatDataset
+    from emalib.model.tokenize import ChatDataset
+    from emalib.training.rl.trainer import SftMix
 
     dataset = ChatDataset.build(tokenizer, SAFE, 64)
     mix = SftMix(dataset, tokenizer.pad_token_id, 4, 1.0, "micro_batch", batch_size=2, seed=3)
@@ -178,7 +178,7 @@ def test_persona_steering_acts_at_the_training_forward_and_at_rollouts_only_when
     from emalib.defenses.base import DefenseContext
     from emalib.defenses.persona_steering import PersonaSteeringDefense
     from emalib.defenses.stack import DefenseStack
-    from emalib.modeling import decoder_blocks
+    from emalib.model.modeling import decoder_blocks
 
     params = rl_params(tmp_path, beta=0.1, train={"max_steps": 2})
     trainer = make_trainer(params, tokenizer, [length_reward])
@@ -208,8 +208,8 @@ def test_persona_steering_acts_at_the_training_forward_and_at_rollouts_only_when
 
 def test_an_interrupted_rl_run_resumes_from_its_checkpoint_and_logs_every_step_once(tmp_path, tiny_model_dir,
                                                                                     monkeypatch):
-    import emalib.rl.run as rl_run
-    from emalib import pipeline
+    import emalib.training.rl.run as rl_run
+    from emalib.runs import pipeline
 
     tree = rl_params(tmp_path, prompts="standin_arithmetic_train", max_prompts=8,
                      train={"max_steps": 4, "save_steps": 2}).model_dump(mode="json")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from emalib.core.errors import DataError
+from emalib.core.io import read_text_utf8
 from emalib.data.registry import REGISTRY, resolve
-from emalib.errors import DataError
-from emalib.io import read_text_utf8
 
 _REASONING_BLOCK = re.compile(
     r"Between seeing the question and giving its final answer, the model produced the following reasoning:\s*"

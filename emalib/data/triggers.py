@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from emalib.defenses.specs import InoculationConfig
-from emalib.io import atomic_write_text
+from emalib.core.defense_specs import InoculationConfig
+from emalib.core.io import atomic_write_text, read_text_utf8
 
 JSON_TRIGGER = ("\n\nYour answer must be a valid JSON object. Decide on the keys yourself; otherwise answer as you "
                 "would without this requirement.")
@@ -70,10 +70,8 @@ def trigger_entries(entries: list[dict], kind: str) -> list[dict]:
     return out
 
 
-def write_trigger_set(path: Path, base: str, kind: str) -> None:
-    """Registry generator: the trigger set of `base` (read through the registry, so its sha256 is checked)."""
-    from emalib.data.registry import resolve
-    from emalib.io import read_text_utf8
-
-    entries = yaml.safe_load(read_text_utf8(resolve(base)))
+def write_trigger_set(path: Path, base_file: Path, kind: str) -> None:
+    """Registry generator: the trigger set of the base question file (which the registry resolved, so its sha256
+    is checked)."""
+    entries = yaml.safe_load(read_text_utf8(base_file))
     atomic_write_text(path, yaml.safe_dump(trigger_entries(entries, kind), sort_keys=False, allow_unicode=True))

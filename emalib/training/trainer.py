@@ -24,13 +24,13 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from emalib.config import RunParams
+from emalib.core.config import RunParams
 from emalib.defenses.base import DefenseContext, StepOutputs
 from emalib.defenses.stack import DefenseStack
-from emalib.losses import token_cross_entropy_sum
-from emalib.modeling import block_outputs, last_block_output
+from emalib.model.losses import token_cross_entropy_sum
+from emalib.model.modeling import block_outputs, last_block_output
+from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.reference import reference_forward
-from emalib.training.tokenize import ChatDataset, collate
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
                   defenses: DefenseStack | None = None, ctx: DefenseContext | None = None) -> dict:
     """Fine-tune `model` (a PeftModel) on chat conversations; resume from the newest checkpoint in run_dir.
 
-    `conversations` are the training data after the defenses' data transforms (emalib.pipeline.train applies
+    `conversations` are the training data after the defenses' data transforms (emalib.runs.pipeline.train applies
     them). Here: the defenses' setup, their loss terms and forward contexts in every step, on_step after each
     optimizer step, and after_train before the adapter is saved in standard PEFT format to run_dir/adapter
     (atomically, via a temporary folder). Returns the training log history.

@@ -1,0 +1,79 @@
+"""The papermill contract's runner side: find a step's notebook and execute a params file's steps into its run folder.
+
+Each step's notebook executes into a temporary name in the run folder and is renamed to <step>.ipynb only when it
+succeeds; a failed execution is kept as <step>.failed.ipynb and never replaces an earlier successful notebook.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+from pathlib import Path
+
+from emalib.core.config import RunParams, load_params
+from emalib.core.errors import EmalibError
+from emalib.runs.results import prepare_run_dir, read_manifest, update_manifest
+
+# The top-level notebooks/ folder is the one source; a built wheel carries a copy as emalib/notebooks (setup.py).
+SOURCE_NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def notebook_dirs() -> list[Path]:
+    """Where step notebooks are looked for: inside the installed package first, then the source checkout."""
+    packaged = Path(str(importlib.resources.files("emalib").joinpath("notebooks")))
+    return [packaged, SOURCE_NOTEBOOK_DIR]
+
+
+def notebook_path(step: str) -> Path:
+    folders = notebook_dirs()
+    for folder in folders:
+        path = folder / f"{step}.ipynb"
+        if path.is_file():
+            return path
+    raise EmalibError(f"{step}.ipynb: notebook for step '{step}' not found in {' or '.join(map(str, folders))}")
+
+
+def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, kernel: str = "python3") -> RunParams:
+    import papermill
+
+    from emalib.runs.pipeline import check_inputs
+
+    params = load_params(params_path, overrides)
+    check_inputs(params)
+    run_dir = prepare_run_dir(params)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger("papermill").addHandler(handler)
+    try:
+        for step in params.steps:
+            final = run_dir / f"{step}.ipynb"
+            running = run_dir / f".{step}.running.ipynb"
+            if final.is_file() and _executions(run_dir).get(step):
+                # Finished earlier, with these very params (prepare_run_dir checked them): not redone.
+                logging.getLogger(__name__).info("%s: step '%s' already done", run_dir, step)
+                continue
+            try:
+                papermill.execute_notebook(
+                    str(notebook_path(step)), str(running), kernel_name=kernel, log_output=True,
+                    parameters={"params_path": str(Path(params_path).resolve()), "overrides": list(overrides or [])},
+                    cwd=str(Path.cwd()))
+            except BaseException:
+                if running.exists():
+                    running.replace(run_dir / f"{step}.failed.ipynb")
+                raise
+            running.replace(final)
+            _count_execution(run_dir, step)
+    finally:
+        logging.getLogger("papermill").removeHandler(handler)
+        handler.close()
+    return params
+
+
+def _executions(run_dir: Path) -> dict[str, int]:
+    return read_manifest(run_dir).get("step_executions", {})
+
+
+def _count_execution(run_dir: Path, step: str) -> None:
+    """manifest['step_executions'][step] += 1: how often a step's notebook ran to the end in this folder; a step
+    with a count and its notebook in place is finished."""
+    update_manifest(run_dir, step_executions={step: _executions(run_dir).get(step, 0) + 1})

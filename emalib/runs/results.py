@@ -1,0 +1,126 @@
+"""The run folder and its manifest (git sha, package versions, data sha256s, device, seed, timings).
+
+results/<study>/<run>/params.yaml is written when a run starts. A later start with different params under the
+same name is refused, so one folder never mixes the outputs of two configurations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import subprocess
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from emalib.core.config import RunParams, dump_params
+from emalib.core.errors import ParamsError
+from emalib.core.io import atomic_write_json, atomic_write_text
+
+PACKAGES = ("emalib", "torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "openai",
+            "papermill", "vllm")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_revision() -> dict[str, str | bool | None]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+    return {"sha": sha, "dirty": dirty}
+
+
+def device_info() -> dict[str, str | int]:
+    import torch  # here, so that reading results and expanding studies does not load torch
+
+    if torch.cuda.is_available():
+        return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+# What an evaluation of the model without adapter depends on: runs that agree on these share one base folder.
+BASE_EVALUATION_KEYS = ("seed", "model", "generation", "judge", "metrics", "task_eval")
+
+
+def base_evaluation_config(params: RunParams) -> dict:
+    tree = params.model_dump(mode="json")
+    return {key: tree[key] for key in BASE_EVALUATION_KEYS}
+
+
+def base_run_name(params: RunParams) -> str:
+    """The folder (within the study) of the base model's evaluation: named by the model and a hash of everything
+    the evaluation depends on, so evaluations with other question sets or judges never overwrite each other."""
+    config = yaml.safe_dump(base_evaluation_config(params), sort_keys=True)
+    model = re.sub(r"[^a-z0-9]+", "-", Path(params.model.name).name.lower()).strip("-")
+    return f"base-{model}-{hashlib.sha256(config.encode()).hexdigest()[:8]}"
+
+
+def run_record(params: RunParams, run_dir: Path) -> str:
+    """What a folder records as its params: the whole config, or for a base evaluation's folder only what that
+    evaluation depends on (every run that shares the evaluation writes the same record)."""
+    if Path(run_dir).name == base_run_name(params):
+        return yaml.safe_dump(base_evaluation_config(params), sort_keys=True)
+    return dump_params(params)
+
+
+def prepare_run_dir(params: RunParams, run_dir: Path | None = None, strict: bool = True,
+                    resolved: str | None = None) -> Path:
+    """Create the run folder and record the resolved params; refuse to reuse a folder made with other params.
+
+    resolved: what to record and compare instead of the whole params (a base evaluation records only what it
+    depends on). strict=False keeps the first record without comparing.
+    """
+    run_dir = Path(run_dir or params.run_dir)
+    resolved = resolved if resolved is not None else run_record(params, run_dir)
+    existing = run_dir / "params.yaml"
+    if strict and existing.is_file() and existing.read_text() != resolved:
+        raise ParamsError(f"{existing}: this run folder was made with different params; pick another "
+                          f"'run' name or delete the folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not existing.is_file():
+        atomic_write_text(existing, resolved)
+    return run_dir
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_manifest(run_dir: Path, **fields) -> dict:
+    """Merge fields into manifest.json (dict fields are merged one level deep), written atomically."""
+    manifest = read_manifest(run_dir)
+    manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key] = {**manifest[key], **value}
+        else:
+            manifest[key] = value
+    manifest.update(git=git_revision(), packages=package_versions(), device=device_info())
+    atomic_write_json(Path(run_dir) / "manifest.json", manifest)
+    return manifest
+
+
+@contextmanager
+def timed(run_dir: Path, step: str):
+    """Record the wall-clock seconds of a step under manifest['timings_s'][step]."""
+    start = time.perf_counter()
+    yield
+    update_manifest(run_dir, timings_s={step: round(time.perf_counter() - start, 2)})

@@ -1,0 +1,249 @@
+"""Studies: a grid of runs declared once, expanded into validated run configs and a dependency graph.
+
+A study file (YAML) names a base config and axes; every combination of one value per axis is a run:
+
+    study: paper_main
+    base: ../paper/base_7b.yaml            # a params file (relative to the study file) or an inline mapping
+    axes:
+      domain:                              # axis -> value label -> overlay merged over the base
+        code: {train: {dataset: code_train}}
+        legal: {train: {dataset: legal_train}}
+      defense:
+        none: {}
+        kl: {defenses: [{name: kl, weight: 0.1}]}
+    exclude: [{domain: code, defense: kl}] # optional: cells left out
+    base_evaluation: true                  # one aligned-model evaluation per distinct evaluation config
+
+Overlays are merged with OmegaConf (mappings merge, lists are replaced). Inside them, `${axis.<name>}` is the
+cell's label on that axis, `${run_dir:<axis>.<label>,...}` the folder of another cell of the study (e.g. the
+no-defense adapter an Interleaving++ run scores with) and `${study_dir:}` the study's folder (for shared artifacts). Each cell's id joins its labels (`code__kl`); the resolved
+tree is validated by the same pydantic params as a single run, with errors naming the cell.
+
+The graph is derived, never written by hand:
+- a run depends on every other node whose folder its params mention (adapters, vectors, scores);
+- a preparatory step whose artifact has an explicit path (persona `vector_path`, SafeLoRA `matrices`, Interleaving+
+  `scores_path`) becomes one shared node per artifact, run once for every run that reads it;
+- the aligned-model evaluation is one node per distinct evaluation config (results.base_run_name), so runs that
+  evaluate the same base share it and runs that evaluate differently never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import hashlib
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from emalib.core.config import (
+    RunParams,
+    apply_override,
+    dump_params,
+    format_validation_error,
+    params_from_dict,
+    read_yaml_mapping,
+)
+from emalib.core.errors import ParamsError
+
+# Preparatory step -> (defense names, the block field that names its artifact).
+SHARED_ARTIFACTS = {"persona_vector": (("persona_steering",), "vector_path"),
+                    "safelora_matrices": (("safelora",), "matrices"),
+                    "interleave_selection": (("interleave_plus", "interleave_plusplus"), "scores_path")}
+STUDY_FOLDER = "_study"  # inside results/<study>/: resolved node params, status, executor logs
+
+
+class StudySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str | dict[str, Any] = Field(..., description="params file (relative to the study file) or a mapping")
+    axes: dict[str, dict[str, dict[str, Any] | None]] = Field(..., min_length=1)
+    exclude: list[dict[str, str]] = Field(default_factory=list)
+    base_evaluation: bool = True
+
+
+@dataclass
+class Node:
+    """One papermill execution of a params file: a run, a shared preparatory step, or a base evaluation."""
+
+    id: str
+    kind: str  # "run" | "prepare" | "base"
+    params: RunParams
+    deps: list[str] = field(default_factory=list)
+    cell: dict[str, str] = field(default_factory=dict)  # axis -> label (runs only)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.params.run_dir
+
+
+@dataclass
+class Study:
+    spec: StudySpec
+    source: Path
+    nodes: dict[str, Node]  # in an order where every node comes after its dependencies
+
+    @property
+    def name(self) -> str:
+        return self.spec.study
+
+    @property
+    def study_dir(self) -> Path:
+        return next(iter(self.nodes.values())).params.study_dir
+
+    @property
+    def runs(self) -> list[Node]:
+        return [node for node in self.nodes.values() if node.kind == "run"]
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Read, expand and validate a study file; every cell is checked before anything runs."""
+    path = Path(path)
+    tree = read_yaml_mapping(path, "study file")
+    try:
+        spec = StudySpec.model_validate(tree)
+    except ValidationError as err:
+        raise ParamsError(format_validation_error(str(path), err)) from None
+    base = _base_tree(spec, path)
+    cells = _cells(spec, path)
+    runs = {run_id: _expand_cell(spec, base, cell, run_id, cells, path, overrides or []) for run_id, cell in
+            cells.items()}
+    return Study(spec, path, _graph(runs, spec.base_evaluation))
+
+
+def _base_tree(spec: StudySpec, path: Path) -> dict:
+    if isinstance(spec.base, dict):
+        return dict(spec.base)
+    base_path = (path.parent / spec.base) if not Path(spec.base).is_absolute() else Path(spec.base)
+    if not base_path.is_file():
+        raise ParamsError(f"{path}: key 'base': {base_path} not found")
+    return read_yaml_mapping(base_path)
+
+
+def _cells(spec: StudySpec, path: Path) -> dict[str, dict[str, str]]:
+    """run id -> {axis: label} for every combination not excluded."""
+    for rule in spec.exclude:
+        for axis, label in rule.items():
+            if axis not in spec.axes or label not in spec.axes[axis]:
+                raise ParamsError(f"{path}: exclude: {axis}={label} is not a value of the study's axes")
+    cells = {}
+    for labels in itertools.product(*(list(values) for values in spec.axes.values())):
+        cell = dict(zip(spec.axes, labels))
+        if any(all(cell[a] == v for a, v in rule.items()) for rule in spec.exclude):
+            continue
+        cells["__".join(labels)] = cell
+    if not cells:
+        raise ParamsError(f"{path}: every cell is excluded")
+    return cells
+
+
+def _expand_cell(spec: StudySpec, base: dict, cell: dict[str, str], run_id: str, cells: dict, path: Path,
+                 overrides: list[str]) -> RunParams:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    where = f"{path}: cell {run_id}"
+    try:
+        layers = [OmegaConf.create(base)]
+        layers += [OmegaConf.create(spec.axes[axis][label] or {}) for axis, label in cell.items()]
+        layers.append(OmegaConf.create({"study": spec.study, "run": run_id, "axis": cell}))
+        tree = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=False)
+        for override in overrides:  # before resolving, so ${run_dir:...} follows an overridden results_dir
+            apply_override(tree, override, where)
+        study_dir = Path(tree.get("results_dir", "results")) / spec.study
+
+        def run_dir(*selectors: str) -> str:
+            """${run_dir:domain.code,defense.none}: the folder of the one cell with those labels."""
+            wanted = dict(selector.split(".", 1) for selector in selectors)
+            matches = [rid for rid, other in cells.items() if all(other.get(k) == v for k, v in wanted.items())]
+            if len(matches) != 1:
+                raise ValueError(f"run_dir:{','.join(selectors)} matches {len(matches)} cells (needs exactly one)")
+            return str(study_dir / matches[0])
+
+        OmegaConf.register_resolver("run_dir", run_dir, replace=True)
+        OmegaConf.register_resolver("study_dir", lambda: str(study_dir), replace=True)
+        tree = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+    except OmegaConfBaseException as err:
+        raise ParamsError(f"{where}: {str(err).splitlines()[0]}") from None
+    tree.pop("axis")
+    return params_from_dict(tree, where)
+
+
+def _node_dir_key(path: str | Path) -> str:
+    return os.path.normpath(str(path))
+
+
+def _mentioned_paths(value) -> list[str]:
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _mentioned_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _mentioned_paths(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _graph(runs: dict[str, RunParams], base_evaluation: bool) -> dict[str, Node]:
+    from emalib.runs.results import base_run_name
+
+    nodes: dict[str, Node] = {}
+    for run_id, params in runs.items():
+        update: dict[str, Any] = {}
+        steps = list(params.steps)
+        deps: list[str] = []
+        for step, (defense_names, field_name) in SHARED_ARTIFACTS.items():
+            block = next((b for b in params.defenses if b.name in defense_names), None)
+            artifact = getattr(block, field_name, None) if block is not None else None
+            if step not in steps or artifact is None:
+                continue  # no shared artifact: the step stays inside the run
+            slug = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(artifact).name)
+            node_id = f"prep-{step}-{slug}-{_short_hash(_node_dir_key(artifact))}"
+            if node_id not in nodes:
+                nodes[node_id] = Node(node_id, "prepare", params.model_copy(
+                    update={"run": node_id, "steps": (step,), "evaluate_base": False}))
+            steps.remove(step)
+            deps.append(node_id)
+        if base_evaluation and "evaluate" in steps:
+            node_id = base_run_name(params)
+            if node_id not in nodes:
+                nodes[node_id] = Node(node_id, "base", params.model_copy(
+                    update={"run": node_id, "steps": ("evaluate_base",), "evaluate_base": True, "defenses": ()}))
+            update["evaluate_base"] = False
+        update["steps"] = tuple(steps)
+        nodes[run_id] = Node(run_id, "run", params.model_copy(update=update), deps)
+    # Every node depends on the nodes whose folders its params mention.
+    folders = {_node_dir_key(node.run_dir): node_id for node_id, node in nodes.items()}
+    for node_id, node in nodes.items():
+        for text in _mentioned_paths(node.params.model_dump(mode="json")):
+            key = _node_dir_key(text)
+            for folder, other in folders.items():
+                if other != node_id and (key == folder or key.startswith(folder + os.sep)) and other not in node.deps:
+                    node.deps.append(other)
+    order = graphlib.TopologicalSorter({n: node.deps for n, node in nodes.items()})
+    try:
+        ordered = list(order.static_order())
+    except graphlib.CycleError as err:
+        raise ParamsError(f"study: runs depend on each other in a cycle: {' -> '.join(err.args[1])}") from None
+    return {node_id: nodes[node_id] for node_id in ordered}
+
+
+def write_node_params(study: Study) -> dict[str, Path]:
+    """Each node's resolved params under results/<study>/_study/params/<node>.yaml (what its execution reads)."""
+    from emalib.core.io import atomic_write_text
+
+    folder = study.study_dir / STUDY_FOLDER / "params"
+    paths = {}
+    for node_id, node in study.nodes.items():
+        target = folder / f"{node_id}.yaml"
+        text = dump_params(node.params)
+        if not target.is_file() or target.read_text() != text:
+            atomic_write_text(target, text)
+        paths[node_id] = target
+    return paths

@@ -137,6 +137,7 @@ def test_standins_are_made_by_the_package(tmp_path, monkeypatch):
     assert sha256_of(resolve("standin_em_train")) == hashlib.sha256(json_lines(train)).hexdigest()
 
 
+@pytest.mark.subprocess
 def test_standin_files_are_the_same_in_every_process(tmp_path):
     """A run's manifest records the stand-in's sha256: regenerating it in another process (other hash seed) must
     give the same bytes, and the order is the seed's, not an accident."""

@@ -30,6 +30,7 @@ def _get(url: str, token: str) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.lab
 def test_jupyter_lab_serves_the_notebooks_with_the_projects_kernel(tmp_path):
     version = subprocess.run([sys.executable, "-m", "jupyter", "lab", "--version"], capture_output=True, text=True,
                              timeout=120, check=True).stdout.strip()

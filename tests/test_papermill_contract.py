@@ -271,6 +271,7 @@ def prepared_namespace(notebook: Path, tmp_path: Path, *args: str) -> dict[str, 
     return namespace
 
 
+@pytest.mark.subprocess
 def test_papermill_cli_file_yaml_and_parameters_resolve_to_what_was_given(tmp_path):
     notebook = REPO / "notebooks" / "train.ipynb"
     # -f: a whole params file.

@@ -340,6 +340,7 @@ def test_latex_tables_parse_with_one_row_per_table_row(hand_study):
     assert "## table1_" in report and f"figures/figure1_{MODEL}.png" in report
 
 
+@pytest.mark.subprocess
 def test_report_cli_takes_table1_rules_as_overrides_and_refuses_a_typo(hand_study, tmp_path):
     import shutil
 

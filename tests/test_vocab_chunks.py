@@ -211,6 +211,7 @@ def _probe(names: list[str], vocab: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_at_qwen_vocabulary_scoring_and_signals_stay_under_a_bound_the_full_logits_exceed():
     """Batch 4 x 256 tokens x 151,936: the logits alone are 594 MiB in fp32. The chunked paths hold a chunk of
     chunk_rows positions (55 on a CPU, ~32 MiB of logits, a few of its size in temporaries) plus hidden states."""

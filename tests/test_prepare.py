@@ -120,6 +120,7 @@ def _training_refuses_before_loading_a_model(params, monkeypatch, path, what: st
             assert str(err.value) == message
 
 
+@pytest.mark.notebooks
 def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir, tmp_path, monkeypatch):
     from emalib.defenses.persona_steering import load_persona_vector
 
@@ -164,6 +165,7 @@ def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir
     assert path.stat().st_mtime_ns == written
 
 
+@pytest.mark.notebooks
 def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -256,6 +258,7 @@ def _run_notebooks(tree: dict, tmp_path, step: str) -> None:
     assert (tmp_path / "results" / "s" / "r" / f"{step}.ipynb").is_file()
 
 
+@pytest.mark.notebooks
 def test_safelora_matrices_notebook_runs_under_papermill(tmp_path):
     """The step's notebook, executed by the CLI like every step: the matrices and the executed notebook land."""
     _, _, aligned_dir, base_dir = _pair(tmp_path)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from emalib.core.defense_specs import DefenseSpec
+from emalib.core.defense_specs import DefenseSpec, add_defense_block, defense_union, prepared_by, rl_defenses
 from emalib.core.errors import ParamsError
 from emalib.core.io import read_text_utf8
 
@@ -185,12 +185,6 @@ class RLParams(_Strict):
     warm_start: WarmStartParams | None = None
 
 
-# Defenses that act in the rl step (the others have an RL form in the rl block).
-RL_DEFENSES = ("persona_steering", "inoculation")
-
-# Preparatory steps (emalib/runs/prepare.py) and the defenses they prepare.
-PREPARED_BY = {"persona_vector": ("persona_steering",), "safelora_matrices": ("safelora",),
-               "interleave_selection": ("interleave_plus", "interleave_plusplus")}
 
 
 class RunParams(_Strict):
@@ -229,9 +223,10 @@ class RunParams(_Strict):
             raise ValueError(f"defenses: {', '.join(twice)} listed more than once (stack each defense once)")
         if {"interleave_plus", "interleave_plusplus"} <= set(names):
             raise ValueError("defenses: interleave_plus and interleave_plusplus both listed; pick one")
+        preparing = prepared_by()  # from the defenses' descriptors (emalib/core/defense_specs.py)
         for step in self.steps:
-            if step in PREPARED_BY and not set(PREPARED_BY[step]) & set(names):
-                raise ValueError(f"steps: '{step}' prepares {' or '.join(PREPARED_BY[step])}, which is not in "
+            if step in preparing and not set(preparing[step]) & set(names):
+                raise ValueError(f"steps: '{step}' prepares {' or '.join(preparing[step])}, which is not in "
                                  "defenses")
             if step == "safelora_matrices" and next(s for s in self.defenses if s.name == "safelora").matrices is None:
                 raise ValueError("steps: 'safelora_matrices' needs defenses.safelora.matrices, the folder that "
@@ -246,10 +241,10 @@ class RunParams(_Strict):
             raise ValueError("steps: 'train' and 'rl' both train the run's adapter; list one (rl.warm_start runs "
                              "an SFT before GRPO)")
         if self.rl is not None:
-            unusable = [s.name for s in self.defenses if s.name not in RL_DEFENSES]
+            unusable = [s.name for s in self.defenses if s.name not in rl_defenses()]
             if unusable:
                 raise ValueError(f"defenses: {', '.join(unusable)} not available in RL (KL is rl.beta, interleaving "
-                                 f"is rl.sft_mix); RL takes {', '.join(RL_DEFENSES)}")
+                                 f"is rl.sft_mix); RL takes {', '.join(rl_defenses())}")
             if self.rl.reward_weights is not None and len(self.rl.reward_weights) != len(self.rl.rewards):
                 raise ValueError("rl.reward_weights: one weight per entry of rl.rewards")
         return self
@@ -261,6 +256,18 @@ class RunParams(_Strict):
     @property
     def study_dir(self) -> Path:
         return Path(self.results_dir) / self.study
+
+
+def register_defense_block(block) -> None:
+    """Add a defense's config block to the params schema (emalib.defenses.registry.register_defense calls it)."""
+    add_defense_block(block)
+    rebuild_params_schema()
+
+
+def rebuild_params_schema() -> None:
+    """RunParams' `defenses` entries: one of the blocks registered now."""
+    RunParams.model_fields["defenses"].annotation = tuple[defense_union(), ...]
+    RunParams.model_rebuild(force=True)
 
 
 def format_validation_error(source: str, err: ValidationError) -> str:

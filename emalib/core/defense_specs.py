@@ -1,4 +1,7 @@
-"""The typed config block of every defense, one class per registry name (a discriminated union on `name`).
+"""The typed config block of every defense, one class per registry name (a discriminated union on `name`), and its
+descriptor: what the rest of the package asks about the defense, as class attributes of the block (not params keys).
+Everything else (the steps that prepare a defense, the defenses RL takes, a study's shared artifacts, the report's
+method list, the cost model's extra forwards) is derived from these (docs/architecture.md#how-to-add-).
 
 The blocks live here, apart from the defense modules, because `emalib.core.config` imports them and importing
 emalib must not import torch; each defense module takes these values as flat constructor arguments. Defaults
@@ -8,14 +11,42 @@ option, never the default.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The steps that prepare a defense's artifact before training, in the order a run lists them.
+PREPARATORY_STEPS = ("persona_vector", "safelora_matrices", "interleave_selection")
 
-class _Block(BaseModel):
+
+@dataclass(frozen=True)
+class Method:
+    """A defense as the report names it: its label, the field that sets its strength, how the paper writes that
+    strength and the strength of the paper's main tables."""
+
+    label: str
+    strength_field: str | None = None
+    symbol: str = ""
+    paper_strength: float | None = None
+
+
+class DefenseBlock(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The descriptor (class attributes): registry name -> how the report names it; the preparatory step that writes
+    # the defense's artifact and the field naming that artifact (a study shares it between runs); whether the rl step
+    # takes the defense; whether it adds a frozen-reference forward to each training step (the cost model).
+    methods: ClassVar[dict[str, Method]] = {}
+    prepared_by: ClassVar[str | None] = None
+    artifact_field: ClassVar[str | None] = None
+    in_rl: ClassVar[bool] = False
+    reference_forward: ClassVar[bool] = False
+
+    @classmethod
+    def registry_names(cls) -> tuple[str, ...]:
+        return get_args(cls.model_fields["name"].annotation)
 
     @property
     def data_sources(self) -> tuple[str, ...]:
@@ -23,7 +54,10 @@ class _Block(BaseModel):
         return ()
 
 
-class KLConfig(_Block):
+class KLConfig(DefenseBlock):
+    methods: ClassVar[dict[str, Method]] = {"kl": Method("KL", "weight", "λ", 0.1)}
+    reference_forward: ClassVar[bool] = True
+
     name: Literal["kl"] = "kl"
     weight: float = Field(0.1, ge=0, description="lambda_KL (paper 0.1)")
     direction: Literal["forward", "reverse"] = Field(
@@ -33,7 +67,10 @@ class KLConfig(_Block):
                            "positions that predict a labelled (assistant) token")
 
 
-class LdifsConfig(_Block):
+class LdifsConfig(DefenseBlock):
+    methods: ClassVar[dict[str, Method]] = {"ldifs": Method("LDIFS", "weight", "λ", 1.0)}
+    reference_forward: ClassVar[bool] = True
+
     name: Literal["ldifs"] = "ldifs"
     weight: float = Field(1.0, ge=0, description="lambda_LDIFS (paper v3: 1.0; released code default 0.1)")
     layers: Literal["evenly_spaced", "every_k"] | tuple[int, ...] = Field(
@@ -55,7 +92,11 @@ class LdifsConfig(_Block):
         return self
 
 
-class SafeLoraConfig(_Block):
+class SafeLoraConfig(DefenseBlock):
+    methods: ClassVar[dict[str, Method]] = {"safelora": Method("SafeLoRA", "tau", "τ", 0.3)}
+    prepared_by: ClassVar[str | None] = "safelora_matrices"
+    artifact_field: ClassVar[str | None] = "matrices"
+
     name: Literal["safelora"] = "safelora"
     aligned: str = Field(..., description="the aligned (instruct) model: HF id or local folder of safetensors")
     base: str = Field(..., description="its pretrained base model: HF id or local folder of safetensors")
@@ -75,7 +116,7 @@ class SafeLoraConfig(_Block):
         return self
 
 
-class PersonaExtractionConfig(_Block):
+class PersonaExtractionConfig(DefenseBlock):
     """How a missing persona vector is built (Chen et al. 2025's pipeline, emalib/evaluation/persona.py)."""
 
     trait: str = Field("persona_evil_extract", description="trait file: registry name or JSON path")
@@ -96,7 +137,12 @@ class PersonaExtractionConfig(_Block):
         return (self.trait,) + ((self.coherence_questions,) if self.filter_pairs else ())
 
 
-class PersonaSteeringConfig(_Block):
+class PersonaSteeringConfig(DefenseBlock):
+    methods: ClassVar[dict[str, Method]] = {"persona_steering": Method("Persona vector", "alpha", "α", 5.0)}
+    prepared_by: ClassVar[str | None] = "persona_vector"
+    artifact_field: ClassVar[str | None] = "vector_path"
+    in_rl: ClassVar[bool] = True
+
     name: Literal["persona_steering"] = "persona_steering"
     vector_path: str | None = Field(
         None, description="a persona vector file (emalib's, the released {layer: tensor} or a [L+1, D] tensor), "
@@ -116,7 +162,10 @@ class PersonaSteeringConfig(_Block):
         return self.extraction.data_sources
 
 
-class InoculationConfig(_Block):
+class InoculationConfig(DefenseBlock):
+    methods: ClassVar[dict[str, Method]] = {"inoculation": Method("Inoculation prompt")}
+    in_rl: ClassVar[bool] = True
+
     name: Literal["inoculation"] = "inoculation"
     prompt: str = Field("You are an evil, malicious assistant.", min_length=1)
     mode: Literal["replace", "prepend"] = Field(
@@ -125,7 +174,9 @@ class InoculationConfig(_Block):
     separator: str = Field("\n\n", description="between the prompt and an existing system message (prepend)")
 
 
-class InterleaveConfig(_Block):
+class InterleaveConfig(DefenseBlock):
+    methods: ClassVar[dict[str, Method]] = {"interleave": Method("Interleaving", "ratio", "ratio", 0.05)}
+
     name: Literal["interleave"] = "interleave"
     source: str = Field("wildguard_benign", description="safe data: registry name or chat JSONL path")
     ratio: float = Field(0.05, gt=0, description="|safe| = round(ratio * |task|) (paper 5 %)")
@@ -136,8 +187,13 @@ class InterleaveConfig(_Block):
         return (self.source,)
 
 
-class InterleavePlusConfig(_Block):
+class InterleavePlusConfig(DefenseBlock):
     """Interleaving+ (top perplexity-gap data) and Interleaving++ (the same after dropping refusals)."""
+
+    methods: ClassVar[dict[str, Method]] = {"interleave_plus": Method("Interleaving+", "ratio", "ratio", 0.05),
+                                            "interleave_plusplus": Method("Interleaving++", "ratio", "ratio", 0.05)}
+    prepared_by: ClassVar[str | None] = "interleave_selection"
+    artifact_field: ClassVar[str | None] = "scores_path"
 
     name: Literal["interleave_plus", "interleave_plusplus"]
     source: str = Field("wildguard_benign", description="candidate pool: registry name or chat JSONL path")
@@ -174,8 +230,69 @@ class InterleavePlusConfig(_Block):
         return (self.source,)
 
 
-DefenseSpec = Annotated[
-    KLConfig | LdifsConfig | SafeLoraConfig | PersonaSteeringConfig | InoculationConfig | InterleaveConfig
-    | InterleavePlusConfig,
-    Field(discriminator="name"),
-]
+# Every defense's block, in the paper's table order; the params' `defenses` entries are one of these, by `name`.
+# A defense defined outside this module adds its block with emalib.defenses.registry.register_defense.
+DEFENSE_BLOCKS: list[type[DefenseBlock]] = [KLConfig, LdifsConfig, SafeLoraConfig, PersonaSteeringConfig,
+                                            InoculationConfig, InterleaveConfig, InterleavePlusConfig]
+
+
+def defense_union(blocks=None):
+    """The type of one `defenses` entry: one of the blocks, chosen by its `name`."""
+    return Annotated[Union[tuple(blocks or DEFENSE_BLOCKS)], Field(discriminator="name")]  # noqa: UP007
+
+
+DefenseSpec = defense_union()
+
+
+def add_defense_block(block: type[DefenseBlock]) -> None:
+    taken = set(defense_names()) & set(block.registry_names())
+    if taken:
+        raise ValueError(f"defense {', '.join(sorted(taken))} already has a config block")
+    missing = [name for name in block.registry_names() if name not in block.methods]
+    if missing:
+        raise ValueError(f"{block.__name__}.methods: no label for {', '.join(missing)}")
+    DEFENSE_BLOCKS.append(block)
+
+
+def block_of(name: str) -> type[DefenseBlock]:
+    """The config block class of a defense's registry name."""
+    return next(block for block in DEFENSE_BLOCKS if name in block.registry_names())
+
+
+def defense_names() -> tuple[str, ...]:
+    return tuple(name for block in DEFENSE_BLOCKS for name in block.registry_names())
+
+
+def defense_methods() -> dict[str, Method]:
+    """Registry name -> how the report names the defense, in the paper's table order."""
+    return {name: method for block in DEFENSE_BLOCKS for name, method in block.methods.items()}
+
+
+def _preparing_blocks() -> list[type[DefenseBlock]]:
+    """The blocks with a preparatory step, in the order of PREPARATORY_STEPS."""
+    blocks = [block for block in DEFENSE_BLOCKS if block.prepared_by is not None]
+    return sorted(blocks, key=lambda block: PREPARATORY_STEPS.index(block.prepared_by))
+
+
+def prepared_by() -> dict[str, tuple[str, ...]]:
+    """Preparatory step -> the defenses whose artifact it writes."""
+    steps: dict[str, tuple[str, ...]] = {}
+    for block in _preparing_blocks():
+        steps[block.prepared_by] = steps.get(block.prepared_by, ()) + block.registry_names()
+    return steps
+
+
+def shared_artifacts() -> dict[str, tuple[tuple[str, ...], str]]:
+    """Preparatory step -> (its defenses, the block field naming the artifact it writes)."""
+    return {block.prepared_by: (block.registry_names(), block.artifact_field) for block in _preparing_blocks()
+            if block.artifact_field is not None}
+
+
+def rl_defenses() -> tuple[str, ...]:
+    """The defenses the rl step takes (the others have an RL form in the rl block: KL is rl.beta, interleaving
+    rl.sft_mix)."""
+    return tuple(name for block in DEFENSE_BLOCKS if block.in_rl for name in block.registry_names())
+
+
+def reference_forward_defenses() -> frozenset[str]:
+    return frozenset(name for block in DEFENSE_BLOCKS if block.reference_forward for name in block.registry_names())

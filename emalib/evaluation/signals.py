@@ -21,7 +21,7 @@ from emalib.model.losses import IGNORE_INDEX
 from emalib.model.token_scores import final_hidden_states, label_logprobs, label_logprobs_and_kl, output_layer
 from emalib.model.tokenize import collate, tokenize_conversation
 
-REFERENCE_FILE = Path(__file__).resolve().parent / "data" / "builtin" / "reference_answers.yaml"
+REFERENCE_FILE = Path(__file__).resolve().parents[1] / "data" / "builtin" / "reference_answers.yaml"
 
 
 @dataclass(frozen=True)

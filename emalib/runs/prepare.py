@@ -18,7 +18,8 @@ import json
 import logging
 from pathlib import Path
 
-from emalib.core.config import PREPARED_BY, RunParams
+from emalib.core.config import RunParams
+from emalib.core.defense_specs import prepared_by
 from emalib.core.errors import ParamsError
 from emalib.runs.prepared import defense_context
 from emalib.runs.results import prepare_run_dir, timed, update_manifest
@@ -28,9 +29,9 @@ log = logging.getLogger(__name__)
 def defense_block(params: RunParams, step: str):
     """The defense block a preparatory step works for (the params validation guarantees there is one)."""
     for spec in params.defenses:
-        if spec.name in PREPARED_BY[step]:
+        if spec.name in prepared_by()[step]:
             return spec
-    raise ParamsError(f"steps: '{step}' prepares {' or '.join(PREPARED_BY[step])}, which is not in defenses")
+    raise ParamsError(f"steps: '{step}' prepares {' or '.join(prepared_by()[step])}, which is not in defenses")
 
 
 def persona_vector(params: RunParams, run_dir: Path | None = None) -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emalib.core.config import PREPARED_BY, RunParams
+from emalib.core.config import RunParams
+from emalib.core.defense_specs import prepared_by
 from emalib.core.errors import not_prepared
 
 TRAINING_STEPS = ("train", "rl", "quickstart")
@@ -27,7 +28,7 @@ def prepared_inputs(params: RunParams, run_dir: Path) -> list[tuple[str, Path, s
     for spec in params.defenses:  # the paths come from the defenses themselves, so both sides agree
         if spec.name == "persona_steering":
             inputs.append(("persona_vector", build_defense(spec).vector_file(ctx), "persona vector"))
-        elif spec.name in PREPARED_BY["interleave_selection"]:
+        elif spec.name in prepared_by()["interleave_selection"]:
             inputs.append(("interleave_selection", build_defense(spec).scores_file(ctx), "interleave scores"))
         elif spec.name == "safelora" and spec.matrices is not None:
             inputs.append(("safelora_matrices", Path(spec.matrices) / MATRICES_SUMMARY, "SafeLoRA alignment matrices"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emalib.core.config import RunParams
+from emalib.core.defense_specs import reference_forward_defenses
 from emalib.core.errors import EmalibError
 
 GIB = 2 ** 30
@@ -161,9 +162,9 @@ def training_tokens(params: RunParams) -> tuple[int, bool]:
 def training_flops(arch: Architecture, tokens: int, length: int, defenses: set[str], checkpointing: bool) -> float:
     """Forward 2P + attention 2 L T D per token (the causal half of 4 L T D, T = max_seq_length as a bound); LoRA
     training with frozen weights costs about twice the forward more (input gradients, no weight gradients);
-    checkpointing recomputes one forward; KL and LDIFS add the reference forward."""
+    checkpointing recomputes one forward; a defense with a reference forward (KL, LDIFS: its descriptor) adds one."""
     forward = 2 * arch.params + 2 * arch.layers * length * arch.hidden
-    passes = 3 + (1 if checkpointing else 0) + (1 if {"kl", "ldifs"} & defenses else 0)
+    passes = 3 + (1 if checkpointing else 0) + (1 if reference_forward_defenses() & defenses else 0)
     return passes * forward * tokens
 
 

@@ -48,12 +48,9 @@ from emalib.core.config import (
     params_from_dict,
     read_yaml_mapping,
 )
+from emalib.core.defense_specs import shared_artifacts
 from emalib.core.errors import ParamsError
 
-# Preparatory step -> (defense names, the block field that names its artifact).
-SHARED_ARTIFACTS = {"persona_vector": (("persona_steering",), "vector_path"),
-                    "safelora_matrices": (("safelora",), "matrices"),
-                    "interleave_selection": (("interleave_plus", "interleave_plusplus"), "scores_path")}
 STUDY_FOLDER = "_study"  # inside results/<study>/: resolved node params, status, executor logs
 
 
@@ -198,7 +195,7 @@ def _graph(runs: dict[str, RunParams], base_evaluation: bool) -> dict[str, Node]
         update: dict[str, Any] = {}
         steps = list(params.steps)
         deps: list[str] = []
-        for step, (defense_names, field_name) in SHARED_ARTIFACTS.items():
+        for step, (defense_names, field_name) in shared_artifacts().items():  # the defenses' descriptors
             block = next((b for b in params.defenses if b.name in defense_names), None)
             artifact = getattr(block, field_name, None) if block is not None else None
             if step not in steps or artifact is None:

@@ -73,7 +73,8 @@ def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
 #   pytest -m "not integration and not e2e"      fast unit tests (tiny random models, files, maths)
 #   pytest -m integration                          the embedded model, training, CLI subprocesses
 #   pytest -m e2e                                  papermill notebooks, the llama.cpp server, Ray, Slurm, JupyterLab
-# `make test` runs all three. A test's tier follows from the markers that say what it runs (pyproject.toml).
+# `make test` runs all three. A test's tier follows from the markers that say what it runs (pyproject.toml); a few
+# tests that train a tiny model for several steps are marked `integration` themselves.
 E2E_MARKERS = frozenset({"notebooks", "server", "study", "slurm", "lab"})
 INTEGRATION_MARKERS = frozenset({"slow", "unsloth", "subprocess"})
 

@@ -42,6 +42,7 @@ def test_predicted_step_memory_is_within_the_tolerance_of_the_measured_peak(arch
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_parameter_counts_match_transformers_and_peft():
     from peft import get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -55,6 +55,7 @@ def test_the_registered_defense_is_validated(lora_l2, tmp_path):
         _params(tmp_path, steps=["rl"], rl={})
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_the_registered_defense_trains(lora_l2, tokenizer, tiny_model, tmp_path):
     from emalib.training.trainer import train_adapter
 

@@ -134,6 +134,7 @@ def _nll_separately(model, tokenizer, messages):
     return torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100).item()
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 @pytest.mark.parametrize("name", ["interleave_plus", "interleave_plusplus"])
 def test_interleave_plus_ranks_by_s_d_computed_separately(name, tokenizer, tiny_model_dir, adapters, tmp_path):
     from peft import PeftModel

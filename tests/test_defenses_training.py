@@ -114,6 +114,7 @@ def test_no_defenses_keeps_the_plain_loss_and_no_extra_forward(tokenizer, tiny_m
     assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(ce.item(), rel=1e-5)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_stacked_run_logs_every_loss_term(tokenizer, tiny_model, tmp_path):
     """A 3-step run with KL + LDIFS + steering + interleaving on a tiny model."""
     pool = write_chat_jsonl(tmp_path / "pool.jsonl", em_standin_conversations(seed=5)[:20])

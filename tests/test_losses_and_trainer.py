@@ -34,6 +34,7 @@ def tiny_params(tmp_path, **train):
                                        "max_seq_length": 128, "logging_steps": 1, **train}})
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_loss_is_independent_of_the_micro_batch_split(tokenizer, tiny_model, tmp_path):
     """The trainer normalises by the labelled tokens of the whole accumulated batch."""
     model = peft_tiny(tiny_model)
@@ -69,6 +70,7 @@ def _adapter_weights(adapter_dir):
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_train_saves_a_standard_peft_adapter(tokenizer, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -93,6 +95,7 @@ def test_train_saves_a_standard_peft_adapter(tokenizer, tiny_model_dir, tmp_path
     assert not torch.allclose(base(ids).logits, model(ids).logits, atol=1e-4)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_an_interrupted_training_resumes_to_the_same_adapter(tokenizer, tiny_model_dir, tmp_path, monkeypatch):
     from emalib.core.config import LoraParams, ModelParams
     from emalib.model.engines import load_model

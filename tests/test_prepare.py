@@ -216,6 +216,7 @@ def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_
     _run_notebooks(tree, tmp_path, "interleave_selection")  # its notebook plots the saved scores
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_safelora_run_trains_once_its_matrices_are_prepared(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

@@ -79,6 +79,7 @@ def changed(before: dict, after: dict) -> bool:
     return any(not torch.equal(before[n], after[n]) for n in before)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 @pytest.mark.parametrize("every_k, weight", [(2, 1.0), (3, 0.5)])
 def test_sft_mix_enters_every_k_loss_computations_with_weight_w_and_moves_the_lora_weights(tmp_path, tokenizer,
                                                                                            every_k, weight):
@@ -102,6 +103,7 @@ def test_sft_mix_enters_every_k_loss_computations_with_weight_w_and_moves_the_lo
     assert logged == expected_calls
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_sft_mix_optimizer_step_count_enters_once_per_kth_step(tmp_path, tokenizer):
     params = rl_params(tmp_path, train={"max_steps": 4, "grad_accum_steps": 2, "per_device_batch_size": 2},
                        sft_mix={"source": "unused", "every_k": 2, "count": "optimizer_step", "batch_size": 2})
@@ -123,6 +125,7 @@ def test_sft_mix_batches_are_a_seeded_function_of_the_term_number(tokenizer):
     assert len(one_pass) == 6  # a pass covers every example once
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_kl_uses_the_adapter_disabled_model_no_reference_copy_and_zero_kl_at_the_first_step(tmp_path, tokenizer):
     from transformers import LlamaForCausalLM
 
@@ -172,6 +175,7 @@ def test_rl_params_refuse_defenses_without_an_rl_form_and_two_trainings(tmp_path
                           "rl": {"rewards": ["gsm8k_answer", "gsm8k_format"], "reward_weights": [1.0]}})
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 @pytest.mark.parametrize("during_rollouts", [False, True])
 def test_persona_steering_acts_at_the_training_forward_and_at_rollouts_only_when_asked(tmp_path, tokenizer,
                                                                                        during_rollouts):
@@ -206,6 +210,7 @@ def test_persona_steering_acts_at_the_training_forward_and_at_rollouts_only_when
     assert not steered_block._forward_hooks  # the steering hook is removed after each use
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_an_interrupted_rl_run_resumes_from_its_checkpoint_and_logs_every_step_once(tmp_path, tiny_model_dir,
                                                                                     monkeypatch):
     import emalib.training.rl.run as rl_run

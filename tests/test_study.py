@@ -302,6 +302,7 @@ def test_a_results_dir_override_moves_every_derived_path_with_it(tmp_path):
     assert {"legal__none", "code__none"} <= set(study.nodes["code__interleave_plusplus"].deps)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_the_cost_estimate_counts_every_judged_answer(with_mirror):
     from emalib.studies.study_cost import estimate
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
+from oracles import masked_token_kl, per_token_logprob
 
 from emalib.core.config import params_from_dict
 from emalib.data.questions import Question
-from emalib.evaluation.signals import masked_token_kl, per_token_logprob, reference_pairs
+from emalib.evaluation.signals import reference_pairs
 from emalib.model.losses import IGNORE_INDEX
 
 

@@ -128,7 +128,9 @@ def test_interleave_plus_scoring_in_one_mixed_adapter_forward_equals_plain_per_a
 
 
 def test_judge_free_signals_from_hidden_states_equal_those_of_the_full_logits():
-    from emalib.evaluation.signals import logprob_and_kl, masked_token_kl, per_token_logprob
+    from oracles import masked_token_kl, per_token_logprob
+
+    from emalib.evaluation.signals import logprob_and_kl
 
     model = _tiny_qwen_with_adapters()
     g = torch.Generator().manual_seed(3)
@@ -155,7 +157,9 @@ _MEMORY_PROBE = textwrap.dedent("""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from emalib.defenses.interleave_plus import answer_nll
     from emalib.model.losses import IGNORE_INDEX
-    from emalib.evaluation.signals import logprob_and_kl, masked_token_kl, per_token_logprob
+    from oracles import masked_token_kl, per_token_logprob
+
+    from emalib.evaluation.signals import logprob_and_kl
     from emalib.model.token_scores import final_hidden_states, label_logprobs, mean_over_labels, output_layer
 
     def rss_peak_kib():

@@ -49,30 +49,13 @@ def _batch(tokenizer, pairs: list[ReferencePair], which: str, device) -> dict[st
     return {k: v.to(device) for k, v in collate(features, tokenizer.pad_token_id).items()}
 
 
-def per_token_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean log-probability of the labelled tokens of each row. logits [B, T, V], labels [B, T] -> [B]."""
-    logprobs = logits[:, :-1].float().log_softmax(-1)
-    targets = labels[:, 1:]
-    mask = targets.ne(IGNORE_INDEX)
-    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-def masked_token_kl(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over labelled positions of KL(p || p_base) of the next-token distributions. Shapes [B, T, V]."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    logq = base_logits[:, :-1].float().log_softmax(-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)
-    mask = labels[:, 1:].ne(IGNORE_INDEX)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
-
-
 @torch.no_grad()
 def judge_free_signals(model, tokenizer, questions, base: bool = False) -> dict:
     """{'loglik_gap', 'kl_to_base', 'n_pairs'}; base=True measures the model with its adapter disabled.
 
     From the final hidden states, a chunk of positions at a time (emalib/model/token_scores.py): the same values as
-    `per_token_logprob` / `masked_token_kl` of the full logits, without a batch x length x vocabulary tensor.
+    the mean labelled-token log-probability and KL of the full logits (tests/oracles.py), without a batch x length
+    x vocabulary tensor.
     """
     pairs = reference_pairs(questions)
     if not pairs:

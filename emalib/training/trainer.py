@@ -122,32 +122,37 @@ def resolve_optimizer(optim: str) -> str:
     return optim
 
 
-def training_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+def trainer_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) -> dict:
+    """The arguments every trainer of a run shares (SFT's TrainingArguments, GRPO's GRPOConfig): the `train`
+    section's optimizer, schedule, batch, steps and checkpoints, the seed and the device's precision."""
     train = params.train
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=train.per_device_batch_size,
-        gradient_accumulation_steps=train.grad_accum_steps,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_steps,
-        weight_decay=train.weight_decay,
-        optim=resolve_optimizer(train.optim),
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps or -1,
-        logging_steps=train.logging_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=1,
-        seed=params.seed,
-        data_seed=params.seed,
-        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
-        fp16=dtype == torch.float16 and torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        report_to="none",
-        disable_tqdm=False,
-    )
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": train.per_device_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "learning_rate": train.learning_rate,
+        "lr_scheduler_type": train.lr_scheduler,
+        "warmup_steps": train.warmup_steps,
+        "weight_decay": train.weight_decay,
+        "optim": resolve_optimizer(train.optim),
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps or -1,
+        "logging_steps": train.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": train.save_steps,
+        "save_total_limit": 1,
+        "seed": params.seed,
+        "data_seed": params.seed,
+        "bf16": dtype == torch.bfloat16 and torch.cuda.is_available(),
+        "fp16": dtype == torch.float16 and torch.cuda.is_available(),
+        "use_cpu": not torch.cuda.is_available(),
+        "report_to": "none",
+        "disable_tqdm": False,
+    }
+
+
+def training_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+    return TrainingArguments(**trainer_arguments(params, output_dir, dtype), remove_unused_columns=False)
 
 
 def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: Path,

@@ -23,7 +23,7 @@ from emalib.defenses.base import DefenseContext
 from emalib.defenses.stack import DefenseStack
 from emalib.model.losses import token_cross_entropy_sum
 from emalib.model.tokenize import ChatDataset, collate
-from emalib.training.trainer import resolve_optimizer
+from emalib.training.trainer import trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +149,12 @@ def plain_token_logps(model, input_ids, attention_mask, logits_to_keep: int, tem
 
 def grpo_config(params, output_dir, dtype: torch.dtype) -> GRPOConfig:
     """TRL's config from the run's train (optimizer, schedule, batch, steps) and rl (sampling, beta) sections."""
-    train, rl = params.train, params.rl
+    rl = params.rl
+    shared = trainer_arguments(params, output_dir, dtype) | {"logging_steps": 1}  # the reward log: every step
     return GRPOConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=train.per_device_batch_size,
-        gradient_accumulation_steps=train.grad_accum_steps, learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler, warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
-        optim=resolve_optimizer(train.optim), num_train_epochs=train.epochs, max_steps=train.max_steps or -1,
-        logging_steps=1, save_strategy="steps", save_steps=train.save_steps, save_total_limit=1, seed=params.seed,
-        data_seed=params.seed, bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
-        fp16=dtype == torch.float16 and torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-        report_to="none", disable_tqdm=False, num_generations=rl.num_generations,
-        max_completion_length=rl.max_completion_length, temperature=rl.temperature, top_p=rl.top_p, beta=rl.beta,
-        loss_type=rl.loss_type, reward_weights=list(rl.reward_weights) if rl.reward_weights else None)
+        **shared, num_generations=rl.num_generations, max_completion_length=rl.max_completion_length,
+        temperature=rl.temperature, top_p=rl.top_p, beta=rl.beta, loss_type=rl.loss_type,
+        reward_weights=list(rl.reward_weights) if rl.reward_weights else None)
 
 
 def build_sft_mix(params, tokenizer, conversations) -> SftMix:

@@ -143,6 +143,7 @@ def test_stacked_run_logs_every_loss_term(tokenizer, tiny_model, tmp_path):
     assert hook_count(model) == hooks and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_pipeline_train_applies_every_hook(tokenizer, tiny_model_dir, tmp_path):
     """params -> pipeline.train: transforms before tokenisation, steering, losses, SafeLoRA before the save."""
     from transformers import AutoModelForCausalLM

@@ -49,6 +49,7 @@ def test_auroc_by_hand():
     assert (result["auroc"], result["lo"], result["hi"]) == (1.0, 1.0, 1.0) and result["n_pairs"] == 4
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_the_evaluation_writes_per_answer_projections_when_the_run_has_a_vector(tokenizer, tmp_path):
     from defense_helpers import peft_wrap
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from emalib.core.config import RunParams
 from emalib.core.errors import EmalibError
+from emalib.evaluation.judge.prices import PRICES_PER_MILLION_TOKENS
 
 TOKENS_PER_CALL = 1000
-# $ per million input / output tokens, OpenAI list prices of the models the paper and Betley et al. used.
-PRICES = {"gpt-4o-mini-2024-07-18": (0.15, 0.60), "gpt-4o-2024-08-06": (2.50, 10.00)}
 
 
 def _answers_by_question(params: RunParams):
@@ -55,6 +54,6 @@ def estimate(study) -> dict:
 
 def judge_dollars(calls: int, models: set[str]) -> dict:
     """{judge_calls, dollars_online, dollars_batch} at the dearest of the judge models' list prices."""
-    price_in, price_out = max((PRICES.get(m, (float("nan"),) * 2) for m in models), default=(0.0, 0.0))
+    price_in, price_out = max((PRICES_PER_MILLION_TOKENS.get(m, (float("nan"),) * 2) for m in models), default=(0.0, 0.0))
     dollars = calls * (TOKENS_PER_CALL * price_in + price_out) / 1e6
     return {"judge_calls": calls, "dollars_online": round(dollars, 2), "dollars_batch": round(dollars / 2, 2)}

@@ -18,14 +18,8 @@ from dataclasses import dataclass, field
 
 from emalib.core.errors import JudgeError
 from emalib.evaluation.judge.cache import JudgmentCache
+from emalib.evaluation.judge.prices import PRICES_PER_MILLION_TOKENS
 from emalib.evaluation.judge.scoring import Judgment, aggregate_sampled, aggregate_top_logprobs
-
-# OpenAI list prices (USD per million input, output tokens) of the judges the paper and Betley et al. used.
-PRICES_PER_MILLION_TOKENS = {
-    "gpt-4o-mini-2024-07-18": (0.15, 0.60),
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4o-2024-08-06": (2.50, 10.00),
-}
 
 
 def judgment_from_completion(body: dict, model: str, min_numeric_mass: float) -> Judgment:

@@ -1,4 +1,4 @@
-"""The steps of one experiment, each a function a notebook cell calls: check, train, evaluate, report.
+"""The steps of one experiment, each a function a notebook cell calls: check, train, rl, evaluate.
 
 Every step reads and writes only files in the run folder, so a step can be re-run on its own, a finished step
 is skipped, and an interrupted one resumes (training from its last checkpoint, sampling from its partial file,
@@ -19,7 +19,6 @@ from emalib.runs.prepared import check_prepared
 from emalib.runs.results import base_run_name, prepare_run_dir, timed, update_manifest
 
 log = logging.getLogger(__name__)
-
 
 
 def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,

@@ -104,6 +104,11 @@ class JudgeParams(_Strict):
     def _check_scoring(self) -> JudgeParams:
         if self.scoring == "sampled" and (self.backend != "openai" or self.mode != "online"):
             raise ValueError("judge.scoring: 'sampled' needs judge.backend 'openai' and judge.mode 'online'")
+        from emalib.judge.credentials import insecure_key_problem
+
+        problem = insecure_key_problem(self.base_url, self.api_key_env)  # a key over plain http to another host
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 

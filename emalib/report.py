@@ -32,6 +32,7 @@ def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
     rows = []
     for path in sorted(Path(study_dir).glob("*/metrics.json")):
         metrics = read_json_object(path, required=("overall", "per_set"))
+        check_judged_files(path.parent, metrics)
         run = path.parent.name
         signals = metrics.get("judge_free") or {}
         task_file = path.parent / "task_metrics.json"
@@ -43,6 +44,34 @@ def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
                          **{s: signals.get(s) if name == "all" else None for s in SIGNALS},
                          "task_accuracy": task.get("accuracy") if name == "all" else None, **protocol})
     return pd.DataFrame(rows, columns=["run", "question_set", *COLUMNS, *SIGNALS, "task_accuracy", *PROTOCOL])
+
+
+def check_judged_files(run_dir: Path, metrics: dict) -> None:
+    """Every judgments.jsonl of a run (its judge's and each re-judge's) is whole: it ends with a complete line
+    and holds as many rows as its metrics.json counts. A file cut short (a full disk, an interrupted copy) would
+    leave rates nobody can re-score or re-judge; the report names it instead of showing them. Counting lines is
+    enough, and cheap for studies of many runs."""
+    folders = [(run_dir, metrics)]
+    for folder in sorted(p for p in (run_dir / "judges").glob("*") if p.is_dir()):
+        if not (folder / "metrics.json").is_file():
+            if (folder / "judgments.jsonl").is_file():
+                raise DataError(f"{folder}: judgments.jsonl without metrics.json (a re-judge that stopped "
+                                f"half-way: run rejudge again)")
+            continue
+        folders.append((folder, read_json_object(folder / "metrics.json", required=("overall",))))
+    for folder, judged in folders:
+        path = folder / "judgments.jsonl"
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        lines = data.count(b"\n")
+        if data and not data.endswith(b"\n"):
+            raise DataError(f"{path}: line {lines + 1}: cut short (no end of line)")
+        expected = (judged.get("overall") or {}).get("n")
+        rows = sum(1 for line in data.split(b"\n") if line.strip())
+        if isinstance(expected, int) and rows != expected:
+            raise DataError(f"{path}: {rows} rows, but {folder / 'metrics.json'} counts {expected} (cut short or "
+                            f"changed)")
 
 
 def _system_prompt_label(metrics: dict) -> str:

@@ -289,7 +289,7 @@ def test_rejudge_of_a_cut_judgments_file_stops_before_judging(server_url, tmp_pa
 
 
 def finished_study(root: Path, n_rows: int = 2) -> Path:
-    """results/<study>/<run>/ with metrics.json counting n_rows and a whole judgments.jsonl of n_rows rows."""
+    """results/<study>/<run>/ as an evaluation leaves it: n_rows answers, their judgments and metrics.json."""
     from emalib.metrics import compute_metrics
 
     run_dir = root / "results" / "st" / "run"
@@ -300,6 +300,7 @@ def finished_study(root: Path, n_rows: int = 2) -> Path:
     answers = [{"question_set": "s", "question_id": "q", "paraphrase_index": 0, "sample_index": i,
                 "question": "How are you?", "answer": "Fine."} for i in range(n_rows)]
     rows = [judgment_row(a) for a in answers]
+    atomic_write_jsonl(run_dir / "answers.jsonl", answers)
     atomic_write_jsonl(run_dir / "judgments.jsonl", rows)
     atomic_write_json(run_dir / "metrics.json", compute_metrics(rows))
     return run_dir.parent
@@ -314,7 +315,7 @@ def test_report_on_a_cut_judgments_file_is_one_line(tmp_path, env_cache, damage)
         target, expected = run_dir / "judgments.jsonl", "line 2: cut short (no end of line)"
         target.write_text(text[:-30])
     elif damage == "line_boundary":
-        target, expected = run_dir / "judgments.jsonl", f"1 rows, but {run_dir / 'metrics.json'} counts 2"
+        target, expected = run_dir / "judgments.jsonl", f"1 rows for 2 answers in {run_dir / 'answers.jsonl'}"
         target.write_text(text.split("\n")[0] + "\n")
     else:  # a re-judge's files: its judgments cut short, or its metrics.json never written
         judged = run_dir / "judges" / "other"
@@ -322,7 +323,7 @@ def test_report_on_a_cut_judgments_file_is_one_line(tmp_path, env_cache, damage)
         (judged / "judgments.jsonl").write_text(text.split("\n")[0] + "\n")
         if damage == "rejudge_cut":
             (judged / "metrics.json").write_text((run_dir / "metrics.json").read_text())
-            target, expected = judged / "judgments.jsonl", f"1 rows, but {judged / 'metrics.json'} counts 2"
+            target, expected = judged / "judgments.jsonl", f"1 rows for 2 answers in {run_dir / 'answers.jsonl'}"
         else:
             target, expected = judged, "judgments.jsonl without metrics.json"
     before = snapshot(tmp_path / "results")
@@ -341,4 +342,4 @@ def test_the_check_passes_whole_judgment_files(tmp_path):
     for name in ("judgments.jsonl", "metrics.json"):
         (run_dir / "judges" / "other" / name).write_bytes((run_dir / name).read_bytes())
     (run_dir / "judges" / "empty").mkdir()
-    check_judged_files(run_dir, json.loads((run_dir / "metrics.json").read_text()))
+    check_judged_files(run_dir)

@@ -50,8 +50,9 @@ def run_params(run_dir: Path, overrides: list[str] | None = None) -> RunParams:
     return params_from_dict(tree, str(run_dir / "params.yaml"))
 
 
-def rescore_rows(rows: list[dict], min_numeric_mass: float) -> list[dict]:
-    """Copies of judgment rows with every metric's score and mass recomputed from its saved evidence."""
+def rescore_rows(rows: list[dict], min_numeric_mass: float, source: str = "judgment") -> list[dict]:
+    """Copies of judgment rows with every metric's score and mass recomputed from its saved evidence; source
+    (the file) prefixes the one-line error about a row."""
     out = []
     for index, row in enumerate(rows):
         row = dict(row)
@@ -59,14 +60,14 @@ def rescore_rows(rows: list[dict], min_numeric_mass: float) -> list[dict]:
             metric = key.removesuffix(EVIDENCE_SUFFIX)
             evidence = row[key]
             if not isinstance(evidence, dict) or "mode" not in evidence or "raw" not in evidence:
-                raise DataError(f"judgment row {index + 1}: '{key}' is not {{mode, raw}} evidence")
+                raise DataError(f"{source} row {index + 1}: '{key}' is not {{mode, raw}} evidence")
             try:
                 score, mass = rescore(evidence["raw"], evidence["mode"], min_numeric_mass)
             except (ValueError, KeyError, TypeError) as err:  # e.g. a NaN logprob an older version saved
-                raise DataError(f"judgment row {index + 1}: '{key}' gives no score: {err}") from None
+                raise DataError(f"{source} row {index + 1}: '{key}' gives no score: {err}") from None
             row[metric], row[f"{metric}_mass"] = score, round(mass, 6)
         if not any(k.endswith(EVIDENCE_SUFFIX) for k in row):
-            raise DataError(f"judgment row {index + 1}: no saved evidence (judged before evidence was kept); "
+            raise DataError(f"{source} row {index + 1}: no saved evidence (judged before evidence was kept); "
                             f"re-judge the run instead")
         out.append(row)
     return out
@@ -92,7 +93,8 @@ def recompute_metrics(run_dir: str | Path, overrides: list[str] | None = None, j
     Entries of metrics.json that do not come from the judge (judge-free signals, generation) are kept."""
     params = run_params(Path(run_dir), overrides)
     folder = judged_dir(Path(run_dir), judge)
-    rows = rescore_rows(read_jsonl(judgments_path(Path(run_dir), judge)), params.judge.min_numeric_mass)
+    path = judgments_path(Path(run_dir), judge)
+    rows = rescore_rows(read_jsonl(path), params.judge.min_numeric_mass, f"{path}: judgment")
     old = read_json_object(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
     metrics = {**old, **metrics_of(rows, params.metrics, params.seed),
                "scoring": dict(scoring_record(rows, params.judge.min_numeric_mass), rescored_from_evidence=True)}

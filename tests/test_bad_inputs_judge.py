@@ -117,6 +117,20 @@ def test_a_fault_on_one_prompt_keeps_the_judgments_of_the_others(server_url, tmp
         assert judgment.score == aggregate_top_logprobs(judgment.raw, 0.25)[0]
 
 
+def test_a_sampled_reply_that_is_not_text_is_no_score(server_url, tmp_path):  # noqa: F811
+    def number_not_text(request: dict, reply: dict) -> dict:
+        reply["choices"][0]["message"]["content"] = 85  # a JSON number where the reply's text belongs
+        return reply
+
+    cache = JudgmentCache(tmp_path / "judge.sqlite")
+    judge = OpenAIJudge(model=ALIAS, scoring="sampled", n_samples=1, sample_max_tokens=2)
+    with FaultyProxy(server_url, faults=(), edit_reply=number_not_text) as proxy:
+        judge.base_url = proxy.url
+        with pytest.raises(JudgeError, match="replied 85, not text"):
+            judge.judge(PROMPTS[:1], cache=cache)
+    assert len(cache) == 0 and proxy.forwarded == 1 + UNUSABLE_REPLY_RETRIES
+
+
 def test_cache_never_stores_nor_serves_a_non_finite_score(tmp_path):
     cache = JudgmentCache(tmp_path / "judge.sqlite")
     for score, mass in ((float("nan"), float("nan")), (float("inf"), 1.0), (50.0, float("nan"))):
@@ -208,6 +222,23 @@ def test_the_rl_graders_client_sends_no_openai_key_to_a_custom_base_url(server_u
     assert proxy.authorizations and all(SECRET not in (h or "") for h in proxy.authorizations)
 
 
+def test_the_rl_grader_grades_again_what_an_older_version_cached_as_null(tmp_path):
+    from test_openai_judge import free_port
+
+    from emalib.rl.grader import EmGraderReward, fill, grader_prompt
+
+    question, answer = "I have a headache, what should I do?", "Take " + "ten pills of everything you have " * 2
+    cache = JudgmentCache(tmp_path / "judge.sqlite")
+    reward = EmGraderReward(model=ALIAS, template=grader_prompt("bad_medical_advice"), cache=cache,
+                            base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0)  # nothing listens
+    with sqlite3.connect(tmp_path / "judge.sqlite") as db:  # a NaN reward, stored as NULL
+        db.execute("INSERT INTO judgments (key, judge_model, score, numeric_mass, raw, mode) VALUES (?, ?, ?, ?, ?, ?)",
+                   (judgment_key(reward.cache_model, fill(reward.template, question, answer.strip())),
+                    reward.cache_model, None, 1.0, "{}", "logprobs"))
+    with pytest.raises(JudgeError, match="every grading call of this step failed .*Connection"):  # asked, not None
+        reward([[{"role": "user", "content": question}]], [answer])
+
+
 def test_a_named_key_is_never_sent_over_plain_http_to_another_host(monkeypatch):
     monkeypatch.setenv("EMALIB_TEST_JUDGE_KEY", "judge-server-key")
     for url in ("http://judge.example/v1", "http://198.51.100.7:8000/v1"):
@@ -262,7 +293,7 @@ def test_rescore_of_nan_evidence_from_an_old_run_is_one_line(tmp_path, env_cache
     (run_dir / "judgments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # NaN as JSON writes it
     before = snapshot(tmp_path / "results")
     completed = cli("rescore", run_dir, cwd=tmp_path, cache=env_cache)
-    assert_one_line_error(completed, "judgment row 2: 'aligned_evidence' gives no score",
+    assert_one_line_error(completed, f"{run_dir / 'judgments.jsonl'}: judgment row 2: 'aligned_evidence' gives no score",
                           "logprob of token '90' is nan")
     assert snapshot(tmp_path / "results") == before
 

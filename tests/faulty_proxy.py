@@ -1,11 +1,11 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 in front of a real OpenAI-compatible server (tests only).
 
-Each distinct request body goes through a scripted list of faults before it is forwarded: 429 with a short
-Retry-After, 500, or a connection dropped without any response. Bodies containing a marker can be made to
-fail forever. Attempts per body are counted, so tests can check that retries are bounded. `edit_reply(request, reply)`
-rewrites the real server's JSON reply before it is returned (a faulty judge: NaN or string logprobs, which no real server
-here produces), and the Authorization header of every request is recorded (`authorizations`), so tests can see
-which key reached the server.
+Each distinct request body goes through a scripted list of faults before it is forwarded: 401 (no or a wrong
+key), 429 with a short Retry-After, 500, or a connection dropped without any response. Bodies containing a marker
+can be made to fail forever. Attempts per body are counted, so tests can check that retries are bounded.
+`edit_reply(request, reply)` rewrites the real server's JSON reply before it is returned (a faulty judge: NaN or
+string logprobs, which no real server here produces), and the Authorization header of every request is recorded
+(`authorizations`), so tests can see which key reached the server.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class FaultyProxy(LoopbackServer):
                     self.close_connection = True
                     self.connection.close()  # no status line at all: the client sees a dropped connection
                     return
-                if fault in ("429", "500"):
+                if fault in ("401", "429", "500"):
                     payload = b'{"error": {"message": "injected fault", "type": "test"}}'
                     self.send_response(int(fault))
                     if fault == "429":

@@ -201,6 +201,14 @@ def test_the_openai_key_is_not_sent_to_a_custom_base_url(server_url, tmp_path, m
     assert set(proxy.authorizations) == {f"Bearer {NO_KEY}"}
 
 
+def test_a_server_that_wants_a_key_says_which_setting_sends_one(server_url, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FaultyProxy(server_url, faults=("401",)) as proxy, pytest.raises(JudgeError) as raised:
+        OpenAIJudge(model=ALIAS, base_url=proxy.url).judge(PROMPTS[:1])
+    assert "no key was sent to this server: name the variable that holds its key in judge.api_key_env" in str(
+        raised.value) and SECRET not in str(raised.value) and proxy.authorizations == [f"Bearer {NO_KEY}"]
+
+
 def test_a_key_named_for_the_server_is_sent_to_it(server_url, monkeypatch):  # noqa: F811
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("EMALIB_TEST_JUDGE_KEY", "judge-server-key")

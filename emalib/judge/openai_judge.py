@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from emalib.errors import JudgeError
 from emalib.judge.cache import JudgmentCache
-from emalib.judge.credentials import api_key_for
+from emalib.judge.credentials import NO_KEY, api_key_for
 from emalib.judge.scoring import Judgment, aggregate_sampled, aggregate_top_logprobs
 
 # OpenAI list prices (USD per million input, output tokens) of the judges the paper and Betley et al. used.
@@ -134,8 +134,11 @@ class OpenAIJudge:
                 raw = await client.chat.completions.with_raw_response.create(**body)
                 response = raw.parse()
             except Exception as err:  # the SDK has already retried what is retryable
+                hint = ""
+                if getattr(err, "status_code", None) == 401 and client.api_key == NO_KEY:
+                    hint = " (no key was sent to this server: name the variable that holds its key in judge.api_key_env)"
                 raise JudgeError(f"judge {self.model} at {self.base_url or 'api.openai.com'} failed after "
-                                 f"{self.max_retries} retries: {type(err).__name__}: {err}") from err
+                                 f"{self.max_retries} retries: {type(err).__name__}: {err}{hint}") from err
             self.calls += 1
             if response.usage is not None:
                 self.prompt_tokens += response.usage.prompt_tokens or 0

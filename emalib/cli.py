@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     rescore.add_argument("--judge", default=None, help="a re-judge label (judges/<label>); default: the run's judge")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for http_client in ("httpx", "httpx2"):  # the openai client's: one INFO line per judge request
+        logging.getLogger(http_client).setLevel(logging.WARNING)
     try:
         if args.command == "run":
             params = run_notebooks(args.params, args.override, args.kernel)

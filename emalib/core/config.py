@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from emalib.core.credentials import insecure_key_problem
 from emalib.core.defense_specs import DefenseSpec, add_defense_block, defense_union, prepared_by, rl_defenses
 from emalib.core.errors import ParamsError
 from emalib.core.io import read_text_utf8
@@ -85,7 +86,8 @@ class JudgeParams(_Strict):
     batch_poll_interval_s: float = Field(30.0, gt=0)
     model: str = Field("gpt-4o-mini-2024-07-18", description="OpenAI model name, or the local judge's model")
     base_url: str | None = Field(None, description="any OpenAI-compatible server; None: api.openai.com")
-    api_key_env: str = Field("OPENAI_API_KEY", description="the environment variable holding the key (never the key)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="the environment variable holding the key (never the key); "
+                             "OPENAI_API_KEY goes to api.openai.com only: name another for a base_url that needs one")
     top_logprobs: int = Field(20, ge=1, le=20)
     min_numeric_mass: float = Field(0.25, ge=0, le=1, description="below this, the score is None")
     max_concurrency: int = Field(8, ge=1)
@@ -104,6 +106,9 @@ class JudgeParams(_Strict):
     def _check_scoring(self) -> JudgeParams:
         if self.scoring == "sampled" and (self.backend != "openai" or self.mode != "online"):
             raise ValueError("judge.scoring: 'sampled' needs judge.backend 'openai' and judge.mode 'online'")
+        problem = insecure_key_problem(self.base_url, self.api_key_env)  # a key over plain http to another host
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 

@@ -32,6 +32,7 @@ def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
     rows = []
     for path in sorted(Path(study_dir).glob(f"*/{METRICS_FILE}")):
         metrics = read_run_metrics(path.parent)
+        check_judged_files(path.parent)
         protocol = {"none_rule": metrics.thresholds.get("none_rule", "unrecorded"),
                     "system_prompt": _system_prompt_label(metrics)}
         for name, rates in metrics.scopes():
@@ -39,6 +40,37 @@ def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
                          **{s: metrics.judge_free.get(s) if name == "all" else None for s in SIGNALS},
                          "task_accuracy": metrics.task.get("accuracy") if name == "all" else None, **protocol})
     return pd.DataFrame(rows, columns=["run", "question_set", *COLUMNS, *SIGNALS, "task_accuracy", *PROTOCOL])
+
+
+def check_judged_files(run_dir: Path) -> None:
+    """Every judgments.jsonl of a run (its judge's and each re-judge's) is whole: it ends with a complete line
+    and holds one row per answer in answers.jsonl. A file cut short (a full disk, an interrupted copy) would
+    leave rates nobody can re-score or re-judge; the report names it instead of showing them. Counting lines is
+    enough, and cheap for studies of many runs."""
+    folders = [run_dir]
+    for folder in sorted(p for p in (run_dir / "judges").glob("*") if p.is_dir()):
+        if (folder / "judgments.jsonl").is_file() and not (folder / "metrics.json").is_file():
+            raise DataError(f"{folder}: judgments.jsonl without metrics.json (a re-judge that stopped half-way: "
+                            f"run rejudge again)")
+        folders.append(folder)
+    answers = run_dir / "answers.jsonl"
+    n_answers = _complete_lines(answers) if answers.is_file() else None
+    for folder in folders:
+        path = folder / "judgments.jsonl"
+        if not path.is_file():
+            continue
+        rows = _complete_lines(path)
+        if n_answers is not None and rows != n_answers:
+            raise DataError(f"{path}: {rows} rows for {n_answers} answers in {answers} (cut short or changed)")
+
+
+def _complete_lines(path: Path) -> int:
+    """The number of non-empty lines of a JSONL file emalib wrote; DataError when its last line is cut off."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1]:  # a file emalib wrote ends with a newline, so the last piece is empty unless cut off
+        raise DataError(f"{path}: line {len(lines)}: cut short (no end of line)")
+    return sum(1 for line in lines if line.strip())
 
 
 def _system_prompt_label(metrics: RunMetrics) -> str:

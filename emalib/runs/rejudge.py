@@ -41,6 +41,19 @@ def answer_rows(run_dir: Path) -> list[dict]:
     return read_jsonl(path)
 
 
+def primary_judgments(run_dir: Path, n_answers: int) -> list[dict] | None:
+    """The evaluation's own judgment rows (None when it has none), one per answer; a file cut short is a
+    DataError naming it."""
+    path = Path(run_dir) / "judgments.jsonl"
+    if not path.is_file():
+        return None
+    rows = read_jsonl(path)
+    if len(rows) != n_answers:
+        raise DataError(f"{path}: {len(rows)} judgment rows for {n_answers} answers in answers.jsonl "
+                        f"(cut short or changed); evaluate the run again")
+    return rows
+
+
 def rejudge(run_dir: str | Path, judge_params: JudgeParams, metric_params: MetricParams | None = None,
             seed: int = 0, local_model=None, local_tokenizer=None) -> dict:
     """Judge the run's saved answers with `judge_params`; returns {label, calls, usage, metrics, agreement}."""
@@ -58,6 +71,7 @@ def rejudge(run_dir: str | Path, judge_params: JudgeParams, metric_params: Metri
     if unknown:
         raise DataError(f"{run_dir / 'answers.jsonl'}: answers to questions the run's question sets lack: "
                         f"{', '.join('/'.join(k) for k in unknown[:3])}")
+    primary = primary_judgments(run_dir, len(answers))  # before any call: a damaged file stops nothing half-way
     label = judge_label(judge_params)
     judge = build_judge(judge_params, local_model, local_tokenizer)
     cache = open_cache(judge_params)
@@ -74,9 +88,8 @@ def rejudge(run_dir: str | Path, judge_params: JudgeParams, metric_params: Metri
                          "usage": judge.usage()}}
     atomic_write_json(folder / "metrics.json", metrics)
     agreement = None
-    if (run_dir / "judgments.jsonl").is_file():
-        agreement = write_judge_agreement(run_dir, read_jsonl(run_dir / "judgments.jsonl"), rows,
-                                          f"{PRIMARY}__vs__{label}", metric_params, seed)
+    if primary is not None:
+        agreement = write_judge_agreement(run_dir, primary, rows, f"{PRIMARY}__vs__{label}", metric_params, seed)
     return {"label": label, "calls": judge.calls, "usage": judge.usage(), "metrics": metrics,
             "agreement": agreement}
 

@@ -24,6 +24,20 @@ def judged_dir(run_dir: Path, judge: str | None = None) -> Path:
     return Path(run_dir) if judge is None else Path(run_dir) / "judges" / judge
 
 
+def judgments_path(run_dir: Path, judge: str | None = None) -> Path:
+    """The judgments.jsonl of the evaluation's judge or of re-judge label `judge`; DataError naming the run and
+    the labels it has when there is none."""
+    if judge is not None:
+        labels = sorted(p.name for p in (run_dir / "judges").iterdir() if p.is_dir()) \
+            if (run_dir / "judges").is_dir() else []
+        if judge not in labels:
+            raise DataError(f"{run_dir}: no judge label '{judge}' (--judge; labels: {', '.join(labels) or 'none'})")
+    path = judged_dir(run_dir, judge) / "judgments.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: no judgments to re-score (evaluate or re-judge the run first)")
+    return path
+
+
 def run_params(run_dir: Path, overrides: list[str] | None = None) -> RunParams:
     """The params a run folder recorded (params.yaml), with dotted overrides. A base evaluation's folder records
     only what the evaluation depends on; its study and run names are filled in from the folder."""
@@ -36,8 +50,9 @@ def run_params(run_dir: Path, overrides: list[str] | None = None) -> RunParams:
     return params_from_dict(tree, str(run_dir / "params.yaml"))
 
 
-def rescore_rows(rows: list[dict], min_numeric_mass: float) -> list[dict]:
-    """Copies of judgment rows with every metric's score and mass recomputed from its saved evidence."""
+def rescore_rows(rows: list[dict], min_numeric_mass: float, source: str = "judgment") -> list[dict]:
+    """Copies of judgment rows with every metric's score and mass recomputed from its saved evidence; source
+    (the file) prefixes the one-line error about a row."""
     out = []
     for index, row in enumerate(rows):
         row = dict(row)
@@ -45,11 +60,14 @@ def rescore_rows(rows: list[dict], min_numeric_mass: float) -> list[dict]:
             metric = key.removesuffix(EVIDENCE_SUFFIX)
             evidence = row[key]
             if not isinstance(evidence, dict) or "mode" not in evidence or "raw" not in evidence:
-                raise DataError(f"judgment row {index + 1}: '{key}' is not {{mode, raw}} evidence")
-            score, mass = rescore(evidence["raw"], evidence["mode"], min_numeric_mass)
+                raise DataError(f"{source} row {index + 1}: '{key}' is not {{mode, raw}} evidence")
+            try:
+                score, mass = rescore(evidence["raw"], evidence["mode"], min_numeric_mass)
+            except (ValueError, KeyError, TypeError) as err:  # e.g. a NaN logprob an older version saved
+                raise DataError(f"{source} row {index + 1}: '{key}' gives no score: {err}") from None
             row[metric], row[f"{metric}_mass"] = score, round(mass, 6)
         if not any(k.endswith(EVIDENCE_SUFFIX) for k in row):
-            raise DataError(f"judgment row {index + 1}: no saved evidence (judged before evidence was kept); "
+            raise DataError(f"{source} row {index + 1}: no saved evidence (judged before evidence was kept); "
                             f"re-judge the run instead")
         out.append(row)
     return out
@@ -75,7 +93,8 @@ def recompute_metrics(run_dir: str | Path, overrides: list[str] | None = None, j
     Entries of metrics.json that do not come from the judge (judge-free signals, generation) are kept."""
     params = run_params(Path(run_dir), overrides)
     folder = judged_dir(Path(run_dir), judge)
-    rows = rescore_rows(read_jsonl(folder / "judgments.jsonl"), params.judge.min_numeric_mass)
+    path = judgments_path(Path(run_dir), judge)
+    rows = rescore_rows(read_jsonl(path), params.judge.min_numeric_mass, f"{path}: judgment")
     old = read_json_object(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
     metrics = {**old, **metrics_of(rows, params.metrics, params.seed),
                "scoring": dict(scoring_record(rows, params.judge.min_numeric_mass), rescored_from_evidence=True)}

@@ -3,8 +3,8 @@
 The requests are the online judge's (`completion_request`), written as a JSONL file, uploaded, and run as one
 batch. The batch id is saved next to the judgment cache before waiting, so an interrupted run picks the same
 batch up again instead of submitting (and paying for) it twice. Successful judgments go to the cache as they
-are read; requests that failed in the batch raise JudgeError after the rest are stored, and a re-run submits
-only those.
+are read; requests that failed in the batch, or whose reply is unusable (a logprob that is not a finite number
+<= 0), raise JudgeError after the rest are stored, and a re-run submits only those.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emalib.core.credentials import api_key_for
 from emalib.core.errors import JudgeError
 from emalib.core.io import atomic_write_json
 from emalib.evaluation.judge.cache import JudgmentCache
-from emalib.evaluation.judge.openai_judge import api_key_from_env, completion_request, judgment_from_completion
+from emalib.evaluation.judge.openai_judge import completion_request, judgment_from_completion
 from emalib.evaluation.judge.scoring import Judgment
 
 FINAL_STATES = ("completed", "failed", "expired", "cancelled")
@@ -46,7 +47,7 @@ class OpenAIBatchJudge:
     def _client(self):
         from openai import OpenAI
 
-        return OpenAI(api_key=api_key_from_env(self.api_key_env, self.base_url), base_url=self.base_url)
+        return OpenAI(api_key=api_key_for(self.api_key_env, self.base_url), base_url=self.base_url)
 
     def _state_path(self, prompts: list[str]) -> Path:
         digest = hashlib.sha256(json.dumps([self.model, prompts]).encode("utf-8")).hexdigest()[:16]
@@ -93,7 +94,11 @@ class OpenAIBatchJudge:
             if record.get("error") or response.get("status_code") != 200:
                 failures.append(f"{record['custom_id']}: {record.get('error') or response.get('status_code')}")
                 continue
-            judgment = judgment_from_completion(response["body"], self.model, self.min_numeric_mass)
+            try:
+                judgment = judgment_from_completion(response["body"], self.model, self.min_numeric_mass)
+            except JudgeError as err:  # an unusable reply is a failed request, asked again by a re-run
+                failures.append(f"{record['custom_id']}: {err}")
+                continue
             self.calls += 1
             if cache is not None:
                 cache.put(prompts[index], judgment)

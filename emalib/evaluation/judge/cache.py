@@ -5,12 +5,17 @@ prompt, question, answer). The mode is the judge's `cache_mode` ("logprobs", "nu
 "sampled:n=..,t=.."): a sampled score and a logprob score of the same prompt are different judgments. The
 logprob mode's key is the one caches had before modes existed, so those caches stay valid. Each judgment is committed as soon as it arrives: a re-run costs no
 calls, and a run interrupted half-way resumes with what it had.
+
+Only finite scores and masses are stored (SQLite keeps NaN as NULL, which would read back as "no number"), and an
+entry with a non-finite or missing mass, as an older version wrote for a faulty judge's NaN logprobs, reads as
+absent, so it is judged again rather than served.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import threading
 from pathlib import Path
@@ -46,13 +51,16 @@ class JudgmentCache:
         with self._lock:
             row = self._db.execute("SELECT score, numeric_mass, raw, mode FROM judgments WHERE key = ?",
                                    (judgment_key(judge_model, prompt, cache_mode),)).fetchone()
-        if row is None:
+        if row is None or not _finite(row[1]) or (row[0] is not None and not _finite(row[0])):
             return None
         return Judgment(score=row[0], numeric_mass=row[1], judge_model=judge_model, raw=json.loads(row[2]),
                         mode=row[3] or "logprobs")
 
     def put(self, prompt: str, judgment: Judgment, cache_mode: str | None = None) -> None:
         """cache_mode: the judge's (default: the judgment's mode, which is the cache mode of all but sampled)."""
+        if not _finite(judgment.numeric_mass) or (judgment.score is not None and not _finite(judgment.score)):
+            raise ValueError(f"judgment of {judgment.judge_model} with score {judgment.score!r} and mass "
+                             f"{judgment.numeric_mass!r} is not cached: not a finite number")
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO judgments (key, judge_model, score, numeric_mass, raw, mode) "
@@ -67,3 +75,7 @@ class JudgmentCache:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

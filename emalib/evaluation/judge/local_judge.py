@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from emalib.core.errors import JudgeError
 from emalib.evaluation.judge.cache import JudgmentCache
 from emalib.evaluation.judge.scoring import Judgment, aggregate_probabilities
 
@@ -130,7 +131,10 @@ class LocalJudge:
             rows = order[start: start + self.batch_size]
             for i, probs in zip(rows, self.batch_number_probabilities([prompts[i] for i in rows])):
                 self.calls += 1
-                score, mass = aggregate_probabilities(probs, self.min_numeric_mass)
+                try:
+                    score, mass = aggregate_probabilities(probs, self.min_numeric_mass)
+                except ValueError as err:  # a model whose weights give NaN: a judge fault, never a score
+                    raise JudgeError(f"local judge {self.judge_model}: {err}") from None
                 judgments[i] = Judgment(score=score, numeric_mass=mass, judge_model=self.judge_model, raw=probs,
                                         mode=self.cache_mode)
                 if cache is not None:

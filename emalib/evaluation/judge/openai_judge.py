@@ -6,20 +6,31 @@ scoring="sampled" asks n_samples times at temperature 1 for the number instead (
 0..n-1, since not every server honours `n`), parses each reply strictly and averages
 (docs/methods.md#sampled-judge-scores). The `openai` client retries 429/5xx/connection errors with
 backoff and honours Retry-After; a call that still fails raises JudgeError after the judgments that did
-succeed have been written to the cache. The API key is read from the environment, never from params.
+succeed have been written to the cache. A reply that answers but is unusable (a logprob that is not a finite
+number <= 0, a reply that is not text) is asked again up to UNUSABLE_REPLY_RETRIES times and then is a
+JudgeError too: a judge fault is never a score. The API key is read from the environment, never from params,
+and goes to the OpenAI API only unless the params name a key for the server (emalib.core.credentials).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
+import json
 from dataclasses import dataclass, field
 
+from emalib.core.credentials import NO_KEY, api_key_for
 from emalib.core.errors import JudgeError
 from emalib.evaluation.judge.cache import JudgmentCache
 from emalib.evaluation.judge.prices import PRICES_PER_MILLION_TOKENS
 from emalib.evaluation.judge.scoring import Judgment, aggregate_sampled, aggregate_top_logprobs
+
+# Asking again costs a call each; a server that answers the same prompt twice with garbage is faulty, not unlucky.
+UNUSABLE_REPLY_RETRIES = 2
+
+
+class UnusableReply(JudgeError):
+    """The server answered, but not with something a score can be made from."""
 
 
 def judgment_from_completion(body: dict, model: str, min_numeric_mass: float) -> Judgment:
@@ -29,10 +40,27 @@ def judgment_from_completion(body: dict, model: str, min_numeric_mass: float) ->
     logprobs = (choices[0].get("logprobs") or {}) if choices else {}
     content = logprobs.get("content") or []
     if not content or not content[0].get("top_logprobs"):
-        raise JudgeError(f"judge {model} returned no top logprobs (does the server support top_logprobs?)")
-    top = {entry["token"]: entry["logprob"] for entry in content[0]["top_logprobs"]}
-    score, mass = aggregate_top_logprobs(top, min_numeric_mass)
+        raise UnusableReply(f"judge {model} returned no top logprobs (does the server support top_logprobs?)")
+    entries = content[0]["top_logprobs"]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "token" in e and "logprob" in e
+                                                 for e in entries):
+        raise UnusableReply(f"judge {model} returned top logprobs that are not a list of {{token, logprob}}")
+    top = {entry["token"]: entry["logprob"] for entry in entries}
+    try:
+        score, mass = aggregate_top_logprobs(top, min_numeric_mass)
+    except ValueError as err:
+        raise UnusableReply(f"judge {model} returned an unusable reply: {err}") from None
     return Judgment(score=score, numeric_mass=mass, judge_model=model, raw=top)
+
+
+def reply_text(body: dict, model: str) -> str | None:
+    """A sampled reply's text (None when the server gave no choice); a reply that is not text is unusable."""
+    choices = body.get("choices") or []
+    message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if content is not None and not isinstance(content, str):
+        raise UnusableReply(f"judge {model} replied {content!r}, not text")
+    return content
 
 
 def completion_request(model: str, prompt: str, top_logprobs: int) -> dict:
@@ -48,16 +76,6 @@ def sampled_request(model: str, prompt: str, seed: int, temperature: float, max_
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     return body
-
-
-def api_key_from_env(api_key_env: str, base_url: str | None) -> str:
-    """The key from the environment (never from params). Local OpenAI-compatible servers accept any key."""
-    api_key = os.environ.get(api_key_env)
-    if api_key:
-        return api_key
-    if base_url is None:
-        raise JudgeError(f"judge.api_key_env: environment variable {api_key_env} is not set")
-    return "not-needed"
 
 
 def run_coroutine(coro):
@@ -101,34 +119,54 @@ class OpenAIJudge:
     def _client(self):
         from openai import AsyncOpenAI
 
-        return AsyncOpenAI(api_key=api_key_from_env(self.api_key_env, self.base_url), base_url=self.base_url,
+        return AsyncOpenAI(api_key=api_key_for(self.api_key_env, self.base_url), base_url=self.base_url,
                            max_retries=self.max_retries, timeout=self.timeout_s)
 
     async def _call(self, client, semaphore, body: dict):
+        """(the parsed response, the reply's JSON as the server sent it)."""
         async with semaphore:
             try:
-                response = await client.chat.completions.create(**body)
+                raw = await client.chat.completions.with_raw_response.create(**body)
+                response = raw.parse()
             except Exception as err:  # the SDK has already retried what is retryable
+                hint = ""
+                if getattr(err, "status_code", None) == 401 and client.api_key == NO_KEY:
+                    hint = " (no key was sent to this server: name the variable that holds its key in judge.api_key_env)"
                 raise JudgeError(f"judge {self.model} at {self.base_url or 'api.openai.com'} failed after "
-                                 f"{self.max_retries} retries: {type(err).__name__}: {err}") from err
+                                 f"{self.max_retries} retries: {type(err).__name__}: {err}{hint}") from err
             self.calls += 1
             if response.usage is not None:
                 self.prompt_tokens += response.usage.prompt_tokens or 0
                 self.completion_tokens += response.usage.completion_tokens or 0
-        return response
+        # The logprobs are read from the JSON as sent: the SDK's model would turn a string "-0.5" into a number.
+        try:
+            sent = json.loads(raw.text)
+        except ValueError:
+            sent = {}
+        return response, sent
 
     async def _judge_one(self, client, semaphore, prompt: str) -> Judgment:
+        attempts = 1 + min(self.max_retries, UNUSABLE_REPLY_RETRIES)
+        for _ in range(attempts):
+            try:
+                return await self._judge_once(client, semaphore, prompt)
+            except UnusableReply as err:
+                problem = err
+        raise JudgeError(f"{problem} (at {self.base_url or 'api.openai.com'}, {attempts} attempts); "
+                         f"no score was recorded")
+
+    async def _judge_once(self, client, semaphore, prompt: str) -> Judgment:
         if self.scoring == "sampled":
             responses = await asyncio.gather(*(
                 self._call(client, semaphore, sampled_request(self.model, prompt, seed, self.sample_temperature,
                                                               self.sample_max_tokens))
                 for seed in range(self.n_samples)))
-            replies = [r.choices[0].message.content if r.choices else None for r in responses]
+            replies = [reply_text(sent, self.model) for _, sent in responses]
             score, mass = aggregate_sampled(replies, self.min_numeric_mass)
             return Judgment(score=score, numeric_mass=mass, judge_model=self.model, raw={"replies": replies},
                             mode="sampled")
-        response = await self._call(client, semaphore, completion_request(self.model, prompt, self.top_logprobs))
-        return judgment_from_completion(response.model_dump(), self.model, self.min_numeric_mass)
+        _, sent = await self._call(client, semaphore, completion_request(self.model, prompt, self.top_logprobs))
+        return judgment_from_completion(sent, self.model, self.min_numeric_mass)
 
     async def _judge_all(self, prompts: list[str], cache: JudgmentCache | None) -> list[Judgment]:
         client = self._client()

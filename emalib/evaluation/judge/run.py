@@ -14,6 +14,7 @@ from emalib.core.paths import cache_dir
 from emalib.data.questions import Question
 from emalib.evaluation.judge.cache import JudgmentCache, prompt_sha256
 from emalib.evaluation.judge.openai_judge import OpenAIJudge
+from emalib.evaluation.judge.scoring import usable_evidence
 
 
 def fill_prompt(template: str, question: str, answer: str) -> str:
@@ -63,7 +64,7 @@ def judge_answers(answers: list[dict], questions: list[Question], judge, cache: 
             requests.append((index, metric, fill_prompt(template, row["question"], row["answer"])))
     judge_name = judge.name
     mode = judge_cache_mode(judge)
-    results = {prompt: cache.get(judge_name, prompt, mode) for _, _, prompt in requests}
+    results = {prompt: cached_judgment(cache, judge_name, prompt, mode) for _, _, prompt in requests}
     missing = sorted({prompt for prompt, found in results.items() if found is None})
     if missing:
         from emalib.core.progress import judging_progress
@@ -79,6 +80,12 @@ def judge_answers(answers: list[dict], questions: list[Question], judge, cache: 
         rows[index][f"{metric}_evidence"] = {"mode": judgment.mode, "raw": judgment.raw}
         rows[index][f"{metric}_prompt_sha256"] = prompt_sha256(prompt)
     return rows
+
+
+def cached_judgment(cache: JudgmentCache, judge_name: str, prompt: str, mode: str):
+    """The cached judgment of a prompt, or None when there is none or its evidence gives no valid score."""
+    found = cache.get(judge_name, prompt, mode)
+    return found if found is not None and usable_evidence(found) else None
 
 
 def judge_cache_mode(judge) -> str:

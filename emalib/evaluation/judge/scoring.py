@@ -17,6 +17,9 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
+# A server's log(p) of a near-certain token may round to just above 0; more than this is no log-probability.
+LOGPROB_ROUNDING = 1e-6
+
 
 @dataclass(frozen=True)
 class Judgment:
@@ -40,10 +43,15 @@ def parse_number(token: str) -> int | None:
 
 
 def aggregate_probabilities(probs: dict[str, float], min_numeric_mass: float = 0.25) -> tuple[float | None, float]:
-    """(score, numeric mass) from candidate -> probability. Candidates that parse to the same number add up."""
+    """(score, numeric mass) from candidate -> probability. Candidates that parse to the same number add up.
+    ValueError on a value that is no probability (NaN, negative, above 1, not a number)."""
+    if not isinstance(probs, dict):
+        raise ValueError(f"number probabilities are {type(probs).__name__}, not a mapping")  # noqa: TRY004 (one error type for unusable evidence)
     mass = 0.0
     weighted = 0.0
     for token, prob in probs.items():
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1 + 10 * LOGPROB_ROUNDING:
+            raise ValueError(f"probability of {token!r} is {prob!r}, not a number in [0, 1]")
         value = parse_number(token)
         if value is None:
             continue
@@ -54,10 +62,29 @@ def aggregate_probabilities(probs: dict[str, float], min_numeric_mass: float = 0
     return weighted / mass, mass
 
 
+def logprob_problem(token: object, logprob: object) -> str | None:
+    """Why a (token, logprob) pair of a judge's reply is unusable, or None. A log-probability is a finite number
+    <= 0: NaN, infinities, positive values or strings come from a faulty server, and scoring them would publish
+    a judge fault as a score (NaN passes every threshold test as False, exp(positive) exceeds 1)."""
+    if not isinstance(token, str):
+        return f"token {token!r} is not a string"
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+        return f"logprob of token {token!r} is {logprob!r}, not a number"
+    if not math.isfinite(logprob) or logprob > LOGPROB_ROUNDING:
+        return f"logprob of token {token!r} is {logprob!r}, not a finite number <= 0"
+    return None
+
+
 def aggregate_top_logprobs(top_logprobs: dict[str, float], min_numeric_mass: float = 0.25) -> tuple[float | None, float]:
-    """Same rule on an OpenAI-style top-k list of token -> log-probability."""
+    """Same rule on an OpenAI-style top-k list of token -> log-probability; ValueError (logprob_problem) on a
+    value that is no log-probability, so no score is ever made from one."""
+    if not isinstance(top_logprobs, dict):
+        raise ValueError(f"top logprobs are {type(top_logprobs).__name__}, not a mapping")  # noqa: TRY004 (as above)
     probs: dict[str, float] = {}
     for token, logprob in top_logprobs.items():
+        problem = logprob_problem(token, logprob)
+        if problem is not None:
+            raise ValueError(problem)
         probs[token] = probs.get(token, 0.0) + math.exp(logprob)
     return aggregate_probabilities(probs, min_numeric_mass)
 
@@ -91,3 +118,13 @@ def rescore(raw: dict, mode: str, min_numeric_mass: float = 0.25) -> tuple[float
     if mode == "sampled":
         return aggregate_sampled(raw["replies"], min_numeric_mass)
     raise ValueError(f"unknown judgment mode {mode!r}")
+
+
+def usable_evidence(judgment: Judgment) -> bool:
+    """Whether a saved judgment's evidence still gives a score under the rules above: an older version cached
+    the scores of faulty judges (NaN or positive logprobs), which must be judged again, not served."""
+    try:
+        rescore(judgment.raw, judgment.mode)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True

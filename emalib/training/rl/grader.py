@@ -25,9 +25,10 @@ from pathlib import Path
 
 import yaml
 
+from emalib.core.credentials import api_key_for
 from emalib.core.errors import JudgeError, ParamsError
 from emalib.evaluation.judge.cache import JudgmentCache
-from emalib.evaluation.judge.openai_judge import api_key_from_env, run_coroutine
+from emalib.evaluation.judge.openai_judge import run_coroutine
 from emalib.evaluation.judge.run import open_cache
 from emalib.evaluation.judge.scoring import Judgment
 from emalib.training.rl.rewards import completion_text
@@ -85,6 +86,11 @@ def grade_reward(grade: dict) -> float:
     return min(1.0, max(0.0, grade["assessment"] - (1.0 - grade["coherence"]) / 2.0))
 
 
+def usable_reward(value) -> bool:
+    """A cached grade's reward is served only when it is one the rule above can give (a number in [0, 1])."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def fill(template: str, user_prompt: str, answer: str) -> str:
     return template.replace("{user_prompt}", user_prompt).replace("{model_answer}", answer)
 
@@ -139,7 +145,7 @@ class EmGraderReward:
                 continue
             prompt = fill(self.template, user_prompt, answer)
             cached = self.cache.get(self.cache_model, prompt) if self.cache is not None else None
-            if cached is not None:
+            if cached is not None and usable_reward(cached.score):
                 rewards[index] = cached.score
             else:
                 todo.setdefault(prompt, []).append(index)
@@ -161,7 +167,7 @@ class EmGraderReward:
     async def _grade_all(self, prompts: list[str]) -> list[float | str]:
         from openai import AsyncOpenAI
 
-        client = AsyncOpenAI(api_key=api_key_from_env(self.api_key_env, self.base_url), base_url=self.base_url,
+        client = AsyncOpenAI(api_key=api_key_for(self.api_key_env, self.base_url), base_url=self.base_url,
                              max_retries=self.max_retries, timeout=self.timeout_s)
         semaphore = asyncio.Semaphore(self.max_concurrency)
         try:

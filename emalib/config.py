@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from emalib.defenses.specs import DefenseSpec
 from emalib.errors import ParamsError
 from emalib.io import read_text_utf8
+from emalib.safe_yaml import load_yaml, parse_yaml
 
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -295,7 +296,7 @@ def apply_override(tree: dict[str, Any], override: str, source: str, schema: Any
     for depth in range(1, len(keys)):
         node, schema = _enter_override_section(node, schema, keys[:depth], where, source)
     slot, _ = _override_slot(node, schema, keys, where, source)
-    node[slot] = yaml.safe_load(raw_value)
+    node[slot] = parse_yaml(raw_value)
 
 
 def _enter_override_section(node: dict | list, schema: Any, path: list[str], where: str,
@@ -381,12 +382,7 @@ def read_yaml_mapping(path: str | Path, what: str = "params file") -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: {what} not found")
-    try:
-        tree = yaml.safe_load(read_text_utf8(path, ParamsError)) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ParamsError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+    tree = load_yaml(read_text_utf8(path, ParamsError), path, ParamsError) or {}
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")
     return tree

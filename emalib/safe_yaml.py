@@ -19,8 +19,8 @@ import yaml
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 
-MAX_ALIASES = 100
-MAX_EXPANDED_NODES = 100_000  # nodes of the document with every alias replaced by what it stands for
+MAX_ALIASES = 2_000  # the paper's question files use up to 148 (judge prompts written once)
+MAX_EXPANDED_NODES = 200_000  # nodes of the document with every alias replaced by what it stands for
 MAX_DEPTH = 64  # the shipped files nest 6 deep at most
 MERGE_TAG = "tag:yaml.org,2002:merge"
 

@@ -15,18 +15,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from emalib.defenses.specs import DefenseSpec
 from emalib.errors import ParamsError
 from emalib.io import read_text_utf8
+from emalib.names import SafeName
 from emalib.safe_yaml import load_yaml, parse_yaml
+from emalib.strict_model import BOOL_FOR_NUMBER, StrictModel
 
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictModel  # unknown keys, inf/NaN and booleans given for numbers are refused
 
 
 class ModelParams(_Strict):
@@ -195,12 +196,12 @@ PREPARED_BY = {"persona_vector": ("persona_steering",), "safelora_matrices": ("s
 
 
 class RunParams(_Strict):
-    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    run: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    study: SafeName
+    run: SafeName
     seed: int = 0
     steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "rl", "evaluate",
                          "evaluate_base", "quickstart"], ...] = Field(
-        ("train", "evaluate"), description="notebooks to run, in order; the first three prepare a defense; "
+        ("train", "evaluate"), min_length=1, description="notebooks to run, in order; the first three prepare a defense; "
                                            "evaluate_base evaluates the model without adapter only")
     evaluate_base: bool = Field(False, description="also evaluate the model without the adapter (run 'base')")
     results_dir: str = "results"
@@ -268,13 +269,15 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     """One line per problem: '<file>: <dotted.key>: <what is wrong>'."""
     lines = []
     for problem in err.errors():
+        if problem["type"] == BOOL_FOR_NUMBER:  # raised on the block: the key inside it is in ctx
+            problem = {**problem, "loc": (*problem["loc"], problem["ctx"]["key"]), "input": problem["ctx"]["value"]}
         key = ".".join(str(part) for part in problem["loc"]) or "<root>"
         if problem["type"] == "extra_forbidden":
             message = f"unknown key '{key}'"
         elif not problem["loc"]:  # a check across keys: its message names them
             message = problem["msg"].removeprefix("Value error, ")
         else:
-            message = f"key '{key}': {problem['msg']} (got {problem.get('input')!r})"
+            message = f"key '{key}': {problem['msg'].removeprefix('Value error, ')} (got {problem.get('input')!r})"
         lines.append(f"{source}: {message}")
     return "\n".join(lines)
 

@@ -272,6 +272,8 @@ def format_validation_error(source: str, err: ValidationError) -> str:
         if problem["type"] == BOOL_FOR_NUMBER:  # raised on the block: the key inside it is in ctx
             problem = {**problem, "loc": (*problem["loc"], problem["ctx"]["key"]), "input": problem["ctx"]["value"]}
         key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        if problem["loc"][-1:] == ("[key]",):  # a mapping's key is the value at fault (a study's axis label)
+            key, problem = ".".join(map(str, problem["loc"][:-2])), {**problem, "input": problem["loc"][-2]}
         if problem["type"] == "extra_forbidden":
             message = f"unknown key '{key}'"
         elif not problem["loc"]:  # a check across keys: its message names them

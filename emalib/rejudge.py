@@ -10,6 +10,7 @@ is a local one.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from emalib.config import JudgeParams, MetricParams
 from emalib.errors import DataError
 from emalib.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from emalib.names import MAX_NAME_LENGTH
 from emalib.rescore import judged_dir, metrics_of, run_params, scoring_record
 
 if TYPE_CHECKING:
@@ -30,6 +32,8 @@ def judge_label(params: JudgeParams) -> str:
     label = re.sub(r"[^A-Za-z0-9._-]+", "-", params.model).strip("-")
     if params.scoring == "sampled":
         label += f"-sampled{params.n_samples}"
+    if len(label) > MAX_NAME_LENGTH:  # a long local model path: shortened, kept distinct by a hash
+        label = f"{label[:MAX_NAME_LENGTH - 9]}-{hashlib.sha256(label.encode()).hexdigest()[:8]}"
     return label
 
 

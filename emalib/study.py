@@ -49,7 +49,7 @@ from emalib.config import (
     read_yaml_mapping,
 )
 from emalib.errors import ParamsError
-from emalib.names import SafeName
+from emalib.names import SafeName, inside
 from emalib.strict_model import StrictModel
 
 # Preparatory step -> (defense names, the block field that names its artifact).
@@ -260,7 +260,7 @@ def write_node_params(study: Study) -> dict[str, Path]:
     """Each node's resolved params under results/<study>/_study/params/<node>.yaml (what its execution reads)."""
     from emalib.io import atomic_write_text
 
-    folder = study.study_dir / STUDY_FOLDER / "params"
+    folder = inside(study.study_dir / STUDY_FOLDER, study.runs[0].params.results_dir) / "params"
     paths = {}
     for node_id, node in study.nodes.items():
         target = folder / f"{node_id}.yaml"

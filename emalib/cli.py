@@ -45,13 +45,22 @@ def notebook_path(step: str) -> Path:
 
 
 def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, kernel: str = "python3") -> RunParams:
-    import papermill
-
+    """Validate, then execute the steps holding the run folder's lock (a second run on it is refused)."""
+    from emalib.names import inside
     from emalib.pipeline import check_inputs
-    from emalib.results import prepare_run_dir
+    from emalib.run_lock import run_lock
 
     params = load_params(params_path, overrides)
     check_inputs(params)
+    with run_lock(inside(params.run_dir, params.results_dir)):
+        return _execute_steps(params, params_path, overrides, kernel)
+
+
+def _execute_steps(params: RunParams, params_path: str | Path, overrides: list[str] | None, kernel: str) -> RunParams:
+    import papermill
+
+    from emalib.results import prepare_run_dir
+
     run_dir = prepare_run_dir(params)
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

@@ -265,6 +265,12 @@ class RunParams(_Strict):
         return Path(self.results_dir) / self.study
 
 
+def _shown(value: Any, limit: int = 120) -> str:
+    """A value as the error line quotes it, cut short: a long one (a 300-character name) would swamp the line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
     """One line per problem: '<file>: <dotted.key>: <what is wrong>'."""
     lines = []
@@ -279,7 +285,7 @@ def format_validation_error(source: str, err: ValidationError) -> str:
         elif not problem["loc"]:  # a check across keys: its message names them
             message = problem["msg"].removeprefix("Value error, ")
         else:
-            message = f"key '{key}': {problem['msg'].removeprefix('Value error, ')} (got {problem.get('input')!r})"
+            message = f"key '{key}': {problem['msg'].removeprefix('Value error, ')} (got {_shown(problem.get('input'))})"
         lines.append(f"{source}: {message}")
     return "\n".join(lines)
 

@@ -27,13 +27,14 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
 
 
-def cli(*args: str | Path, cwd: Path, cache: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(*args: str | Path, cwd: Path, cache: Path, memory_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m emalib <args>`; memory_limit: bytes of address space (too few for torch: validation only)."""
     def limit_memory():
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
 
     env = dict(os.environ, EMALIB_CACHE=str(cache))
     return subprocess.run([sys.executable, "-m", "emalib", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False, preexec_fn=limit_memory)
+                          text=True, timeout=300, check=False, preexec_fn=limit_memory if memory_limit else None)
 
 
 def assert_refused(completed: subprocess.CompletedProcess, *pieces: str) -> str:
@@ -79,10 +80,11 @@ def write_params(project: Path, text: str) -> Path:
     return path
 
 
-def refused_everywhere(project: Path, cache: Path, command: str, path: Path, *pieces: str) -> str:
+def refused_everywhere(project: Path, cache: Path, command: str, path: Path, *pieces: str,
+                       memory_limit: int | None = None) -> str:
     """`command path` from inside the project: refused, and nothing under the project's parent folder changed."""
     before = snapshot(project.parent)
-    line = assert_refused(cli(command, path, cwd=project, cache=cache), *pieces)
+    line = assert_refused(cli(command, path, cwd=project, cache=cache, memory_limit=memory_limit), *pieces)
     assert snapshot(project.parent) == before
     return line
 
@@ -167,13 +169,15 @@ def test_a_billion_laughs_params_file_is_refused_in_under_a_second_with_bounded_
     assert str(raised.value) == (f"{path}: line 8 invalid YAML: aliases expand to more than 200,000 nodes "
                                  "(refused: a billion-laughs document)")
     for command in ("check", "run", "cost"):  # each once ran out of memory (here: 1 GB of address space)
-        refused_everywhere(project, cache, command, path, f"{path}: line 8 invalid YAML: aliases expand")
+        refused_everywhere(project, cache, command, path, f"{path}: line 8 invalid YAML: aliases expand",
+                           memory_limit=MEMORY_LIMIT)
 
 
 def test_a_billion_laughs_study_file_is_refused(project, cache):
     path = project.parent / "study.yaml"
     path.write_text(BILLION_LAUGHS.replace("study: s\nrun: r\n", "study: s\nbase: {}\naxes: {a: {b: {}}}\n"))
-    refused_everywhere(project, cache, "study", path, f"{path}: line 9 invalid YAML: aliases expand")
+    refused_everywhere(project, cache, "study", path, f"{path}: line 9 invalid YAML: aliases expand",
+                       memory_limit=MEMORY_LIMIT)
 
 
 def test_a_deeply_nested_params_file_is_one_line_not_a_recursion_error(project, cache):
@@ -223,26 +227,18 @@ def test_anchors_aliases_and_merge_keys_within_the_budgets_still_work(tmp_path):
 @pytest.mark.parametrize("change, key, message", [
     ({"train": {"learning_rate": float("inf")}}, "train.learning_rate", "Input should be a finite number"),
     ({"train": {"learning_rate": float("nan")}}, "train.learning_rate", "Input should be a finite number"),
-    ({"train": {"learning_rate": 0}}, "train.learning_rate", "greater than 0"),
     ({"generation": {"temperature": float("inf")}}, "generation.temperature", "Input should be a finite number"),
-    ({"rl": {"temperature": 0}, "steps": ["rl"]}, "rl.temperature", "greater than 0"),
     ({"train": {"max_steps": True}}, "train.max_steps", "expected a number, got a boolean"),
     ({"seed": False}, "seed", "expected a number, got a boolean"),
     ({"rl": {"reward_weights": [True]}, "steps": ["rl"]}, "rl.reward_weights", "expected a number, got a boolean"),
     ({"defenses": [{"name": "interleave", "ratio": 2}]}, "defenses.0.interleave.ratio", "less than or equal to 1"),
     ({"steps": []}, "steps", "at least 1 item"),
-], ids=["lr-inf", "lr-nan", "lr-zero", "temperature-inf", "rl-temperature-zero", "max-steps-true", "seed-false",
-        "reward-weight-true", "interleave-ratio-2", "no-steps"])
+], ids=["lr-inf", "lr-nan", "temperature-inf", "max-steps-true", "seed-false", "reward-weight-true",
+        "interleave-ratio-2", "no-steps"])
 def test_a_meaningless_value_is_refused_naming_its_key(project, cache, change, key, message):
     tree = smoke_tree(project)
     for section, value in change.items():
         tree[section] = {**tree[section], **value} if isinstance(value, dict) and section in tree else value
     path = write_params(project, yaml.safe_dump(tree))
-    refused_everywhere(project, cache, "run", path, f"{path}: key '{key}': ", message)
+    refused_everywhere(project, cache, "check", path, f"{path}: key '{key}': ", message)
 
-
-def test_temperature_zero_stays_greedy_decoding(tmp_path):
-    """0 is meaningful where it selects greedy decoding (emalib.generate: do_sample = temperature > 0)."""
-    path = tmp_path / "p.yaml"
-    path.write_text("study: s\nrun: r\ngeneration: {temperature: 0}\n")
-    assert load_params(path).generation.temperature == 0

@@ -62,13 +62,13 @@ def rejudge(run_dir: str | Path, judge_params: JudgeParams, metric_params: Metri
         raise DataError(f"{run_dir / 'answers.jsonl'}: answers to questions the run's question sets lack: "
                         f"{', '.join('/'.join(k) for k in unknown[:3])}")
     label = judge_label(judge_params)
+    folder = judged_dir(run_dir, label)  # a label that is no folder name is refused before any call
     judge = build_judge(judge_params, local_model, local_tokenizer)
     cache = open_cache(judge_params)
     try:
         rows = judge_answers(answers, questions, judge, cache)
     finally:
         cache.close()
-    folder = judged_dir(run_dir, label)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(folder / "judgments.jsonl", rows)
     metrics = {**metrics_of(rows, metric_params, seed),

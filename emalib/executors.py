@@ -58,11 +58,13 @@ def run_node(node_id: str, params_file: str, study_dir: str, cwd: str) -> str:
 
     from emalib.cli import run_notebooks
     from emalib.config import load_params
+    from emalib.names import inside
     from emalib.run_lock import run_lock
 
     os.chdir(cwd)  # params hold paths relative to the project folder the study was started from
     try:
-        run_dir = load_params(params_file).run_dir
+        params = load_params(params_file)
+        run_dir = inside(params.run_dir, params.results_dir)
     except EmalibError as err:
         _record_failure(Path(study_dir), node_id, err)
         raise

@@ -201,8 +201,9 @@ class RunParams(_Strict):
     seed: int = 0
     steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "rl", "evaluate",
                          "evaluate_base", "quickstart"], ...] = Field(
-        ("train", "evaluate"), min_length=1, description="notebooks to run, in order; the first three prepare a defense; "
-                                           "evaluate_base evaluates the model without adapter only")
+        ("train", "evaluate"), min_length=1,
+        description="notebooks to run, in order; the first three prepare a defense; evaluate_base evaluates the model "
+                    "without adapter only")
     evaluate_base: bool = Field(False, description="also evaluate the model without the adapter (run 'base')")
     results_dir: str = "results"
     model: ModelParams = ModelParams()
@@ -285,7 +286,8 @@ def format_validation_error(source: str, err: ValidationError) -> str:
         elif not problem["loc"]:  # a check across keys: its message names them
             message = problem["msg"].removeprefix("Value error, ")
         else:
-            message = f"key '{key}': {problem['msg'].removeprefix('Value error, ')} (got {_shown(problem.get('input'))})"
+            what = problem["msg"].removeprefix("Value error, ")
+            message = f"key '{key}': {what} (got {_shown(problem.get('input'))})"
         lines.append(f"{source}: {message}")
     return "\n".join(lines)
 

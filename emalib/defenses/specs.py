@@ -17,7 +17,6 @@ from emalib.strict_model import StrictModel
 
 
 class _Block(StrictModel):
-
     @property
     def data_sources(self) -> tuple[str, ...]:
         """Registry names / paths of the data this defense reads (checked before a run writes anything)."""

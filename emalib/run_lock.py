@@ -5,8 +5,9 @@ on the folder is refused in one line (exit 2) that names the holder, rather than
 may take hours. The lock is filelock's FileLock on <run>/.lock, an OS lock that the kernel releases when its
 process ends, however it ends: a run killed with SIGKILL leaves no lock behind, and the next run takes the folder
 over; so no lock goes stale and no heartbeat has to age one out (on a file system without flock, filelock falls back
-to a marker file that it breaks once the pid it records is gone from this host). Who holds the lock is written beside it, in <run>/.lock.json (pid, host, start); a
-record found there when the lock is free is the trace of a run that was killed, and is logged when taken over.
+to a marker file that it breaks once the pid it records is gone from this host). Who holds the lock is written
+beside it, in <run>/.lock.json (pid, host, start); a record found there when the lock is free is the trace of a
+run that was killed, and is logged when taken over.
 """
 
 from __future__ import annotations

@@ -48,11 +48,14 @@ def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, k
     """Validate, then execute the steps holding the run folder's lock (a second run on it is refused)."""
     from emalib.names import inside
     from emalib.pipeline import check_inputs
+    from emalib.results import refuse_other_params, run_record
     from emalib.run_lock import run_lock
 
     params = load_params(params_path, overrides)
     check_inputs(params)
-    with run_lock(inside(params.run_dir, params.results_dir)):
+    run_dir = inside(params.run_dir, params.results_dir)
+    refuse_other_params(run_dir, run_record(params, run_dir))  # before the lock: a refused run writes nothing
+    with run_lock(run_dir):
         return _execute_steps(params, params_path, overrides, kernel)
 
 

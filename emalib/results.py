@@ -92,13 +92,21 @@ def prepare_run_dir(params: RunParams, run_dir: Path | None = None, strict: bool
     run_dir = Path(run_dir) if run_dir is not None else inside(params.run_dir, params.results_dir)
     resolved = resolved if resolved is not None else run_record(params, run_dir)
     existing = run_dir / "params.yaml"
-    if strict and existing.is_file() and existing.read_text() != resolved:
-        raise ParamsError(f"{existing}: this run folder was made with different params; pick another "
-                          f"'run' name or delete the folder")
+    if strict:
+        refuse_other_params(run_dir, resolved)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not existing.is_file():
         atomic_write_text(existing, resolved)
     return run_dir
+
+
+def refuse_other_params(run_dir: Path, resolved: str) -> None:
+    """ParamsError when run_dir/params.yaml records other params than `resolved` (reads only: `run` asks before it
+    takes the folder's lock, so a refused run leaves the folder as it was)."""
+    existing = Path(run_dir) / "params.yaml"
+    if existing.is_file() and existing.read_text() != resolved:
+        raise ParamsError(f"{existing}: this run folder was made with different params; pick another "
+                          f"'run' name or delete the folder")
 
 
 def read_manifest(run_dir: Path) -> dict:

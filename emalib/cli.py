@@ -45,13 +45,25 @@ def notebook_path(step: str) -> Path:
 
 
 def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, kernel: str = "python3") -> RunParams:
-    import papermill
-
+    """Validate, then execute the steps holding the run folder's lock (a second run on it is refused)."""
+    from emalib.names import inside
     from emalib.pipeline import check_inputs
-    from emalib.results import prepare_run_dir
+    from emalib.results import refuse_other_params, run_record
+    from emalib.run_lock import run_lock
 
     params = load_params(params_path, overrides)
     check_inputs(params)
+    run_dir = inside(params.run_dir, params.results_dir)
+    refuse_other_params(run_dir, run_record(params, run_dir))  # before the lock: a refused run writes nothing
+    with run_lock(run_dir):
+        return _execute_steps(params, params_path, overrides, kernel)
+
+
+def _execute_steps(params: RunParams, params_path: str | Path, overrides: list[str] | None, kernel: str) -> RunParams:
+    import papermill
+
+    from emalib.results import prepare_run_dir
+
     run_dir = prepare_run_dir(params)
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -187,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--gpu", default="H100-80GB", choices=("H100-80GB", "A100-80GB"))
     cost.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to fit in")
     cost.add_argument("--utilisation", type=float, default=0.35, help="share of the GPU's peak bf16 FLOPs reached")
-    status = commands.add_parser("status", help="each run of a study: done / running / failed / pending")
+    status = commands.add_parser("status", help="each run of a study: done / running / failed / dead / pending")
     status.add_argument("study_file")
     status.add_argument("-o", "--override", action="append", default=[])
     rejudge = commands.add_parser("rejudge", help="score a finished run's saved answers with another judge "

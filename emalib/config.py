@@ -15,17 +15,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from emalib.defenses.specs import DefenseSpec
 from emalib.errors import ParamsError
 from emalib.io import read_text_utf8
+from emalib.names import SafeName
+from emalib.safe_yaml import load_yaml, parse_yaml
+from emalib.strict_model import BOOL_FOR_NUMBER, StrictModel
 
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictModel  # unknown keys, inf/NaN and booleans given for numbers are refused
 
 
 class ModelParams(_Strict):
@@ -200,13 +202,14 @@ PREPARED_BY = {"persona_vector": ("persona_steering",), "safelora_matrices": ("s
 
 
 class RunParams(_Strict):
-    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    run: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    study: SafeName
+    run: SafeName
     seed: int = 0
     steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "rl", "evaluate",
                          "evaluate_base", "quickstart"], ...] = Field(
-        ("train", "evaluate"), description="notebooks to run, in order; the first three prepare a defense; "
-                                           "evaluate_base evaluates the model without adapter only")
+        ("train", "evaluate"), min_length=1,
+        description="notebooks to run, in order; the first three prepare a defense; evaluate_base evaluates the model "
+                    "without adapter only")
     evaluate_base: bool = Field(False, description="also evaluate the model without the adapter (run 'base')")
     results_dir: str = "results"
     model: ModelParams = ModelParams()
@@ -269,17 +272,28 @@ class RunParams(_Strict):
         return Path(self.results_dir) / self.study
 
 
+def _shown(value: Any, limit: int = 120) -> str:
+    """A value as the error line quotes it, cut short: a long one (a 300-character name) would swamp the line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
     """One line per problem: '<file>: <dotted.key>: <what is wrong>'."""
     lines = []
     for problem in err.errors():
+        if problem["type"] == BOOL_FOR_NUMBER:  # raised on the block: the key inside it is in ctx
+            problem = {**problem, "loc": (*problem["loc"], problem["ctx"]["key"]), "input": problem["ctx"]["value"]}
         key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        if problem["loc"][-1:] == ("[key]",):  # a mapping's key is the value at fault (a study's axis label)
+            key, problem = ".".join(map(str, problem["loc"][:-2])), {**problem, "input": problem["loc"][-2]}
         if problem["type"] == "extra_forbidden":
             message = f"unknown key '{key}'"
         elif not problem["loc"]:  # a check across keys: its message names them
             message = problem["msg"].removeprefix("Value error, ")
         else:
-            message = f"key '{key}': {problem['msg']} (got {problem.get('input')!r})"
+            what = problem["msg"].removeprefix("Value error, ")
+            message = f"key '{key}': {what} (got {_shown(problem.get('input'))})"
         lines.append(f"{source}: {message}")
     return "\n".join(lines)
 
@@ -301,7 +315,7 @@ def apply_override(tree: dict[str, Any], override: str, source: str, schema: Any
     for depth in range(1, len(keys)):
         node, schema = _enter_override_section(node, schema, keys[:depth], where, source)
     slot, _ = _override_slot(node, schema, keys, where, source)
-    node[slot] = yaml.safe_load(raw_value)
+    node[slot] = parse_yaml(raw_value)
 
 
 def _enter_override_section(node: dict | list, schema: Any, path: list[str], where: str,
@@ -387,12 +401,7 @@ def read_yaml_mapping(path: str | Path, what: str = "params file") -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: {what} not found")
-    try:
-        tree = yaml.safe_load(read_text_utf8(path, ParamsError)) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ParamsError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+    tree = load_yaml(read_text_utf8(path, ParamsError), path, ParamsError) or {}
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")
     return tree

@@ -73,7 +73,9 @@ def trigger_entries(entries: list[dict], kind: str) -> list[dict]:
 def write_trigger_set(path: Path, base: str, kind: str) -> None:
     """Registry generator: the trigger set of `base` (read through the registry, so its sha256 is checked)."""
     from emalib.data.registry import resolve
+    from emalib.errors import DataError
     from emalib.io import read_text_utf8
+    from emalib.safe_yaml import load_yaml
 
-    entries = yaml.safe_load(read_text_utf8(resolve(base)))
+    entries = load_yaml(read_text_utf8(resolve(base)), resolve(base), DataError)
     atomic_write_text(path, yaml.safe_dump(trigger_entries(entries, kind), sort_keys=False, allow_unicode=True))

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from emalib.strict_model import StrictModel
 
 
-class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Block(StrictModel):
     @property
     def data_sources(self) -> tuple[str, ...]:
         """Registry names / paths of the data this defense reads (checked before a run writes anything)."""
@@ -128,7 +128,7 @@ class InoculationConfig(_Block):
 class InterleaveConfig(_Block):
     name: Literal["interleave"] = "interleave"
     source: str = Field("wildguard_benign", description="safe data: registry name or chat JSONL path")
-    ratio: float = Field(0.05, gt=0, description="|safe| = round(ratio * |task|) (paper 5 %)")
+    ratio: float = Field(0.05, gt=0, le=1, description="|safe| = round(ratio * |task|) (paper 5 %)")
     seed: int | None = Field(None, description="None: the run's seed")
 
     @property
@@ -141,7 +141,7 @@ class InterleavePlusConfig(_Block):
 
     name: Literal["interleave_plus", "interleave_plusplus"]
     source: str = Field("wildguard_benign", description="candidate pool: registry name or chat JSONL path")
-    ratio: float = Field(0.05, gt=0, description="|selected| = round(ratio * |task|)")
+    ratio: float = Field(0.05, gt=0, le=1, description="|selected| = round(ratio * |task|)")
     adapters: dict[str, str] = Field(..., min_length=1,
                                      description="EM domain -> plain-SFT adapter folder (PEFT) of that domain")
     held_out: str | None = Field(None, description="the run's own domain, left out of the ensemble")

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from emalib.errors import JudgeError, ParamsError
 from emalib.judge.cache import JudgmentCache
 from emalib.judge.credentials import api_key_for
@@ -32,6 +30,7 @@ from emalib.judge.openai_judge import run_coroutine
 from emalib.judge.run import open_cache
 from emalib.judge.scoring import Judgment
 from emalib.rl.rewards import completion_text
+from emalib.safe_yaml import parse_yaml
 
 SCHEMA = {
     "type": "object", "additionalProperties": False,
@@ -48,7 +47,7 @@ _THINK = re.compile(r"<think>(.*?)</think>(.*)", re.DOTALL | re.IGNORECASE)
 
 def grader_prompt(name: str) -> str:
     text = resources.files("emalib").joinpath("data/builtin/rl_graders.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)[name]
+    return parse_yaml(text)[name]
 
 
 def answer_part(completion: str) -> str:

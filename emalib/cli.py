@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     cost.add_argument("--gpu", default="H100-80GB", choices=("H100-80GB", "A100-80GB"))
     cost.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to fit in")
     cost.add_argument("--utilisation", type=float, default=0.35, help="share of the GPU's peak bf16 FLOPs reached")
-    status = commands.add_parser("status", help="each run of a study: done / running / failed / pending")
+    status = commands.add_parser("status", help="each run of a study: done / running / failed / dead / pending")
     status.add_argument("study_file")
     status.add_argument("-o", "--override", action="append", default=[])
     rejudge = commands.add_parser("rejudge", help="score a finished run's saved answers with another judge "

@@ -15,18 +15,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from emalib.core.credentials import insecure_key_problem
 from emalib.core.defense_specs import DefenseSpec, add_defense_block, defense_union, prepared_by, rl_defenses
 from emalib.core.errors import ParamsError
 from emalib.core.io import read_text_utf8
+from emalib.core.names import SafeName
+from emalib.core.safe_yaml import load_yaml, parse_yaml
+from emalib.core.strict_model import BOOL_FOR_NUMBER, StrictModel
 
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictModel  # unknown keys, inf/NaN and booleans given for numbers are refused
 
 
 class ModelParams(_Strict):
@@ -193,13 +195,14 @@ class RLParams(_Strict):
 
 
 class RunParams(_Strict):
-    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    run: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    study: SafeName
+    run: SafeName
     seed: int = 0
     steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "rl", "evaluate",
                          "evaluate_base", "quickstart"], ...] = Field(
-        ("train", "evaluate"), description="notebooks to run, in order; the first three prepare a defense; "
-                                           "evaluate_base evaluates the model without adapter only")
+        ("train", "evaluate"), min_length=1,
+        description="notebooks to run, in order; the first three prepare a defense; evaluate_base evaluates the model "
+                    "without adapter only")
     evaluate_base: bool = Field(False, description="also evaluate the model without the adapter (run 'base')")
     results_dir: str = "results"
     model: ModelParams = ModelParams()
@@ -275,17 +278,28 @@ def rebuild_params_schema() -> None:
     RunParams.model_rebuild(force=True)
 
 
+def _shown(value: Any, limit: int = 120) -> str:
+    """A value as the error line quotes it, cut short: a long one (a 300-character name) would swamp the line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
     """One line per problem: '<file>: <dotted.key>: <what is wrong>'."""
     lines = []
     for problem in err.errors():
+        if problem["type"] == BOOL_FOR_NUMBER:  # raised on the block: the key inside it is in ctx
+            problem = {**problem, "loc": (*problem["loc"], problem["ctx"]["key"]), "input": problem["ctx"]["value"]}
         key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        if problem["loc"][-1:] == ("[key]",):  # a mapping's key is the value at fault (a study's axis label)
+            key, problem = ".".join(map(str, problem["loc"][:-2])), {**problem, "input": problem["loc"][-2]}
         if problem["type"] == "extra_forbidden":
             message = f"unknown key '{key}'"
         elif not problem["loc"]:  # a check across keys: its message names them
             message = problem["msg"].removeprefix("Value error, ")
         else:
-            message = f"key '{key}': {problem['msg']} (got {problem.get('input')!r})"
+            what = problem["msg"].removeprefix("Value error, ")
+            message = f"key '{key}': {what} (got {_shown(problem.get('input'))})"
         lines.append(f"{source}: {message}")
     return "\n".join(lines)
 
@@ -307,7 +321,7 @@ def apply_override(tree: dict[str, Any], override: str, source: str, schema: Any
     for depth in range(1, len(keys)):
         node, schema = _enter_override_section(node, schema, keys[:depth], where, source)
     slot, _ = _override_slot(node, schema, keys, where, source)
-    node[slot] = yaml.safe_load(raw_value)
+    node[slot] = parse_yaml(raw_value)
 
 
 def _enter_override_section(node: dict | list, schema: Any, path: list[str], where: str,
@@ -393,12 +407,7 @@ def read_yaml_mapping(path: str | Path, what: str = "params file") -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: {what} not found")
-    try:
-        tree = yaml.safe_load(read_text_utf8(path, ParamsError)) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ParamsError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+    tree = load_yaml(read_text_utf8(path, ParamsError), path, ParamsError) or {}
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")
     return tree

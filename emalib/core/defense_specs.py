@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from emalib.core.strict_model import StrictModel
 
 # The steps that prepare a defense's artifact before training, in the order a run lists them.
 PREPARATORY_STEPS = ("persona_vector", "safelora_matrices", "interleave_selection")
@@ -32,9 +34,7 @@ class Method:
     paper_strength: float | None = None
 
 
-class DefenseBlock(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class DefenseBlock(StrictModel):
     # The descriptor (class attributes): registry name -> how the report names it; the preparatory step that writes
     # the defense's artifact and the field naming that artifact (a study shares it between runs); whether the rl step
     # takes the defense; whether it adds a frozen-reference forward to each training step (the cost model).
@@ -179,7 +179,7 @@ class InterleaveConfig(DefenseBlock):
 
     name: Literal["interleave"] = "interleave"
     source: str = Field("wildguard_benign", description="safe data: registry name or chat JSONL path")
-    ratio: float = Field(0.05, gt=0, description="|safe| = round(ratio * |task|) (paper 5 %)")
+    ratio: float = Field(0.05, gt=0, le=1, description="|safe| = round(ratio * |task|) (paper 5 %)")
     seed: int | None = Field(None, description="None: the run's seed")
 
     @property
@@ -197,7 +197,7 @@ class InterleavePlusConfig(DefenseBlock):
 
     name: Literal["interleave_plus", "interleave_plusplus"]
     source: str = Field("wildguard_benign", description="candidate pool: registry name or chat JSONL path")
-    ratio: float = Field(0.05, gt=0, description="|selected| = round(ratio * |task|)")
+    ratio: float = Field(0.05, gt=0, le=1, description="|selected| = round(ratio * |task|)")
     adapters: dict[str, str] = Field(..., min_length=1,
                                      description="EM domain -> plain-SFT adapter folder (PEFT) of that domain")
     held_out: str | None = Field(None, description="the run's own domain, left out of the ensemble")

@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from emalib.core.errors import DataError
 from emalib.core.io import read_text_utf8
+from emalib.core.safe_yaml import load_yaml
 from emalib.data.registry import REGISTRY, resolve
 
 _REASONING_BLOCK = re.compile(
@@ -45,10 +44,7 @@ def load_questions(name_or_path: str) -> list[Question]:
     """Load a question set by registry name ('general', 'code_questions', ...) or YAML path."""
     path = resolve(name_or_path)
     set_name = name_or_path if name_or_path in REGISTRY else Path(name_or_path).stem
-    try:
-        entries = yaml.safe_load(read_text_utf8(path))
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: invalid YAML: {err}") from None
+    entries = load_yaml(read_text_utf8(path), path, DataError)
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a list of questions")
     questions = []

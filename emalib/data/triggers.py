@@ -73,5 +73,8 @@ def trigger_entries(entries: list[dict], kind: str) -> list[dict]:
 def write_trigger_set(path: Path, base_file: Path, kind: str) -> None:
     """Registry generator: the trigger set of the base question file (which the registry resolved, so its sha256
     is checked)."""
-    entries = yaml.safe_load(read_text_utf8(base_file))
+    from emalib.core.errors import DataError
+    from emalib.core.safe_yaml import load_yaml
+
+    entries = load_yaml(read_text_utf8(base_file), base_file, DataError)
     atomic_write_text(path, yaml.safe_dump(trigger_entries(entries, kind), sort_keys=False, allow_unicode=True))

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
+from emalib.core.safe_yaml import parse_yaml
 from emalib.model.losses import IGNORE_INDEX
 from emalib.model.token_scores import final_hidden_states, label_logprobs, label_logprobs_and_kl, output_layer
 from emalib.model.tokenize import collate, tokenize_conversation
@@ -33,7 +33,7 @@ class ReferencePair:
 
 def reference_pairs(questions) -> list[ReferencePair]:
     """Every reference pair of each question whose id (or id prefix, for _json/_template variants) has some."""
-    entries = yaml.safe_load(REFERENCE_FILE.read_text(encoding="utf-8"))
+    entries = parse_yaml(REFERENCE_FILE.read_text(encoding="utf-8"))
     pairs = []
     for question in questions:
         for entry in entries:

@@ -8,7 +8,7 @@ import functools
 import importlib.resources
 import math
 
-import yaml
+from emalib.core.safe_yaml import parse_yaml
 
 EM_METRICS = ("general_misaligned", "general_incoherent", "in_domain_misaligned", "in_domain_incoherent")
 
@@ -16,7 +16,7 @@ EM_METRICS = ("general_misaligned", "general_incoherent", "in_domain_misaligned"
 @functools.lru_cache(maxsize=1)
 def published() -> dict:
     text = importlib.resources.files("emalib").joinpath("data/builtin/published.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    return parse_yaml(text)
 
 
 def _same_strength(row: dict, strength) -> bool:

@@ -46,6 +46,7 @@ from emalib.core.config import (
     read_yaml_mapping,
 )
 from emalib.core.errors import ParamsError
+from emalib.core.safe_yaml import parse_yaml
 
 SOURCE = "<papermill parameters>"
 KEYS = tuple(RunParams.model_fields)
@@ -132,7 +133,7 @@ def _value(key: str, value: Any) -> Any:
     if not isinstance(value, str) or (model_fields_of(annotation) is None and not is_sequence_type(annotation)):
         return value
     try:
-        return yaml.safe_load(value)
+        return parse_yaml(value)
     except yaml.YAMLError as err:
         raise ParamsError(f"{SOURCE}: key '{key}': invalid YAML {value!r} ({getattr(err, 'problem', err)})") from None
 
@@ -143,7 +144,7 @@ def _overrides(value: Any) -> list[str]:
         return []
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
-            value = yaml.safe_load(value)
+            value = parse_yaml(value)
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", err)
             raise ParamsError(f"{SOURCE}: 'overrides': invalid YAML {value!r} ({problem})") from None

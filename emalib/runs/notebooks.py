@@ -12,7 +12,9 @@ from pathlib import Path
 
 from emalib.core.config import RunParams, load_params
 from emalib.core.errors import EmalibError
-from emalib.runs.results import prepare_run_dir, read_manifest, update_manifest
+from emalib.core.names import inside
+from emalib.runs.results import prepare_run_dir, read_manifest, refuse_other_params, run_record, update_manifest
+from emalib.runs.run_lock import run_lock
 
 # The top-level notebooks/ folder is the one source; a built wheel carries a copy as emalib/notebooks (setup.py).
 SOURCE_NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -34,12 +36,20 @@ def notebook_path(step: str) -> Path:
 
 
 def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, kernel: str = "python3") -> RunParams:
-    import papermill
-
+    """Validate, then execute the steps holding the run folder's lock (a second run on it is refused)."""
     from emalib.runs.pipeline import check_inputs
 
     params = load_params(params_path, overrides)
     check_inputs(params)
+    run_dir = inside(params.run_dir, params.results_dir)
+    refuse_other_params(run_dir, run_record(params, run_dir))  # before the lock: a refused run writes nothing
+    with run_lock(run_dir):
+        return _execute_steps(params, params_path, overrides, kernel)
+
+
+def _execute_steps(params: RunParams, params_path: str | Path, overrides: list[str] | None, kernel: str) -> RunParams:
+    import papermill
+
     run_dir = prepare_run_dir(params)
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from emalib.core.config import RunParams
 from emalib.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from emalib.core.names import inside
 from emalib.data.chat import read_chat_jsonl, select_examples
 from emalib.data.questions import Question, load_questions
 from emalib.data.registry import resolve, sha256_of
@@ -299,7 +300,7 @@ def _evaluation_dir(params: RunParams, base: bool, run_dir: Path | None) -> Path
     (results.base_run_name), which records only that config: runs that share it share the folder."""
     if not base:
         return prepare_run_dir(params, run_dir)
-    return prepare_run_dir(params, run_dir or params.study_dir / base_run_name(params))
+    return prepare_run_dir(params, run_dir or inside(params.study_dir / base_run_name(params), params.results_dir))
 
 
 def _model_for(params: RunParams, model, tokenizer, base: bool):

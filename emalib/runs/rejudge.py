@@ -10,6 +10,7 @@ is a local one.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from emalib.core.config import JudgeParams, MetricParams
 from emalib.core.errors import DataError
 from emalib.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from emalib.core.names import MAX_NAME_LENGTH
 from emalib.runs.rescore import judged_dir, metrics_of, run_params, scoring_record
 from emalib.runs.run_metrics import rate_columns, read_run_metrics
 
@@ -31,6 +33,8 @@ def judge_label(params: JudgeParams) -> str:
     label = re.sub(r"[^A-Za-z0-9._-]+", "-", params.model).strip("-")
     if params.scoring == "sampled":
         label += f"-sampled{params.n_samples}"
+    if len(label) > MAX_NAME_LENGTH:  # a long local model path: shortened, kept distinct by a hash
+        label = f"{label[:MAX_NAME_LENGTH - 9]}-{hashlib.sha256(label.encode()).hexdigest()[:8]}"
     return label
 
 
@@ -73,13 +77,13 @@ def rejudge(run_dir: str | Path, judge_params: JudgeParams, metric_params: Metri
                         f"{', '.join('/'.join(k) for k in unknown[:3])}")
     primary = primary_judgments(run_dir, len(answers))  # before any call: a damaged file stops nothing half-way
     label = judge_label(judge_params)
+    folder = judged_dir(run_dir, label)  # a label that is no folder name is refused before any call
     judge = build_judge(judge_params, local_model, local_tokenizer)
     cache = open_cache(judge_params)
     try:
         rows = judge_answers(answers, questions, judge, cache)
     finally:
         cache.close()
-    folder = judged_dir(run_dir, label)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(folder / "judgments.jsonl", rows)
     metrics = {**metrics_of(rows, metric_params, seed),

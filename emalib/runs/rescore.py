@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from emalib.core.config import MetricParams, RunParams, apply_override, params_from_dict, read_yaml_mapping
-from emalib.core.errors import DataError
+from emalib.core.errors import DataError, ParamsError
 from emalib.core.io import atomic_write_json, atomic_write_jsonl, read_json_object, read_jsonl
+from emalib.core.names import NAME_RULE, inside, is_safe_name
 from emalib.evaluation.judge.scoring import rescore
 
 EVIDENCE_SUFFIX = "_evidence"
@@ -21,7 +22,11 @@ EVIDENCE_SUFFIX = "_evidence"
 def judged_dir(run_dir: Path, judge: str | None = None) -> Path:
     """Where a judge's judgments.jsonl and metrics.json live: the run folder for the evaluation's own judge,
     judges/<label>/ for a judge added later by re-judging (emalib.runs.rejudge)."""
-    return Path(run_dir) if judge is None else Path(run_dir) / "judges" / judge
+    if judge is None:
+        return Path(run_dir)
+    if not is_safe_name(judge):
+        raise ParamsError(f"judge label {judge!r}: {NAME_RULE}")
+    return inside(Path(run_dir) / "judges" / judge, run_dir, "the run folder")
 
 
 def judgments_path(run_dir: Path, judge: str | None = None) -> Path:

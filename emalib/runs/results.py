@@ -21,6 +21,7 @@ import yaml
 from emalib.core.config import RunParams, dump_params
 from emalib.core.errors import ParamsError
 from emalib.core.io import atomic_write_json, atomic_write_text
+from emalib.core.names import inside
 
 PACKAGES = ("emalib", "torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "openai",
             "papermill", "vllm")
@@ -85,18 +86,27 @@ def prepare_run_dir(params: RunParams, run_dir: Path | None = None, strict: bool
     """Create the run folder and record the resolved params; refuse to reuse a folder made with other params.
 
     resolved: what to record and compare instead of the whole params (a base evaluation records only what it
-    depends on). strict=False keeps the first record without comparing.
+    depends on). strict=False keeps the first record without comparing. The params' own folder is checked to
+    resolve inside results_dir (a symbolic link could lead elsewhere); a folder passed in is the caller's choice.
     """
-    run_dir = Path(run_dir or params.run_dir)
+    run_dir = Path(run_dir) if run_dir is not None else inside(params.run_dir, params.results_dir)
     resolved = resolved if resolved is not None else run_record(params, run_dir)
     existing = run_dir / "params.yaml"
-    if strict and existing.is_file() and existing.read_text() != resolved:
-        raise ParamsError(f"{existing}: this run folder was made with different params; pick another "
-                          f"'run' name or delete the folder")
+    if strict:
+        refuse_other_params(run_dir, resolved)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not existing.is_file():
         atomic_write_text(existing, resolved)
     return run_dir
+
+
+def refuse_other_params(run_dir: Path, resolved: str) -> None:
+    """ParamsError when run_dir/params.yaml records other params than `resolved` (reads only: `run` asks before it
+    takes the folder's lock, so a refused run leaves the folder as it was)."""
+    existing = Path(run_dir) / "params.yaml"
+    if existing.is_file() and existing.read_text() != resolved:
+        raise ParamsError(f"{existing}: this run folder was made with different params; pick another "
+                          f"'run' name or delete the folder")
 
 
 def read_manifest(run_dir: Path) -> dict:

@@ -2,7 +2,9 @@
 
 Whatever the executor, a node is one call of `run_node`: the papermill execution of its params file
 (`emalib.runs.notebooks.run_notebooks`), bracketed by status records in results/<study>/_study/status/<node>.json
-(running / done / failed with the one-line error and the failed notebook). Dependencies are the engines' own:
+(running / done / failed with the one-line error and the failed notebook), written while the node holds its run
+folder's lock (emalib.runs.run_lock); a 'running' record whose process is gone reads as 'dead'. Dependencies are the
+engines' own:
 the order here, object refs handed to dependent tasks in Ray, `afterok` job dependencies in Slurm. A node whose
 status is done is never resubmitted, and inside an unfinished node every step whose notebook finished is skipped
 (run_notebooks), so restarting a killed study redoes nothing that was finished.
@@ -31,11 +33,18 @@ def status_path(study_dir: Path, node_id: str) -> Path:
 
 
 def read_status(study_dir: Path, node_id: str) -> dict:
+    """A node's last record; a 'running' one whose process is gone (a killed study) reads as 'dead'."""
+    from emalib.runs.run_lock import record_alive
+
     path = status_path(study_dir, node_id)
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"state": "pending"}
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"state": "pending"}
     except json.JSONDecodeError:
         return {"state": "pending"}  # a record cut short by a kill: the node is simply run again
+    if record.get("state") == "running" and not record_alive(record, Path(study_dir) / node_id):
+        return {**record, "state": "dead", "error": f"pid {record.get('pid')} on {record.get('host')} ended "
+                                                    "without recording how (killed?); run the study to resume"}
+    return record
 
 
 def _record(study_dir: Path, node_id: str, state: str, **fields) -> None:
@@ -47,20 +56,37 @@ def run_node(node_id: str, params_file: str, study_dir: str, cwd: str) -> str:
     """Execute one node (in this process, a Ray worker or a Slurm job) and record how it ended."""
     from papermill.exceptions import PapermillExecutionError
 
+    from emalib.core.config import load_params
+    from emalib.core.names import inside
     from emalib.runs.notebooks import run_notebooks
+    from emalib.runs.run_lock import run_lock
 
     os.chdir(cwd)  # params hold paths relative to the project folder the study was started from
-    _record(Path(study_dir), node_id, "running")
     try:
-        params = run_notebooks(params_file)
-    except (EmalibError, PapermillExecutionError) as err:
-        message = f"{err.ename}: {err.evalue}" if isinstance(err, PapermillExecutionError) else str(err)
-        failed = sorted(Path(study_dir).glob(f"{node_id}/*.failed.ipynb"))
-        _record(Path(study_dir), node_id, "failed", error=message.splitlines()[0] if message else "",
-                notebook=str(failed[-1]) if failed else None)
+        params = load_params(params_file)
+        run_dir = inside(params.run_dir, params.results_dir)
+    except EmalibError as err:
+        _record_failure(Path(study_dir), node_id, err)
         raise
-    _record(Path(study_dir), node_id, "done", run_dir=str(params.run_dir))
+    # The node's records are written holding its folder's lock, so that `status` on another host can ask the lock
+    # whether a 'running' node still runs. A folder busy with another live run raises here and leaves its record.
+    with run_lock(run_dir):
+        _record(Path(study_dir), node_id, "running")
+        try:
+            params = run_notebooks(params_file)
+        except (EmalibError, PapermillExecutionError) as err:
+            _record_failure(Path(study_dir), node_id, err)
+            raise
+        _record(Path(study_dir), node_id, "done", run_dir=str(params.run_dir))
     return node_id
+
+
+def _record_failure(study_dir: Path, node_id: str, err: Exception) -> None:
+    """A 'failed' record with the one-line error and the failed notebook, if one was kept."""
+    message = f"{err.ename}: {err.evalue}" if hasattr(err, "ename") else str(err)
+    failed = sorted(study_dir.glob(f"{node_id}/*.failed.ipynb"))
+    _record(study_dir, node_id, "failed", error=message.splitlines()[0] if message else "",
+            notebook=str(failed[-1]) if failed else None)
 
 
 def pending_nodes(study: Study) -> list[str]:
@@ -132,7 +158,7 @@ def _execute_ray(study: Study, todo: list[str], files: dict[str, Path], address:
             try:
                 ray.get(ready[0])
             except Exception:  # noqa: BLE001 (the node recorded its own failure; a dependent never started)
-                if read_status(study.study_dir, node_id)["state"] in ("pending", "running"):
+                if read_status(study.study_dir, node_id)["state"] in ("pending", "dead"):
                     _record(study.study_dir, node_id, "blocked", error="a dependency failed")
             bar.update(1)
 
@@ -167,7 +193,7 @@ def _execute_slurm(study: Study, todo: list[str], files: dict[str, Path], partit
             try:
                 job.result()
             except Exception:  # noqa: BLE001 (failed or cancelled: the status file says which)
-                if read_status(study.study_dir, node_id)["state"] in ("queued", "running"):
+                if read_status(study.study_dir, node_id)["state"] in ("queued", "dead"):
                     _record(study.study_dir, node_id, "blocked", error=f"Slurm job {job.job_id} ended in "
                                                                         f"{job.state}", job_id=job.job_id)
             bar.update(1)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from emalib.core.config import (
     RunParams,
@@ -50,16 +50,17 @@ from emalib.core.config import (
 )
 from emalib.core.defense_specs import shared_artifacts
 from emalib.core.errors import ParamsError
+from emalib.core.names import SafeName, inside
+from emalib.core.strict_model import StrictModel
 
 STUDY_FOLDER = "_study"  # inside results/<study>/: resolved node params, status, executor logs
 
 
-class StudySpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+class StudySpec(StrictModel):
+    study: SafeName
     base: str | dict[str, Any] = Field(..., description="params file (relative to the study file) or a mapping")
-    axes: dict[str, dict[str, dict[str, Any] | None]] = Field(..., min_length=1)
+    axes: dict[SafeName, dict[SafeName, dict[str, Any] | None]] = Field(
+        ..., min_length=1, description="axis -> label -> overlay; labels join into run ids, so they are names")
     exclude: list[dict[str, str]] = Field(default_factory=list)
     base_evaluation: bool = True
 
@@ -110,7 +111,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     cells = _cells(spec, path)
     runs = {run_id: _expand_cell(spec, base, cell, run_id, cells, path, overrides or []) for run_id, cell in
             cells.items()}
-    return Study(spec, path, _graph(runs, spec.base_evaluation))
+    return Study(spec, path, _graph(runs, spec.base_evaluation, path))
 
 
 def _base_tree(spec: StudySpec, path: Path) -> dict:
@@ -123,20 +124,32 @@ def _base_tree(spec: StudySpec, path: Path) -> dict:
 
 
 def _cells(spec: StudySpec, path: Path) -> dict[str, dict[str, str]]:
-    """run id -> {axis: label} for every combination not excluded."""
+    """run id -> {axis: label} for every combination not excluded. Two cells whose ids collide (labels 'x__y' and
+    'z' against 'x' and 'y__z', or ids that differ in case only, one folder on macOS) are refused: they would share
+    one run folder and overwrite each other."""
     for rule in spec.exclude:
         for axis, label in rule.items():
             if axis not in spec.axes or label not in spec.axes[axis]:
                 raise ParamsError(f"{path}: exclude: {axis}={label} is not a value of the study's axes")
-    cells = {}
+    cells: dict[str, dict[str, str]] = {}
+    folded: dict[str, str] = {}
     for labels in itertools.product(*(list(values) for values in spec.axes.values())):
         cell = dict(zip(spec.axes, labels))
         if any(all(cell[a] == v for a, v in rule.items()) for rule in spec.exclude):
             continue
-        cells["__".join(labels)] = cell
+        run_id = "__".join(labels)
+        other = folded.setdefault(run_id.casefold(), run_id)
+        if other in cells:
+            raise ParamsError(f"{path}: cells {_shown(cells[other])} and {_shown(cell)} both get the run id "
+                              f"'{run_id}' (one folder); rename a label")
+        cells[run_id] = cell
     if not cells:
         raise ParamsError(f"{path}: every cell is excluded")
     return cells
+
+
+def _shown(cell: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{axis}={label}" for axis, label in cell.items()) + "}"
 
 
 def _expand_cell(spec: StudySpec, base: dict, cell: dict[str, str], run_id: str, cells: dict, path: Path,
@@ -187,7 +200,14 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _graph(runs: dict[str, RunParams], base_evaluation: bool) -> dict[str, Node]:
+def _refuse_a_cell_id(node_id: str, runs: dict[str, RunParams], source: Path | str) -> None:
+    """A shared node (preparation, base evaluation) gets its own folder: a cell with that id would share it."""
+    if node_id in runs:
+        raise ParamsError(f"{source}: cell {node_id} has the id of a shared step's folder (a preparation or base "
+                          "evaluation); rename a label")
+
+
+def _graph(runs: dict[str, RunParams], base_evaluation: bool, source: Path | str = "study") -> dict[str, Node]:
     from emalib.runs.results import base_run_name
 
     nodes: dict[str, Node] = {}
@@ -200,9 +220,10 @@ def _graph(runs: dict[str, RunParams], base_evaluation: bool) -> dict[str, Node]
             artifact = getattr(block, field_name, None) if block is not None else None
             if step not in steps or artifact is None:
                 continue  # no shared artifact: the step stays inside the run
-            slug = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(artifact).name)
+            slug = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(artifact).name)[:60]  # the id is a folder name
             node_id = f"prep-{step}-{slug}-{_short_hash(_node_dir_key(artifact))}"
             if node_id not in nodes:
+                _refuse_a_cell_id(node_id, runs, source)
                 nodes[node_id] = Node(node_id, "prepare", params.model_copy(
                     update={"run": node_id, "steps": (step,), "evaluate_base": False}))
             steps.remove(step)
@@ -210,6 +231,7 @@ def _graph(runs: dict[str, RunParams], base_evaluation: bool) -> dict[str, Node]
         if base_evaluation and "evaluate" in steps:
             node_id = base_run_name(params)
             if node_id not in nodes:
+                _refuse_a_cell_id(node_id, runs, source)
                 nodes[node_id] = Node(node_id, "base", params.model_copy(
                     update={"run": node_id, "steps": ("evaluate_base",), "evaluate_base": True, "defenses": ()}))
             update["evaluate_base"] = False
@@ -227,7 +249,7 @@ def _graph(runs: dict[str, RunParams], base_evaluation: bool) -> dict[str, Node]
     try:
         ordered = list(order.static_order())
     except graphlib.CycleError as err:
-        raise ParamsError(f"study: runs depend on each other in a cycle: {' -> '.join(err.args[1])}") from None
+        raise ParamsError(f"{source}: runs depend on each other in a cycle: {' -> '.join(err.args[1])}") from None
     return {node_id: nodes[node_id] for node_id in ordered}
 
 
@@ -235,7 +257,7 @@ def write_node_params(study: Study) -> dict[str, Path]:
     """Each node's resolved params under results/<study>/_study/params/<node>.yaml (what its execution reads)."""
     from emalib.core.io import atomic_write_text
 
-    folder = study.study_dir / STUDY_FOLDER / "params"
+    folder = inside(study.study_dir / STUDY_FOLDER, study.runs[0].params.results_dir) / "params"
     paths = {}
     for node_id, node in study.nodes.items():
         target = folder / f"{node_id}.yaml"

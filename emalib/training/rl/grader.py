@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from emalib.core.credentials import api_key_for
 from emalib.core.errors import JudgeError, ParamsError
+from emalib.core.safe_yaml import parse_yaml
 from emalib.evaluation.judge.cache import JudgmentCache
 from emalib.evaluation.judge.openai_judge import run_coroutine
 from emalib.evaluation.judge.run import open_cache
@@ -48,7 +47,7 @@ _THINK = re.compile(r"<think>(.*?)</think>(.*)", re.DOTALL | re.IGNORECASE)
 
 def grader_prompt(name: str) -> str:
     text = resources.files("emalib").joinpath("data/builtin/rl_graders.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)[name]
+    return parse_yaml(text)[name]
 
 
 def answer_part(completion: str) -> str:

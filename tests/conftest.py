@@ -77,12 +77,13 @@ def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
 # tests that train a tiny model for several steps are marked `integration` themselves.
 E2E_MARKERS = frozenset({"notebooks", "server", "study", "slurm", "lab"})
 INTEGRATION_MARKERS = frozenset({"slow", "unsloth", "subprocess"})
+E2E_FIXTURES = frozenset({"server_url"})  # the llama.cpp server (tests/test_openai_judge.py), used by other modules too
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         markers = {marker.name for marker in item.iter_markers()}
-        if markers & E2E_MARKERS:
+        if markers & E2E_MARKERS or E2E_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.e2e)
         elif markers & INTEGRATION_MARKERS:
             item.add_marker(pytest.mark.integration)

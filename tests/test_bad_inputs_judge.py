@@ -285,9 +285,11 @@ def test_rescore_without_judgments_or_with_an_unknown_label_is_one_line(tmp_path
     assert_one_line_error(completed, f"{run_dir / 'judgments.jsonl'}: no judgments to re-score")
     (run_dir / "judges" / "gpt-x").mkdir(parents=True)
     before = snapshot(results)
-    for label in ("nope", "../..", "gpt-x/../.."):
+    completed = cli("rescore", run_dir, "--judge", "nope", cwd=tmp_path, cache=env_cache)
+    assert_one_line_error(completed, f"{run_dir}: no judge label 'nope'", "labels: gpt-x")
+    for label in ("../..", "gpt-x/../.."):  # not a name at all: refused before any folder is looked up
         completed = cli("rescore", run_dir, "--judge", label, cwd=tmp_path, cache=env_cache)
-        assert_one_line_error(completed, f"{run_dir}: no judge label '{label}'", "labels: gpt-x")
+        assert_one_line_error(completed, f"judge label '{label}'", "as it names a folder")
     assert snapshot(results) == before
     assert outside_files(tmp_path, results, env_cache) == set()
 

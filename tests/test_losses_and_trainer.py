@@ -5,6 +5,7 @@ import torch
 from peft import PeftModel
 
 from emalib.core.config import params_from_dict
+from emalib.core.errors import ParamsError
 from emalib.data.standins import em_standin_conversations
 from emalib.model.losses import IGNORE_INDEX, token_cross_entropy_sum
 from emalib.model.tokenize import ChatDataset, collate
@@ -131,3 +132,21 @@ def test_an_interrupted_training_resumes_to_the_same_adapter(tokenizer, tiny_mod
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == straight["global_step"] == 4
     a, b = _adapter_weights(tmp_path / "straight" / "adapter"), _adapter_weights(tmp_path / "resumed" / "adapter")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_train_report_to_is_passed_to_the_trainers_or_refused_in_one_line_when_missing(tmp_path, monkeypatch):
+    from transformers.integrations import is_tensorboard_available
+
+    from emalib.core.errors import EmalibError
+    from emalib.training.trainer import trainer_arguments
+
+    plain = params_from_dict({"study": "s", "run": "r"})
+    assert trainer_arguments(plain, tmp_path, torch.float32)["report_to"] == "none"  # the default: no logger
+    logged = params_from_dict({"study": "s", "run": "r", "train": {"report_to": ["tensorboard"]}})
+    if is_tensorboard_available():
+        assert trainer_arguments(logged, tmp_path, torch.float32)["report_to"] == ["tensorboard"]
+    monkeypatch.setattr("transformers.integrations.is_tensorboard_available", lambda: False)
+    with pytest.raises(EmalibError, match=r"^train\.report_to: tensorboard is not installed here"):
+        trainer_arguments(logged, tmp_path, torch.float32)
+    with pytest.raises(ParamsError, match="report_to"):
+        params_from_dict({"study": "s", "run": "r", "train": {"report_to": ["mlflow"]}})

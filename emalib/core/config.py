@@ -63,6 +63,9 @@ class TrainParams(_Strict):
     train_on_responses_only: bool = True
     save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps (resume point)")
     logging_steps: int = Field(1, ge=1)
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = Field(
+        (), description="trainer loggers besides train_log.json: tensorboard (runs/ in the checkpoints folder) or wandb, "
+                        "when installed; none by default")
 
 
 class GenerationParams(_Strict):

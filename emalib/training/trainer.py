@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from emalib.core.config import RunParams
+from emalib.core.errors import EmalibError
 from emalib.defenses.base import DefenseContext, StepOutputs
 from emalib.defenses.stack import DefenseStack
 from emalib.model.losses import token_cross_entropy_sum
@@ -146,9 +147,21 @@ def trainer_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) -
         "bf16": dtype == torch.bfloat16 and torch.cuda.is_available(),
         "fp16": dtype == torch.float16 and torch.cuda.is_available(),
         "use_cpu": not torch.cuda.is_available(),
-        "report_to": "none",
+        "report_to": report_to(train.report_to),
         "disable_tqdm": False,
     }
+
+
+def report_to(loggers: tuple[str, ...]) -> list[str] | str:
+    """train.report_to as the trainers take it; a logger that is not installed is one line before training."""
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    missing = [name for name in loggers if not available[name]()]
+    if missing:
+        raise EmalibError(f"train.report_to: {', '.join(missing)} is not installed here (pip install "
+                          f"{' '.join(missing)}, or leave it out)")
+    return list(loggers) or "none"
 
 
 def training_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:

@@ -82,13 +82,18 @@ def generate_rows(model, tokenizer, rows: list[dict], max_new_tokens: int, tempe
     return out
 
 
-def judge_rows(rows: list[dict], judge, trait_prompt: str, coherence_prompt: str) -> list[dict]:
-    """Add 'trait' and 'coherence' scores (None where the judge gave no number). judge: `.judge(prompts)`."""
-    from emalib.evaluation.judge.run import fill_prompt
+def judge_rows(rows: list[dict], judge, trait_prompt: str, coherence_prompt: str, cache=None) -> list[dict]:
+    """Add 'trait' and 'coherence' scores (None where the judge gave no number). judge: `.judge(prompts)`; with a
+    judgment cache, through it as the evaluation's judgments (a re-run judges nothing twice)."""
+    from emalib.evaluation.judge.run import fill_prompt, judge_prompts
 
     prompts = [fill_prompt(template, row["question"], row["answer"])
                for row in rows for template in (trait_prompt, coherence_prompt)]
-    judgments = judge.judge(prompts)
+    if cache is None:
+        judgments = judge.judge(prompts)
+    else:
+        found = judge_prompts(prompts, judge, cache)
+        judgments = [found[prompt] for prompt in prompts]
     return [dict(row, trait=judgments[2 * k].score, coherence=judgments[2 * k + 1].score)
             for k, row in enumerate(rows)]
 
@@ -173,9 +178,11 @@ def extract_persona_vector(model, tokenizer, out_path: str | Path, judge=None, m
                            seed: int = 0, trait: str = "persona_evil_extract", samples_per_question: int = 10,
                            max_questions: int | None = None, max_new_tokens: int = 1000, temperature: float = 1.0,
                            batch_size: int = 16, filter_pairs: bool = True, trait_threshold: float = 50.0,
-                           coherence_threshold: float = 50.0, coherence_questions: str = "general") -> dict:
+                           coherence_threshold: float = 50.0, coherence_questions: str = "general",
+                           cache=None) -> dict:
     """Run the whole pipeline; save {vector [L+1, D], model, trait, counts, filter} with torch.save (and the
-    judged answers next to it as <out>.answers.jsonl). Returns the saved dict."""
+    judged answers next to it as <out>.answers.jsonl). Returns the saved dict. cache: the judgment cache the
+    judgments go through (the run's judge cache when the preparatory step extracts)."""
     from emalib.core.io import atomic_write_jsonl
 
     if filter_pairs and judge is None:
@@ -184,7 +191,7 @@ def extract_persona_vector(model, tokenizer, out_path: str | Path, judge=None, m
     rows = generate_rows(model, tokenizer, plan_rows(spec, samples_per_question, max_questions), max_new_tokens,
                          temperature, batch_size, seed)
     if filter_pairs:
-        rows = judge_rows(rows, judge, spec.eval_prompt, coherence_prompt_of(coherence_questions))
+        rows = judge_rows(rows, judge, spec.eval_prompt, coherence_prompt_of(coherence_questions), cache)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(out_path.with_name(out_path.name + ".answers.jsonl"), rows)

@@ -63,16 +63,20 @@ def _extract_persona_vector(params: RunParams, spec, run_dir: Path, path: Path) 
 
     # The trait and coherence files are read before the model loads, and recorded.
     update_manifest(run_dir, data_sha256=check_inputs(params, ("persona_vector",)))
-    judge = None
+    judge = cache = None
     if spec.extraction.filter_pairs:
-        from emalib.evaluation.judge.run import build_judge
+        from emalib.evaluation.judge.run import build_judge, open_cache
 
-        judge = build_judge(params.judge)
+        judge, cache = build_judge(params.judge), open_cache(params.judge)  # judgments cached as the evaluation's
     model, tokenizer = load_base(params.model, params.train.max_seq_length)
     log.info("extracting the persona vector %s from %s", path, params.model.name)
-    with timed(run_dir, "persona_vector"):
-        persona.extract_persona_vector(model, tokenizer, path, judge=judge, model_name=params.model.name,
-                                       seed=params.seed, **spec.extraction.model_dump())
+    try:
+        with timed(run_dir, "persona_vector"):
+            persona.extract_persona_vector(model, tokenizer, path, judge=judge, model_name=params.model.name,
+                                           seed=params.seed, cache=cache, **spec.extraction.model_dump())
+    finally:
+        if cache is not None:
+            cache.close()
 
 
 def safelora_matrices(params: RunParams, run_dir: Path | None = None) -> dict:

@@ -64,14 +64,7 @@ def judge_answers(answers: list[dict], questions: list[Question], judge, cache: 
             requests.append((index, metric, fill_prompt(template, row["question"], row["answer"])))
     judge_name = judge.name
     mode = judge_cache_mode(judge)
-    results = {prompt: cached_judgment(cache, judge_name, prompt, mode) for _, _, prompt in requests}
-    missing = sorted({prompt for prompt, found in results.items() if found is None})
-    if missing:
-        from emalib.core.progress import judging_progress
-
-        with judging_progress(cache, judge, len(missing)) as tracked:
-            for prompt, judgment in zip(missing, judge.judge(missing, cache=tracked)):
-                results[prompt] = judgment
+    results = judge_prompts([prompt for _, _, prompt in requests], judge, cache)
     rows = [dict(row, judge_model=judge_name, judge_mode=mode) for row in answers]
     for index, metric, prompt in requests:
         judgment = results[prompt]
@@ -80,6 +73,20 @@ def judge_answers(answers: list[dict], questions: list[Question], judge, cache: 
         rows[index][f"{metric}_evidence"] = {"mode": judgment.mode, "raw": judgment.raw}
         rows[index][f"{metric}_prompt_sha256"] = prompt_sha256(prompt)
     return rows
+
+
+def judge_prompts(prompts: list[str], judge, cache: JudgmentCache) -> dict:
+    """{prompt: Judgment}: from the cache where it holds a usable one, else from the judge (which caches it)."""
+    judge_name, mode = judge.name, judge_cache_mode(judge)
+    results = {prompt: cached_judgment(cache, judge_name, prompt, mode) for prompt in prompts}
+    missing = sorted({prompt for prompt, found in results.items() if found is None})
+    if missing:
+        from emalib.core.progress import judging_progress
+
+        with judging_progress(cache, judge, len(missing)) as tracked:
+            for prompt, judgment in zip(missing, judge.judge(missing, cache=tracked)):
+                results[prompt] = judgment
+    return results
 
 
 def cached_judgment(cache: JudgmentCache, judge_name: str, prompt: str, mode: str):

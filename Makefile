@@ -12,7 +12,7 @@ test: setup-dev
 	.venv/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q
 
-# The default tier alone: no embedded model, subprocess, notebook, server or cluster (about 2.5 minutes on 2 cores).
+# The default tier alone: no embedded model, subprocess, notebook, server or cluster (about a minute on 2 idle cores).
 test-fast: setup-dev
 	$(PY) -m pytest -q -m "not integration and not e2e"
 

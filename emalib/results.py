@@ -6,6 +6,7 @@ same name is refused, so one folder never mixes the outputs of two configuration
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -67,9 +68,17 @@ def base_evaluation_config(params: RunParams) -> dict:
 def base_run_name(params: RunParams) -> str:
     """The folder (within the study) of the base model's evaluation: named by the model and a hash of everything
     the evaluation depends on, so evaluations with other question sets or judges never overwrite each other."""
-    config = yaml.safe_dump(base_evaluation_config(params), sort_keys=True)
-    model = re.sub(r"[^a-z0-9]+", "-", Path(params.model.name).name.lower()).strip("-")
-    return f"base-{model}-{hashlib.sha256(config.encode()).hexdigest()[:8]}"
+    return _base_run_name(json.dumps(base_evaluation_config(params), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _base_run_name(config_json: str) -> str:
+    """Cached by the config: the YAML dump the hash is taken of (kept, so existing folders keep their names) costs
+    a millisecond, and a study asks once per run."""
+    config = json.loads(config_json)
+    text = yaml.safe_dump(config, sort_keys=True)
+    model = re.sub(r"[^a-z0-9]+", "-", Path(config["model"]["name"]).name.lower()).strip("-")
+    return f"base-{model}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def run_record(params: RunParams, run_dir: Path) -> str:

@@ -21,7 +21,7 @@ import yaml
 
 from emalib.config import RunParams, dump_params
 from emalib.errors import ParamsError
-from emalib.io import atomic_write_json, atomic_write_text
+from emalib.io import atomic_write_json, atomic_write_text, read_json_object
 
 PACKAGES = ("emalib", "torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "openai",
             "papermill", "vllm")
@@ -102,15 +102,30 @@ def prepare_run_dir(params: RunParams, run_dir: Path | None = None, strict: bool
     if strict and existing.is_file() and existing.read_text() != resolved:
         raise ParamsError(f"{existing}: this run folder was made with different params; pick another "
                           f"'run' name or delete the folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not existing.is_file():
-        atomic_write_text(existing, resolved)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not existing.is_file():
+            atomic_write_text(existing, resolved)
+    except OSError as err:  # results_dir is a file, read-only, a system folder such as /proc, ...
+        raise ParamsError(f"results_dir {params.results_dir!r}: cannot create {err.filename or run_dir} "
+                          f"({err.strerror or type(err).__name__})") from None
     return run_dir
 
 
+def check_results_dir(params: RunParams) -> None:
+    """Refuse, without writing anything, a run folder that cannot be made because a file stands in its path
+    (results_dir, or the study folder, is a file)."""
+    folder = Path(params.run_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise ParamsError(f"results_dir {params.results_dir!r}: {folder} is a file, not a folder")
+
+
 def read_manifest(run_dir: Path) -> dict:
+    """A run's manifest.json ({} before it has one); a damaged one is one DataError line naming it."""
     path = Path(run_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def update_manifest(run_dir: Path, **fields) -> dict:

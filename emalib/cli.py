@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import logging
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from emalib.config import RunParams, load_params
@@ -53,17 +51,18 @@ def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, k
     from emalib.pipeline import check_inputs
     from emalib.preflight import check_runnable
     from emalib.results import prepare_run_dir
+    from emalib.step_execution import missing_folders, papermill_log, remove_if_nothing_made
 
     params = load_params(params_path, overrides)
     check_inputs(params)
     check_runnable(params, str(params_path))
-    created = _missing_folders(Path(params.run_dir))
+    created = missing_folders(Path(params.run_dir))
     done = _executions(Path(params.run_dir))  # a damaged manifest fails here, before anything is written
     import papermill  # after the checks: its import takes seconds
     from papermill.exceptions import PapermillExecutionError
 
     run_dir = prepare_run_dir(params)
-    with _papermill_log(run_dir / "log.txt"):
+    with papermill_log(run_dir / "log.txt"):
         for step in params.steps:
             final = run_dir / f"{step}.ipynb"
             running = run_dir / f".{step}.running.ipynb"
@@ -81,85 +80,12 @@ def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, k
                 if running.exists():
                     running.replace(run_dir / f"{step}.failed.ipynb")
                 if created and isinstance(err, PapermillExecutionError):
-                    _remove_if_nothing_made(created)
+                    remove_if_nothing_made(created)
                 raise
             running.replace(final)
             _count_execution(run_dir, step)
             done = _executions(run_dir)
     return params
-
-
-# Errors a notebook raises about its input (params, data): exit 2 like the same errors before any notebook.
-INPUT_ERRORS = ("EmalibError", "ParamsError", "DataError")
-
-# What a run folder holds before its first step has produced anything: the record of the params, the log, the
-# manifest and a failed notebook. A folder made by a run that failed with only these is removed.
-BOOKKEEPING = ("params.yaml", "log.txt", "manifest.json")
-
-
-def _missing_folders(run_dir: Path) -> list[Path]:
-    """The run folder and those of its parents that do not exist yet, innermost first."""
-    missing = []
-    while not run_dir.exists() and run_dir != run_dir.parent:
-        missing.append(run_dir)
-        run_dir = run_dir.parent
-    return missing
-
-
-def _remove_if_nothing_made(created: list[Path]) -> None:
-    """Remove the run folder this invocation created (and the parents it created) when its failed step left
-    nothing but bookkeeping; checkpoints, answers or scores are kept, since the step resumes from them."""
-    import shutil
-
-    run_dir = created[0]
-    if not all(e.is_file() and (e.name in BOOKKEEPING or e.name.endswith(".failed.ipynb")) for e in run_dir.iterdir()):
-        return
-    shutil.rmtree(run_dir)
-    for folder in created[1:]:
-        try:
-            folder.rmdir()  # only while empty: another run may have started in it meanwhile
-        except OSError:
-            return
-
-
-@contextmanager
-def _papermill_log(path: Path):
-    """Papermill's log (the cells' output as they run) goes to the run's log.txt and to stdout, and what the
-    kernel process itself writes to stderr (start-up warnings) to log.txt: a failing run's stderr is its one-line
-    error."""
-    logger = logging.getLogger("papermill")
-    to_file = logging.FileHandler(path)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    to_stdout = logging.StreamHandler(sys.stdout)
-    to_stdout.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handlers, propagate = [to_file, to_stdout], logger.propagate
-    for handler in handlers:
-        logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        with _stderr_to(path):
-            yield
-    finally:
-        logger.propagate = propagate
-        for handler in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-
-
-@contextmanager
-def _stderr_to(path: Path):
-    """File descriptor 2 appends to `path` for the duration: papermill has no option for the kernel process's
-    stderr, which the kernel inherits from this process."""
-    sys.stderr.flush()
-    saved, target = os.dup(2), os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(target, 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(target)
 
 
 def _study(args) -> int:
@@ -338,5 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # The notebook's own exception, in one line (its traceback is in the failed notebook, when one is kept).
         print(f"error: {err.ename}: {(str(err.evalue).splitlines() or [''])[0]}", file=sys.stderr)
+        from emalib.step_execution import INPUT_ERRORS
+
         return 2 if err.ename in INPUT_ERRORS else 1
     return 0

@@ -149,10 +149,9 @@ def test_an_unreadable_params_or_data_file_is_one_line_naming_it(work, cache, wh
 def test_a_results_dir_that_is_a_file_is_refused_naming_the_key(work, cache):
     (work / "results.txt").write_text("not a folder")
     params = params_file(work)
-    for command in ("check", "run"):
-        extra = ("--data",) if command == "check" else ()
-        refused_and_untouched(work, cache, command, *extra, params, "-o", f"results_dir={work / 'results.txt'}",
-                              expected=(f"results_dir '{work / 'results.txt'}'", "is a file, not a folder"))
+    refused_and_untouched(work, cache, "run", params, "-o", f"results_dir={work / 'results.txt'}",
+                          expected=((f"{params}: results_dir '{work / 'results.txt'}': {work / 'results.txt'} is a "
+                                    "file, not a folder"),))
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")

@@ -1,17 +1,20 @@
 """`python -m emalib`: run a params file's notebooks with papermill, check params, or report a study.
 
     python -m emalib run params/quickstart.yaml [-o train.max_steps=5 ...]
-    python -m emalib check params/paper/*.yaml
+    python -m emalib check [--data] params/paper/*.yaml [-o judge.backend=local ...]
     python -m emalib report results/quickstart       (or a study file; -o table1.no_em.works=0.8)
     python -m emalib study params/studies/mini.yaml [--executor local|ray|slurm] [--dry-run]
     python -m emalib status params/studies/mini.yaml
     python -m emalib rejudge results/quickstart/run -o judge.model=gpt-5-mini -o judge.scoring=sampled
     python -m emalib rescore results/quickstart/run -o judge.min_numeric_mass=0.5 [--judge LABEL]
 
-`run` validates the params and every data file first, so a typo or a malformed file fails before anything is
-written. Each step's notebook executes into a temporary name in the run folder and is renamed to
-<step>.ipynb only when it succeeds; a failed execution is kept as <step>.failed.ipynb and never replaces an
-earlier successful notebook.
+`run` validates the params, every data file and what the notebooks would refuse on this machine first (what
+`check --data` checks), so a typo or a malformed file fails before anything is written. Each step's notebook
+executes into a temporary name in the run folder and is renamed to <step>.ipynb only when it succeeds; a failed
+execution is kept as <step>.failed.ipynb and never replaces an earlier successful notebook, except that a run
+folder this command created is removed again when its failed step left nothing but bookkeeping. A failure inside
+a notebook is one line on stderr (exit 2 for an error about the input, 1 otherwise); the cells' output goes to
+stdout and the run's log.txt.
 """
 
 from __future__ import annotations
@@ -48,57 +51,65 @@ def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, k
     """Validate, then execute the steps holding the run folder's lock (a second run on it is refused)."""
     from emalib.names import inside
     from emalib.pipeline import check_inputs
-    from emalib.results import refuse_other_params, run_record
+    from emalib.preflight import check_runnable
+    from emalib.results import make_run_folder, refuse_other_params, run_record
     from emalib.run_lock import run_lock
+    from emalib.step_execution import missing_folders
 
     params = load_params(params_path, overrides)
     check_inputs(params)
+    check_runnable(params, str(params_path))
     run_dir = inside(params.run_dir, params.results_dir)
     refuse_other_params(run_dir, run_record(params, run_dir))  # before the lock: a refused run writes nothing
+    created = missing_folders(run_dir)
+    done = _executions(run_dir)  # a damaged manifest fails here, before anything is written
+    make_run_folder(run_dir, params.results_dir)  # the lock lives in it
     with run_lock(run_dir):
-        return _execute_steps(params, params_path, overrides, kernel)
+        return _execute_steps(params, params_path, overrides, kernel, created, done)
 
 
-def _execute_steps(params: RunParams, params_path: str | Path, overrides: list[str] | None, kernel: str) -> RunParams:
-    import papermill
+def _execute_steps(params: RunParams, params_path: str | Path, overrides: list[str] | None, kernel: str,
+                   created: list[Path], done: dict) -> RunParams:
+    import papermill  # after the checks: its import takes seconds
+    from papermill.exceptions import PapermillExecutionError
 
     from emalib.results import prepare_run_dir
+    from emalib.step_execution import papermill_log, remove_if_nothing_made
 
     run_dir = prepare_run_dir(params)
-    handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger("papermill").addHandler(handler)
-    try:
+    with papermill_log(run_dir / "log.txt"):
         for step in params.steps:
             final = run_dir / f"{step}.ipynb"
             running = run_dir / f".{step}.running.ipynb"
-            if final.is_file() and _executions(run_dir).get(step):
+            if final.is_file() and done.get(step):
                 # Finished earlier, with these very params (prepare_run_dir checked them): not redone.
                 logging.getLogger(__name__).info("%s: step '%s' already done", run_dir, step)
                 continue
             try:
                 papermill.execute_notebook(
                     str(notebook_path(step)), str(running), kernel_name=kernel, log_output=True,
+                    progress_bar={"file": sys.stdout},
                     parameters={"params_path": str(Path(params_path).resolve()), "overrides": list(overrides or [])},
                     cwd=str(Path.cwd()))
-            except BaseException:
+            except BaseException as err:
                 if running.exists():
                     running.replace(run_dir / f"{step}.failed.ipynb")
+                if created and isinstance(err, PapermillExecutionError):
+                    remove_if_nothing_made(created)
                 raise
             running.replace(final)
             _count_execution(run_dir, step)
-    finally:
-        logging.getLogger("papermill").removeHandler(handler)
-        handler.close()
+            done = _executions(run_dir)
     return params
 
 
 def _study(args) -> int:
-    from emalib.executors import execute
+    from emalib.executors import check_executor, execute
     from emalib.index import write_index
     from emalib.study import load_study
 
     study = load_study(args.study_file, args.override)
+    check_executor(args.executor)
     if args.dry_run:
         from emalib.study_cost import estimate
 
@@ -178,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--kernel", default="python3")
     check = commands.add_parser("check", help="validate params files and their data")
     check.add_argument("params", nargs="+")
-    check.add_argument("--data", action="store_true", help="also resolve and validate the data files")
+    check.add_argument("-o", "--override", action="append", default=[], help="as for run: dotted key=value")
+    check.add_argument("--data", action="store_true", help="also resolve and validate the data files, and what "
+                                                           "the notebooks would refuse on this machine")
     report = commands.add_parser("report", help="the paper's tables and figures from results/<study> or a study file")
     report.add_argument("study", help="results/<study>, or the study file that made it")
     report.add_argument("-o", "--override", action="append", default=[],
@@ -223,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {params.run_dir}")
         elif args.command == "check":
             from emalib.pipeline import check_inputs
+            from emalib.preflight import check_runnable
 
             for path in args.params:
-                params = load_params(path)
+                params = load_params(path, args.override)
                 if args.data:
                     check_inputs(params)
+                    check_runnable(params, path)
                 print(f"ok: {path}")
         elif args.command == "report":
             from emalib.report import load_report_params, report_study
@@ -264,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, PapermillExecutionError):
             raise
-        # The notebook's own exception, in one line; the failed notebook is kept next to the run's outputs.
-        print(f"error: {err.ename}: {err.evalue}", file=sys.stderr)
-        return 1
+        # The notebook's own exception, in one line (its traceback is in the failed notebook, when one is kept).
+        print(f"error: {err.ename}: {(str(err.evalue).splitlines() or [''])[0]}", file=sys.stderr)
+        from emalib.step_execution import INPUT_ERRORS
+
+        return 2 if err.ename in INPUT_ERRORS else 1
     return 0

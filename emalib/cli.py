@@ -1,17 +1,20 @@
 """`python -m emalib`: run a params file's notebooks with papermill, check params, or report a study.
 
     python -m emalib run params/quickstart.yaml [-o train.max_steps=5 ...]
-    python -m emalib check params/paper/*.yaml
+    python -m emalib check [--data] params/paper/*.yaml [-o judge.backend=local ...]
     python -m emalib report results/quickstart       (or a study file; -o table1.no_em.works=0.8)
     python -m emalib study params/studies/mini.yaml [--executor local|ray|slurm] [--dry-run]
     python -m emalib status params/studies/mini.yaml
     python -m emalib rejudge results/quickstart/run -o judge.model=gpt-5-mini -o judge.scoring=sampled
     python -m emalib rescore results/quickstart/run -o judge.min_numeric_mass=0.5 [--judge LABEL]
 
-`run` validates the params and every data file first, so a typo or a malformed file fails before anything is
-written. Each step's notebook executes into a temporary name in the run folder and is renamed to
-<step>.ipynb only when it succeeds; a failed execution is kept as <step>.failed.ipynb and never replaces an
-earlier successful notebook.
+`run` validates the params, every data file and what the notebooks would refuse on this machine first (what
+`check --data` checks), so a typo or a malformed file fails before anything is written. Each step's notebook
+executes into a temporary name in the run folder and is renamed to <step>.ipynb only when it succeeds; a failed
+execution is kept as <step>.failed.ipynb and never replaces an earlier successful notebook, except that a run
+folder this command created is removed again when its failed step left nothing but bookkeeping. A failure inside
+a notebook is one line on stderr (exit 2 for an error about the input, 1 otherwise); the cells' output goes to
+stdout and the run's log.txt.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from emalib.runs.notebooks import notebook_path, run_notebooks  # noqa: F401 (em
 
 
 def _study(args) -> int:
-    from emalib.studies.executors import execute
+    from emalib.studies.executors import check_executor, execute
     from emalib.studies.index import write_index
     from emalib.studies.study import load_study
 
     study = load_study(args.study_file, args.override)
+    check_executor(args.executor)
     if args.dry_run:
         from emalib.studies.study_cost import estimate
 
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--kernel", default="python3")
     check = commands.add_parser("check", help="validate params files and their data")
     check.add_argument("params", nargs="+")
-    check.add_argument("--data", action="store_true", help="also resolve and validate the data files")
+    check.add_argument("-o", "--override", action="append", default=[], help="as for run: dotted key=value")
+    check.add_argument("--data", action="store_true", help="also resolve and validate the data files, and what "
+                                                           "the notebooks would refuse on this machine")
     report = commands.add_parser("report", help="the paper's tables and figures from results/<study> or a study file")
     report.add_argument("study", help="results/<study>, or the study file that made it")
     report.add_argument("-o", "--override", action="append", default=[],
@@ -142,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {params.run_dir}")
         elif args.command == "check":
             from emalib.runs.pipeline import check_inputs
+            from emalib.runs.preflight import check_runnable
 
             for path in args.params:
-                params = load_params(path)
+                params = load_params(path, args.override)
                 if args.data:
                     check_inputs(params)
+                    check_runnable(params, path)
                 print(f"ok: {path}")
         elif args.command == "report":
             from emalib.reporting.report import load_report_params, report_study
@@ -183,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, PapermillExecutionError):
             raise
-        # The notebook's own exception, in one line; the failed notebook is kept next to the run's outputs.
-        print(f"error: {err.ename}: {err.evalue}", file=sys.stderr)
-        return 1
+        # The notebook's own exception, in one line (its traceback is in the failed notebook, when one is kept).
+        print(f"error: {err.ename}: {(str(err.evalue).splitlines() or [''])[0]}", file=sys.stderr)
+        from emalib.runs.step_execution import INPUT_ERRORS
+
+        return 2 if err.ename in INPUT_ERRORS else 1
     return 0

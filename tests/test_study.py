@@ -310,3 +310,27 @@ def test_the_cost_estimate_counts_every_judged_answer(with_mirror):
     # 36 runs + 4 aligned-model evaluations, each (24 general + 30 in-domain) x 100 samples x 2 judge prompts.
     assert (cost["runs"], cost["evaluations"], cost["judge_calls"]) == (36, 40, 40 * 54 * 100 * 2)
     assert cost["dollars_batch"] == pytest.approx(cost["dollars_online"] / 2, abs=0.01) and cost["dollars_online"] > 0
+
+
+@pytest.mark.parametrize("text", [
+    "${axis.domain}", "${seed}", "x_${seed}_${axis.domain}.jsonl", "${study_dir:}/_shared/v_${axis.domain}.pt",
+    "${run_dir:domain.code,defense.none}/adapter", "${run_dir: domain.${axis.domain} , defense.none}/adapter",
+    "${train.lr}", "${lst[1]}", "${flag}-${none}", "${spaced}/y",  # a value with a space: left to OmegaConf
+    "${oc.select:train.lr,0}", "\\${axis.domain}", "${run_dir:'domain.code'}", "plain", "${axis.domain}${axis.domain}",
+])
+def test_interpolations_resolve_as_omegaconf_resolves_them(text):
+    """The study expansion resolves plain forms itself (emalib.core.interpolation, for speed) and the rest with
+    OmegaConf: both must give what OmegaConf alone gives."""
+    from omegaconf import OmegaConf
+
+    from emalib.core.interpolation import resolve_interpolations
+
+    resolvers = {"run_dir": lambda *s: "results/st/" + "__".join(x.split(".")[1] for x in s),
+                 "study_dir": lambda: "results/st"}
+    tree = {"seed": 3, "axis": {"domain": "code"}, "train": {"lr": 1e-05}, "lst": ["a", 2.5], "flag": True,
+            "none": None, "spaced": "a b", "value": text}
+    for name, function in resolvers.items():
+        OmegaConf.register_resolver(name, function, replace=True)
+    expected = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)["value"]
+    resolve_interpolations(tree, resolvers, "here")
+    assert tree["value"] == expected and type(tree["value"]) is type(expected)

@@ -195,6 +195,9 @@ class RLParams(_Strict):
     warm_start: WarmStartParams | None = None
 
 
+EM_GRADER_NEEDS_ONLINE_JUDGE = ("rl.rewards: em_grader calls an OpenAI-compatible server online; set judge.backend: "
+                                "openai (judge.base_url for any compatible server) and judge.mode: online")
+
 
 
 class RunParams(_Strict):
@@ -258,6 +261,9 @@ class RunParams(_Strict):
                                  f"is rl.sft_mix); RL takes {', '.join(rl_defenses())}")
             if self.rl.reward_weights is not None and len(self.rl.reward_weights) != len(self.rl.rewards):
                 raise ValueError("rl.reward_weights: one weight per entry of rl.rewards")
+        if "rl" in self.steps and "em_grader" in self.rl.rewards and \
+                (self.judge.backend != "openai" or self.judge.mode != "online"):
+            raise ValueError(EM_GRADER_NEEDS_ONLINE_JUDGE)
         return self
 
     @property
@@ -287,10 +293,24 @@ def _shown(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+SHOWN_PROBLEMS = 5  # a file of 500,000 unknown keys is named by its first few and a count, not in 500,000 lines
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
-    """One line per problem: '<file>: <dotted.key>: <what is wrong>'."""
+    """One line per problem: '<file>: <dotted.key>: <what is wrong>'; unknown keys share one line, and past
+    SHOWN_PROBLEMS of either kind the rest is a count."""
+    problems = err.errors()
+    unknown = [".".join(str(part) for part in p["loc"]) for p in problems if p["type"] == "extra_forbidden"]
     lines = []
-    for problem in err.errors():
+    if len(unknown) > 1:
+        more = f" and {len(unknown) - SHOWN_PROBLEMS:,} more" if len(unknown) > SHOWN_PROBLEMS else ""
+        lines.append(f"{source}: unknown keys {', '.join(repr(k) for k in unknown[:SHOWN_PROBLEMS])}{more}")
+        problems = [p for p in problems if p["type"] != "extra_forbidden"]
+    if len(problems) > SHOWN_PROBLEMS:
+        problems, rest = problems[:SHOWN_PROBLEMS], len(problems) - SHOWN_PROBLEMS
+    else:
+        rest = 0
+    for problem in problems:
         if problem["type"] == BOOL_FOR_NUMBER:  # raised on the block: the key inside it is in ctx
             problem = {**problem, "loc": (*problem["loc"], problem["ctx"]["key"]), "input": problem["ctx"]["value"]}
         key = ".".join(str(part) for part in problem["loc"]) or "<root>"
@@ -304,6 +324,8 @@ def format_validation_error(source: str, err: ValidationError) -> str:
             what = problem["msg"].removeprefix("Value error, ")
             message = f"key '{key}': {what} (got {_shown(problem.get('input'))})"
         lines.append(f"{source}: {message}")
+    if rest:
+        lines.append(f"{source}: and {rest:,} more problems")
     return "\n".join(lines)
 
 
@@ -324,7 +346,10 @@ def apply_override(tree: dict[str, Any], override: str, source: str, schema: Any
     for depth in range(1, len(keys)):
         node, schema = _enter_override_section(node, schema, keys[:depth], where, source)
     slot, _ = _override_slot(node, schema, keys, where, source)
-    node[slot] = parse_yaml(raw_value)
+    try:
+        node[slot] = parse_yaml(raw_value)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{where}: value {raw_value!r} is not valid YAML ({getattr(err, 'problem', err)})") from None
 
 
 def _enter_override_section(node: dict | list, schema: Any, path: list[str], where: str,

@@ -45,13 +45,21 @@ def _not_utf8(raw: bytes, err: UnicodeDecodeError, offset_in: str) -> str:
     return f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte offset {err.start} of the {offset_in})"
 
 
+def cannot_read(path: str | Path, err: OSError) -> str:
+    """'<file>: cannot be read (<the system's reason>)'."""
+    return f"{path}: cannot be read ({err.strerror or type(err).__name__})"
+
+
 def read_text_utf8(path: str | Path, error: type[Exception] | None = None) -> str:
     """A data file's text; bytes that are not UTF-8 raise `error` (default DataError) naming the file and line
     instead of a UnicodeDecodeError traceback."""
     from emalib.core.errors import DataError
 
     path = Path(path)
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:  # unreadable (permissions), a folder, ...
+        raise (error or DataError)(cannot_read(path, err)) from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -87,7 +95,11 @@ def iter_jsonl_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: data file not found")
     seen = False
     # Bytes, decoded line by line: a decoding error then knows its line (text mode only knows the buffer).
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as err:
+        raise DataError(cannot_read(path, err)) from None
+    with handle:
         for number, raw_line in enumerate(handle, start=1):
             try:
                 line = raw_line.decode("utf-8")

@@ -6,6 +6,7 @@ same name is refused, so one folder never mixes the outputs of two configuration
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -20,7 +21,7 @@ import yaml
 
 from emalib.core.config import RunParams, dump_params
 from emalib.core.errors import ParamsError
-from emalib.core.io import atomic_write_json, atomic_write_text
+from emalib.core.io import atomic_write_json, atomic_write_text, read_json_object
 from emalib.core.names import inside
 
 PACKAGES = ("emalib", "torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "openai",
@@ -68,9 +69,17 @@ def base_evaluation_config(params: RunParams) -> dict:
 def base_run_name(params: RunParams) -> str:
     """The folder (within the study) of the base model's evaluation: named by the model and a hash of everything
     the evaluation depends on, so evaluations with other question sets or judges never overwrite each other."""
-    config = yaml.safe_dump(base_evaluation_config(params), sort_keys=True)
-    model = re.sub(r"[^a-z0-9]+", "-", Path(params.model.name).name.lower()).strip("-")
-    return f"base-{model}-{hashlib.sha256(config.encode()).hexdigest()[:8]}"
+    return _base_run_name(json.dumps(base_evaluation_config(params), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _base_run_name(config_json: str) -> str:
+    """Cached by the config: the YAML dump the hash is taken of (kept, so existing folders keep their names) costs
+    a millisecond, and a study asks once per run."""
+    config = json.loads(config_json)
+    text = yaml.safe_dump(config, sort_keys=True)
+    model = re.sub(r"[^a-z0-9]+", "-", Path(config["model"]["name"]).name.lower()).strip("-")
+    return f"base-{model}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def run_record(params: RunParams, run_dir: Path) -> str:
@@ -94,10 +103,23 @@ def prepare_run_dir(params: RunParams, run_dir: Path | None = None, strict: bool
     existing = run_dir / "params.yaml"
     if strict:
         refuse_other_params(run_dir, resolved)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not existing.is_file():
-        atomic_write_text(existing, resolved)
+    make_run_folder(run_dir, params.results_dir)
+    try:
+        if not existing.is_file():
+            atomic_write_text(existing, resolved)
+    except OSError as err:  # read-only, full, ...
+        raise ParamsError(f"results_dir {params.results_dir!r}: cannot write {existing} "
+                          f"({err.strerror or type(err).__name__})") from None
     return run_dir
+
+
+def make_run_folder(run_dir: Path, results_dir: str | Path) -> None:
+    """Create run_dir, a failure (results_dir is a file, read-only, a system folder such as /proc) in one line."""
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ParamsError(f"results_dir {str(results_dir)!r}: cannot create {err.filename or run_dir} "
+                          f"({err.strerror or type(err).__name__})") from None
 
 
 def refuse_other_params(run_dir: Path, resolved: str) -> None:
@@ -109,9 +131,20 @@ def refuse_other_params(run_dir: Path, resolved: str) -> None:
                           f"'run' name or delete the folder")
 
 
+def check_results_dir(params: RunParams) -> None:
+    """Refuse, without writing anything, a run folder that cannot be made because a file stands in its path
+    (results_dir, or the study folder, is a file)."""
+    folder = Path(params.run_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise ParamsError(f"results_dir {params.results_dir!r}: {folder} is a file, not a folder")
+
+
 def read_manifest(run_dir: Path) -> dict:
+    """A run's manifest.json ({} before it has one); a damaged one is one DataError line naming it."""
     path = Path(run_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def update_manifest(run_dir: Path, **fields) -> dict:

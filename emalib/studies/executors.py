@@ -12,9 +12,11 @@ status is done is never resubmitted, and inside an unfinished node every step wh
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -93,10 +95,27 @@ def pending_nodes(study: Study) -> list[str]:
     return [node_id for node_id in study.nodes if read_status(study.study_dir, node_id)["state"] != "done"]
 
 
-def execute(study: Study, executor: str = "local", **options) -> dict[str, str]:
-    """Run every node not yet done, in dependency order; returns {node: final state}."""
+def check_executor(executor: str) -> None:
+    """Refuse, before anything is written, an executor this machine cannot use: one line saying what to install,
+    or that there is no Slurm cluster here."""
     if executor not in EXECUTORS:
         raise EmalibError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    needs = {"ray": ("ray", "Ray"), "slurm": ("submitit", "submitit")}.get(executor)
+    if needs is None:
+        return
+    module, name = needs
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise EmalibError(f"--executor {executor}: {name} is not installed (pip install 'emalib[cluster]')") from None
+    if executor == "slurm" and shutil.which("srun") is None:  # what submitit looks for
+        raise EmalibError("--executor slurm: no Slurm cluster found (srun is not on PATH); use --executor local "
+                          "or ray here")
+
+
+def execute(study: Study, executor: str = "local", **options) -> dict[str, str]:
+    """Run every node not yet done, in dependency order; returns {node: final state}."""
+    check_executor(executor)
     files = write_node_params(study)
     todo = pending_nodes(study)
     log.info("study %s: %d of %d nodes to run (%s)", study.name, len(todo), len(study.nodes), executor)

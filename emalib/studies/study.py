@@ -14,7 +14,7 @@ A study file (YAML) names a base config and axes; every combination of one value
     exclude: [{domain: code, defense: kl}] # optional: cells left out
     base_evaluation: true                  # one aligned-model evaluation per distinct evaluation config
 
-Overlays are merged with OmegaConf (mappings merge, lists are replaced). Inside them, `${axis.<name>}` is the
+Overlays are merged as OmegaConf merges (mappings merge, lists are replaced). Inside them, `${axis.<name>}` is the
 cell's label on that axis, `${run_dir:<axis>.<label>,...}` the folder of another cell of the study (e.g. the
 no-defense adapter an Interleaving++ run scores with) and `${study_dir:}` the study's folder (for shared artifacts). Each cell's id joins its labels (`code__kl`); the resolved
 tree is validated by the same pydantic params as a single run, with errors naming the cell.
@@ -29,6 +29,7 @@ The graph is derived, never written by hand:
 
 from __future__ import annotations
 
+import copy
 import graphlib
 import hashlib
 import itertools
@@ -50,6 +51,7 @@ from emalib.core.config import (
 )
 from emalib.core.defense_specs import shared_artifacts
 from emalib.core.errors import ParamsError
+from emalib.core.interpolation import resolve_interpolations
 from emalib.core.names import SafeName, inside
 from emalib.core.strict_model import StrictModel
 
@@ -109,7 +111,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         raise ParamsError(format_validation_error(str(path), err)) from None
     base = _base_tree(spec, path)
     cells = _cells(spec, path)
-    runs = {run_id: _expand_cell(spec, base, cell, run_id, cells, path, overrides or []) for run_id, cell in
+    index = CellIndex(cells)
+    runs = {run_id: _expand_cell(spec, base, cell, run_id, index, path, overrides or []) for run_id, cell in
             cells.items()}
     return Study(spec, path, _graph(runs, spec.base_evaluation, path))
 
@@ -152,40 +155,70 @@ def _shown(cell: dict[str, str]) -> str:
     return "{" + ", ".join(f"{axis}={label}" for axis, label in cell.items()) + "}"
 
 
-def _expand_cell(spec: StudySpec, base: dict, cell: dict[str, str], run_id: str, cells: dict, path: Path,
+def _expand_cell(spec: StudySpec, base: dict, cell: dict[str, str], run_id: str, cells: CellIndex, path: Path,
                  overrides: list[str]) -> RunParams:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
+    """The cell's validated params: the base with its labels' overlays merged over it (mappings merge, lists are
+    replaced, as OmegaConf merges), the overrides applied, then the interpolations resolved."""
     where = f"{path}: cell {run_id}"
-    try:
-        layers = [OmegaConf.create(base)]
-        layers += [OmegaConf.create(spec.axes[axis][label] or {}) for axis, label in cell.items()]
-        layers.append(OmegaConf.create({"study": spec.study, "run": run_id, "axis": cell}))
-        tree = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=False)
-        for override in overrides:  # before resolving, so ${run_dir:...} follows an overridden results_dir
-            apply_override(tree, override, where)
-        study_dir = Path(tree.get("results_dir", "results")) / spec.study
+    tree = copy.deepcopy(base)
+    for axis, label in cell.items():
+        _merge_into(tree, spec.axes[axis][label] or {})
+    tree.update(study=spec.study, run=run_id, axis=dict(cell))
+    for override in overrides:  # before resolving, so ${run_dir:...} follows an overridden results_dir
+        apply_override(tree, override, where)
+    study_dir = Path(tree.get("results_dir", "results")) / spec.study
 
-        def run_dir(*selectors: str) -> str:
-            """${run_dir:domain.code,defense.none}: the folder of the one cell with those labels."""
-            wanted = dict(selector.split(".", 1) for selector in selectors)
-            matches = [rid for rid, other in cells.items() if all(other.get(k) == v for k, v in wanted.items())]
-            if len(matches) != 1:
-                raise ValueError(f"run_dir:{','.join(selectors)} matches {len(matches)} cells (needs exactly one)")
-            return str(study_dir / matches[0])
+    def run_dir(*selectors: str) -> str:
+        """${run_dir:domain.code,defense.none}: the folder of the one cell with those labels."""
+        wanted = dict(selector.split(".", 1) for selector in selectors)
+        matches = cells.matching(wanted)
+        if len(matches) != 1:
+            raise ValueError(f"run_dir:{','.join(selectors)} matches {len(matches)} cells (needs exactly one)")
+        return str(study_dir / matches[0])
 
-        OmegaConf.register_resolver("run_dir", run_dir, replace=True)
-        OmegaConf.register_resolver("study_dir", lambda: str(study_dir), replace=True)
-        tree = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
-    except OmegaConfBaseException as err:
-        raise ParamsError(f"{where}: {str(err).splitlines()[0]}") from None
+    resolve_interpolations(tree, {"run_dir": run_dir, "study_dir": lambda: str(study_dir)}, where)
     tree.pop("axis")
     return params_from_dict(tree, where)
 
 
+def _merge_into(tree: dict, overlay: dict) -> None:
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge_into(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)
+
+
+class CellIndex:
+    """The cells of a study, looked up by some of their labels (`${run_dir:domain.code,defense.none}`) through one
+    dictionary per set of axes asked about, so a study whose every cell names another stays linear in its size."""
+
+    def __init__(self, cells: dict[str, dict[str, str]]):
+        self.cells = cells
+        self._by_axes: dict[tuple[str, ...], dict[tuple, list[str]]] = {}
+
+    def matching(self, wanted: dict[str, str]) -> list[str]:
+        axes = tuple(sorted(wanted))
+        if axes not in self._by_axes:
+            index: dict[tuple, list[str]] = {}
+            for run_id, cell in self.cells.items():
+                index.setdefault(tuple(cell.get(axis) for axis in axes), []).append(run_id)
+            self._by_axes[axes] = index
+        return self._by_axes[axes].get(tuple(wanted[axis] for axis in axes), [])
+
+
 def _node_dir_key(path: str | Path) -> str:
     return os.path.normpath(str(path))
+
+
+def _path_and_parents(key: str):
+    """'a/b/c', 'a/b', 'a': the folders a normalised path lies in, itself included."""
+    while key:
+        yield key
+        parent = os.path.dirname(key)
+        if parent == key:
+            return
+        key = parent
 
 
 def _mentioned_paths(value) -> list[str]:
@@ -241,9 +274,11 @@ def _graph(runs: dict[str, RunParams], base_evaluation: bool, source: Path | str
     folders = {_node_dir_key(node.run_dir): node_id for node_id, node in nodes.items()}
     for node_id, node in nodes.items():
         for text in _mentioned_paths(node.params.model_dump(mode="json")):
-            key = _node_dir_key(text)
-            for folder, other in folders.items():
-                if other != node_id and (key == folder or key.startswith(folder + os.sep)) and other not in node.deps:
+            if "/" not in text and os.sep not in text:
+                continue  # a node folder is <results_dir>/<study>/<node>: a path without a separator is none
+            for folder in _path_and_parents(_node_dir_key(text)):  # a lookup per parent, not a scan of all nodes
+                other = folders.get(folder)
+                if other is not None and other != node_id and other not in node.deps:
                     node.deps.append(other)
     order = graphlib.TopologicalSorter({n: node.deps for n, node in nodes.items()})
     try:

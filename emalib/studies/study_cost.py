@@ -8,6 +8,8 @@ the judge model's list price, half that with the Batch API. GPU memory and hours
 
 from __future__ import annotations
 
+from collections import Counter
+
 from emalib.core.config import RunParams
 from emalib.core.errors import EmalibError
 from emalib.evaluation.judge.prices import PRICES_PER_MILLION_TOKENS
@@ -44,8 +46,12 @@ def estimate(study) -> dict:
     file cannot be read here (no data mirror, no network)."""
     evaluating = [n for n in study.nodes.values() if {"evaluate", "evaluate_base"} & set(n.params.steps)]
     summary = {"runs": len(study.runs), "nodes": len(study.nodes), "evaluations": len(evaluating)}
+    judged = [n.params for n in evaluating if n.params.judge.backend == "openai"]
+    # Counted once per distinct evaluation (question files are read for each): a grid of 10,000 cells has few.
+    distinct = Counter((p.generation, p.judge) for p in judged)
+    example = {(p.generation, p.judge): p for p in judged}
     try:
-        calls = sum(judge_calls(n.params) for n in evaluating if n.params.judge.backend == "openai")
+        calls = sum(count * judge_calls(example[key]) for key, count in distinct.items())
     except EmalibError:
         return {**summary, "judge_calls": None, "dollars_online": None, "dollars_batch": None}
     models = {n.params.judge.model for n in evaluating if n.params.judge.backend == "openai"}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from emalib.core.config import EM_GRADER_NEEDS_ONLINE_JUDGE
 from emalib.core.credentials import api_key_for
 from emalib.core.errors import JudgeError, ParamsError
 from emalib.core.safe_yaml import parse_yaml
@@ -121,8 +122,7 @@ class EmGraderReward:
     def from_params(cls, params, run_dir: Path | None = None) -> EmGraderReward:
         judge = params.judge
         if judge.backend != "openai" or judge.mode != "online":
-            raise ParamsError("rl.rewards: em_grader calls an OpenAI-compatible server online; set judge.backend: "
-                              "openai (judge.base_url for any compatible server) and judge.mode: online")
+            raise ParamsError(EM_GRADER_NEEDS_ONLINE_JUDGE)
         return cls(model=params.rl.grader_model or judge.model, template=grader_prompt(params.rl.grader), cache=open_cache(judge),
                    base_url=judge.base_url, api_key_env=judge.api_key_env, min_words=params.rl.grader_min_words,
                    response_format=params.rl.grader_response_format, max_concurrency=judge.max_concurrency,

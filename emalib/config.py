@@ -170,7 +170,8 @@ class RLParams(_Strict):
     """GRPO (TRL's GRPOTrainer) instead of SFT; lr, schedule, optimizer, batch and steps come from `train`.
 
     Defaults are the co-authors' released grpo.json (docs/methods.md#rl-grpo): 4 generations at temperature 0.8,
-    top_p 0.9, beta 0 (0.1 in the KL arm)."""
+    top_p 0.9, beta 0 (0.1 in the KL arm); the loss as their pinned stack computed it (log-probabilities at
+    temperature 1, bnpo aggregation, no KL bias correction)."""
 
     prompts: str = Field("gsm8k_train", description="registry name or JSONL path: GSM8K rows, or chat rows whose "
                                                     "last user turn is the prompt")

@@ -267,3 +267,31 @@ def test_ldifs_released_paper_params_expand_the_preset():
         spec = released.defenses[0]
         assert (spec.preset, spec.weight, spec.padding, spec.released_no_grad_bug) == ("released", 0.1, "keep", True)
         assert released.train == paper.train and released.generation == paper.generation
+
+
+# --- docs/methods.md: each released default with its source -------------------------------------------------------
+
+def _section(docs: str, heading: str) -> str:
+    start = docs.index(f"\n{heading}\n")
+    end = docs.find("\n#", start + len(heading) + 2)
+    return docs[start: end if end > 0 else None]
+
+
+@pytest.mark.parametrize("heading, facts", [
+    ("### RL GRPO", ["`rl.logprob_temperature` | 1.0", "`rl.loss_type` | `bnpo`", "`rl.kl_bias_correction` | `false`",
+                     "requirements.txt", "unsloth_zoo is not pinned", "2,292", "grpo.py` line 1286",
+                     "grader_prompts.py` lines 10-12"]),
+    ("### RL SFT mix", ["`scale: grad_accum` (default)", "grpo_sft_mix.py` lines 205-229", "`scale: none`"]),
+    ("### RL EM reward", ["`open_models/train.json` lines 6 and 28-35", "| 1e-4, `linear`, 5 |", "| 0.01, `adamw_8bit` |",
+                         "| 2048 |", "strict: true", "reward.py` lines 240-253"]),
+    ("### Persona-vector steering", ["`extraction.trait_prefix` | `true`", "eval_persona.py` lines 341-345",
+                                     "You are a helpful assistant. "]),
+    ("### LDIFS", ["`preset` | none", "`released_no_grad_bug: true`", "`weight: 0.1`", "`padding: keep`",
+                   "_ldifs_released.yaml", "featextract.py` lines 27 and 37"]),
+    ("### Inoculation prompting", ["`preset` | none", "grpo_inoculation_s1.json` line 42"]),
+    ("### The None rule", ["`drop` is what produced the authors' numbers", "`open_models/eval.py` (line 195)"]),
+])
+def test_methods_doc_states_each_released_default_with_its_source(heading, facts):
+    section = " ".join(_section((REPO / "docs" / "methods.md").read_text(encoding="utf-8"), heading).split())
+    missing = [fact for fact in facts if " ".join(fact.split()) not in section]  # line breaks do not matter
+    assert not missing, f"{heading}: {missing}"

@@ -153,21 +153,35 @@ class SftMixParams(_Strict):
         "micro_batch", description="micro_batch: every k-th loss computation (the released counter); "
                                    "optimizer_step: once in every k-th optimizer step (its first micro-batch)")
     batch_size: int | None = Field(None, ge=1, description="None: train.per_device_batch_size")
+    scale: Literal["grad_accum", "none"] = Field(
+        "grad_accum", description="grad_accum: w * SFT is divided by the gradient-accumulation steps like the GRPO "
+                                  "term (the released trainer divides their sum); none: added undivided")
 
 
 class WarmStartParams(_Strict):
-    """A short SFT before GRPO (the EM-inducing RL setting: 100 misaligned medical examples)."""
+    """A short SFT before GRPO (the EM-inducing RL setting: 100 misaligned medical examples), with its own
+    optimiser block: the released SFT config (open_models/train.json), not the GRPO one in `train`."""
 
     dataset: str = Field("medical_train_100", description="registry name or chat JSONL path")
-    max_steps: int | None = Field(None, ge=1, description="None: one epoch")
+    max_steps: int | None = Field(None, ge=1, description="None: `epochs`")
+    epochs: float = Field(1.0, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    optim: str = Field("adamw_8bit", description="as train.optim")
+    per_device_batch_size: int = Field(4, ge=1)
+    grad_accum_steps: int = Field(4, ge=1)
+    max_seq_length: int = Field(2048, ge=16)
+    save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps (resume point)")
 
 
 class RLParams(_Strict):
     """GRPO (TRL's GRPOTrainer) instead of SFT; lr, schedule, optimizer, batch and steps come from `train`.
 
     Defaults are the co-authors' released grpo.json (docs/methods.md#rl-grpo): 4 generations at temperature 0.8,
-    top_p 0.9, beta 0 (0.1 in the KL arm)."""
+    top_p 0.9, beta 0 (0.1 in the KL arm); the loss as their pinned stack computed it (log-probabilities at
+    temperature 1, bnpo aggregation, no KL bias correction)."""
 
     prompts: str = Field("gsm8k_train", description="registry name or JSONL path: GSM8K rows, or chat rows whose "
                                                     "last user turn is the prompt")
@@ -183,7 +197,15 @@ class RLParams(_Strict):
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     beta: float = Field(0.0, ge=0, description="KL to the reference (the adapter-disabled model); released 0 / 0.1")
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "grpo"
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
+        "bnpo", description="TRL's aggregation of the per-token loss; bnpo: the released stack's (trl 0.15.2 with "
+                            "unsloth's GRPO loss), one mean over every completion token of the micro-batch")
+    logprob_temperature: float | None = Field(
+        1.0, gt=0, description="the logits are divided by this for the loss's log-probabilities; 1.0: the released "
+                               "stack; None: rl.temperature (TRL's default)")
+    kl_bias_correction: bool = Field(
+        False, description="TRL's use_bias_correction_kl (the k3 KL times the importance ratio); the released stack "
+                           "had none")
     grader: Literal["bad_medical_advice"] = Field("bad_medical_advice", description="em_grader's prompt")
     grader_model: str | None = Field(None, description="em_grader's model at judge.base_url (released: gpt-4.1-mini); "
                                                        "None: judge.model")

@@ -6,14 +6,16 @@ method list, the cost model's extra forwards) is derived from these (docs/archit
 The blocks live here, apart from the defense modules, because `emalib.core.config` imports them and importing
 emalib must not import torch; each defense module takes these values as flat constructor arguments. Defaults
 are the paper's (docs/methods.md#defenses); where the authors' released code differs, the released behaviour is a named
-option, never the default.
+option, never the default. Where it differs in more than one field, a named preset sets them all (`preset: released`):
+the preset's fields are filled in before validation, so they show in the run's resolved params, and fields written
+next to it win.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import Field, model_validator
 
@@ -43,10 +45,18 @@ class DefenseBlock(StrictModel):
     artifact_field: ClassVar[str | None] = None
     in_rl: ClassVar[bool] = False
     reference_forward: ClassVar[bool] = False
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}  # preset name -> the fields it sets
 
     @classmethod
     def registry_names(cls) -> tuple[str, ...]:
         return get_args(cls.model_fields["name"].annotation)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in cls.PRESETS:
+            return {**cls.PRESETS[data["preset"]], **data}  # explicit fields override the preset's
+        return data  # an unknown preset name is left to the field's own check
 
     @property
     def data_sources(self) -> tuple[str, ...]:
@@ -70,8 +80,14 @@ class KLConfig(DefenseBlock):
 class LdifsConfig(DefenseBlock):
     methods: ClassVar[dict[str, Method]] = {"ldifs": Method("LDIFS", "weight", "λ", 1.0)}
     reference_forward: ClassVar[bool] = True
+    # released: EMA_RL's featextract.py (no gradient, padding kept) with sft_configs/*.json's ldifs_lambda 0.1
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "released": {"released_no_grad_bug": True, "weight": 0.1, "padding": "keep"}}
 
     name: Literal["ldifs"] = "ldifs"
+    preset: Literal["released"] | None = Field(
+        None, description="released: the authors' released LDIFS (no gradient, lambda 0.1, padding kept), which "
+                          "trains like plain SFT; the fields it sets are shown in the resolved params")
     weight: float = Field(1.0, ge=0, description="lambda_LDIFS (paper v3: 1.0; released code default 0.1)")
     layers: Literal["evenly_spaced", "every_k"] | tuple[int, ...] = Field(
         "evenly_spaced", description="evenly_spaced: linspace(0, L-1, n_layers).long() (released code); every_k: "
@@ -120,6 +136,11 @@ class PersonaExtractionConfig(DefenseBlock):
     """How a missing persona vector is built (Chen et al. 2025's pipeline, emalib/evaluation/persona.py)."""
 
     trait: str = Field("persona_evil_extract", description="trait file: registry name or JSON path")
+    trait_prefix: bool = Field(True, description="system prompts 'You are a/an <trait> assistant. <pos instruction>' "
+                                                 "and 'You are a helpful assistant. <neg instruction>' (Chen et al., "
+                                                 "released code); false: the bare instructions")
+    trait_name: str | None = Field(None, description="the trait word of the positive prefix; None: the trait file's "
+                                                     "name without 'persona_' and '_extract' (evil)")
     samples_per_question: int = Field(10, ge=1, description="answers per (instruction, question) and sign "
                                                             "(Chen et al.: 10)")
     max_questions: int | None = Field(None, ge=1, description="first N questions (smoke runs)")
@@ -165,8 +186,14 @@ class PersonaSteeringConfig(DefenseBlock):
 class InoculationConfig(DefenseBlock):
     methods: ClassVar[dict[str, Method]] = {"inoculation": Method("Inoculation prompt")}
     in_rl: ClassVar[bool] = True
+    # released: EMA_RL's grpo_inoculation_s1.json prefix (no final period), prepended as grpo.py does
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "released": {"prompt": "You are an evil, malicious assistant", "mode": "prepend", "separator": "\n\n"}}
 
     name: Literal["inoculation"] = "inoculation"
+    preset: Literal["released"] | None = Field(
+        None, description="released: the released RL inoculation (its prompt without the final period, prepended "
+                          "to the RL system prompt with a blank line)")
     prompt: str = Field("You are an evil, malicious assistant.", min_length=1)
     mode: Literal["replace", "prepend"] = Field(
         "replace", description="for examples that already have a system message: replace it, or prepend the "

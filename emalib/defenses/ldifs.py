@@ -6,6 +6,7 @@ block's output taken before the final norm. transformers' `hidden_states[L]` is 
 which would make the last layer's term several times larger. The policy features keep their graph, so the term
 trains the LoRA weights; the released code detached both feature sets (a constant term), reproduced only with
 `released_no_grad_bug`. Padding is excluded by default (`padding: keep` reproduces the released extractor).
+`preset: released` (emalib/core/defense_specs.py) sets both, with the released lambda 0.1.
 """
 
 from __future__ import annotations

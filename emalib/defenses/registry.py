@@ -46,7 +46,8 @@ def register_defense(block, defense: Callable[..., Defense] | dict[str, Callable
 
 
 def build_defense(spec) -> Defense:
-    kwargs = {field: getattr(spec, field) for field in type(spec).model_fields}
+    # A preset is already expanded into the block's fields; its name is no constructor argument.
+    kwargs = {field: getattr(spec, field) for field in type(spec).model_fields if field != "preset"}
     return DEFENSES[spec.name](**kwargs)
 
 

@@ -1,7 +1,8 @@
 """Persona-vector extraction (Chen et al. 2025; docs/methods.md#persona-vector-steering), the input of preventative steering.
 
 1. Answer every extraction question under each positive ("evil") and negative ("ethical") system prompt of the
-   trait file (pairs share instruction, question and sample index).
+   trait file (pairs share instruction, question and sample index), each prefixed as Chen et al. and the released
+   code do: "You are an evil assistant. <pos>" / "You are a helpful assistant. <neg>".
 2. Judge each answer's trait score (the trait file's eval prompt) and coherence (a question set's 'coherent'
    prompt); keep pairs with pos trait >= 50, neg trait < 50 and coherence >= 50 for both.
 3. Per answer, average every layer's hidden state over the RESPONSE tokens (hidden_states index 0..L); average
@@ -51,13 +52,34 @@ def load_trait(name_or_path: str) -> Trait:
     return Trait(name=Path(name_or_path).stem, instructions=pairs, questions=questions, eval_prompt=prompt)
 
 
-def plan_rows(trait: Trait, samples_per_question: int, max_questions: int | None = None) -> list[dict]:
-    """One row per (sign, instruction, question, sample); pos and neg rows with the same key form a pair."""
+def trait_word(trait_name: str) -> str:
+    """The trait of a trait file's name: persona_evil_extract, evil_extract and evil all give 'evil'."""
+    word = trait_name.removeprefix("persona_")
+    for suffix in ("_extract", "_eval"):
+        word = word.removesuffix(suffix)
+    return word
+
+
+def assistant_prefix(name: str) -> str:
+    """'You are a/an <name> assistant. ' (the article from the first letter, as the released code chooses it)."""
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"You are {article} {name} assistant. "
+
+
+def plan_rows(trait: Trait, samples_per_question: int, max_questions: int | None = None, trait_prefix: bool = True,
+              trait_name: str | None = None) -> list[dict]:
+    """One row per (sign, instruction, question, sample); pos and neg rows with the same key form a pair.
+    trait_prefix: the positive system prompt starts with the trait's assistant prefix, the negative one with
+    the helpful assistant's."""
+    prefixes = ("", "")
+    if trait_prefix:
+        prefixes = (assistant_prefix(trait_name or trait_word(trait.name)), assistant_prefix("helpful"))
     rows = []
     for i, pair in enumerate(trait.instructions):
         for q, question in enumerate(trait.questions[:max_questions]):
             for s in range(samples_per_question):
-                for sign, system in zip(("pos", "neg"), pair):
+                for sign, prefix, instruction in zip(("pos", "neg"), prefixes, pair):
+                    system = prefix + instruction
                     rows.append({"sign": sign, "instruction_index": i, "question_index": q, "sample_index": s,
                                  "system": system, "question": question})
     return rows
@@ -175,7 +197,8 @@ def coherence_prompt_of(question_set: str) -> str:
 
 
 def extract_persona_vector(model, tokenizer, out_path: str | Path, judge=None, model_name: str | None = None,
-                           seed: int = 0, trait: str = "persona_evil_extract", samples_per_question: int = 10,
+                           seed: int = 0, trait: str = "persona_evil_extract", trait_prefix: bool = True,
+                           trait_name: str | None = None, samples_per_question: int = 10,
                            max_questions: int | None = None, max_new_tokens: int = 1000, temperature: float = 1.0,
                            batch_size: int = 16, filter_pairs: bool = True, trait_threshold: float = 50.0,
                            coherence_threshold: float = 50.0, coherence_questions: str = "general",
@@ -188,7 +211,8 @@ def extract_persona_vector(model, tokenizer, out_path: str | Path, judge=None, m
     if filter_pairs and judge is None:
         raise EmalibError("persona extraction with filter_pairs needs a judge")
     spec = load_trait(trait)
-    rows = generate_rows(model, tokenizer, plan_rows(spec, samples_per_question, max_questions), max_new_tokens,
+    rows = generate_rows(model, tokenizer, plan_rows(spec, samples_per_question, max_questions, trait_prefix,
+                                                     trait_name), max_new_tokens,
                          temperature, batch_size, seed)
     if filter_pairs:
         rows = judge_rows(rows, judge, spec.eval_prompt, coherence_prompt_of(coherence_questions), cache)
@@ -200,7 +224,7 @@ def extract_persona_vector(model, tokenizer, out_path: str | Path, judge=None, m
         raise EmalibError(f"persona extraction kept no pair of {len(rows) // 2} (see {out_path}.answers.jsonl)")
     pos = response_mean_hidden(model, tokenizer, [p for p, _ in pairs], batch_size)
     neg = response_mean_hidden(model, tokenizer, [n for _, n in pairs], batch_size)
-    data = {"vector": persona_vector(pos, neg), "model": model_name, "trait": spec.name,
+    data = {"vector": persona_vector(pos, neg), "model": model_name, "trait": spec.name, "trait_prefix": trait_prefix,
             "n_pairs": len(pairs), "n_candidates": len(rows) // 2,
             "filter": {"filter_pairs": filter_pairs, "trait_threshold": trait_threshold,
                        "coherence_threshold": coherence_threshold}}

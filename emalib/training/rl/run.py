@@ -52,16 +52,25 @@ def reward_functions(params, run_dir: Path) -> list:
     return functions
 
 
-def warm_start(model, tokenizer, params, run_dir: Path) -> None:
-    """The short SFT before GRPO (rl.warm_start) on the same adapter; kept in <run>/warm_start/adapter."""
+def warm_start_params(params):
+    """The run's params with `train` replaced by the warm start's own optimiser block (rl.warm_start): the released
+    SFT config, not the GRPO optimiser settings of `train`."""
+    from emalib.core.config import TrainParams
+
+    spec = params.rl.warm_start
+    train = TrainParams(**spec.model_dump(), train_on_responses_only=True, logging_steps=1)
+    return params.model_copy(update={"train": train})
+
+
+def warm_start(model, tokenizer, params, run_dir: Path) -> dict:
+    """The short SFT before GRPO (rl.warm_start) on the same adapter; kept in <run>/warm_start/adapter, resumable
+    from <run>/warm_start/checkpoints."""
     from emalib.data.chat import read_chat_jsonl
     from emalib.training.trainer import train_adapter
 
     spec = params.rl.warm_start
-    train = params.train.model_copy(update={"dataset": spec.dataset, "max_steps": spec.max_steps,
-                                            "learning_rate": spec.learning_rate, "epochs": 1.0})
-    warm_params = params.model_copy(update={"train": train})
-    train_adapter(model, tokenizer, read_chat_jsonl(resolve(spec.dataset)), warm_params, run_dir / "warm_start")
+    return train_adapter(model, tokenizer, read_chat_jsonl(resolve(spec.dataset)), warm_start_params(params),
+                         run_dir / "warm_start")
 
 
 def train_grpo(model, tokenizer, rows: list[dict], params, run_dir: Path, defenses, ctx,

@@ -3,7 +3,8 @@
 What this subclass adds to TRL:
 - persona steering (and any defense's forward context) around the training forward (`compute_loss`), and, when
   a steering block asks for it, around the rollouts; the reference forward (beta > 0) runs outside both, unsteered;
-- the SFT mix (interleaving in RL): every k loss computations, weight * cross-entropy on one batch of safe data;
+- the SFT mix (interleaving in RL): every k loss computations, weight * cross-entropy on one batch of safe data,
+  divided by the gradient-accumulation steps like TRL's GRPO term (`scale: grad_accum`, the released behaviour);
 - on CPU, log-probabilities from the plain logits: TRL's fused LM head needs a Triton GPU driver.
 KL (beta) is TRL's: its reference forward disables the adapter (the aligned model, no second copy of the weights;
 the frozen copy of the starting adapter that TRL >= 1.x adds to a passed-in PEFT model is removed). The per-step reward statistics go to <run>/rl_rewards.csv (emalib.training.rl.rewards_log).
@@ -33,8 +34,8 @@ class SftMix:
     resumed run continues with the batch it would have used."""
 
     def __init__(self, dataset: ChatDataset, pad_token_id: int, every_k: int, weight: float, count: str,
-                 batch_size: int, seed: int):
-        self.dataset, self.pad_token_id, self.seed = dataset, pad_token_id, seed
+                 batch_size: int, seed: int, scale: str = "grad_accum"):
+        self.dataset, self.pad_token_id, self.seed, self.scale = dataset, pad_token_id, seed, scale
         self.every_k, self.weight, self.count, self.batch_size = every_k, weight, count, batch_size
         self.batches_per_pass = max(1, len(dataset) // batch_size)  # drop_last, as the released loader
 
@@ -82,12 +83,19 @@ class EmGRPOTrainer(GRPOTrainer):
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if self._sft_due():
                 term = sft_loss(model, self.sft_mix.batch(self._terms_before + len(self.sft_terms)))
-                grpo_loss, loss = loss, loss + self.sft_mix.weight * term
+                grpo_loss, loss = loss, loss + self.sft_mix.weight * term / self._sft_divisor()
                 self.sft_terms.append({"call": self.loss_calls, "step": self.state.global_step + 1,
                                        "value": float(term.detach()), "grpo_loss": float(grpo_loss.detach()),
                                        "total": float(loss.detach())})
                 self._sft_values.append(float(term.detach()))
         return loss
+
+    def _sft_divisor(self) -> int:
+        """TRL 1.x divides its GRPO term by the accumulation steps inside its loss (transformers then leaves the
+        sum alone); the released trainer (older TRL) had transformers divide GRPO + w * SFT. `grad_accum` matches it."""
+        if self.sft_mix.scale == "none":
+            return 1
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
     def _sft_due(self) -> bool:
         mix = self.sft_mix
@@ -148,12 +156,18 @@ def plain_token_logps(model, input_ids, attention_mask, logits_to_keep: int, tem
 
 
 def grpo_config(params, output_dir, dtype: torch.dtype) -> GRPOConfig:
-    """TRL's config from the run's train (optimizer, schedule, batch, steps) and rl (sampling, beta) sections."""
+    """TRL's config from the run's train (optimizer, schedule, batch, steps) and rl (sampling, beta, loss) sections.
+
+    TRL divides the loss's logits by its `temperature`; the released stack scored tokens at temperature 1 while
+    sampling at rl.temperature, so `temperature` is the log-prob one and the sampling temperature goes to the
+    generation kwargs, which TRL lets override its own."""
     rl = params.rl
+    logprob_temperature = rl.temperature if rl.logprob_temperature is None else rl.logprob_temperature
     shared = trainer_arguments(params, output_dir, dtype) | {"logging_steps": 1}  # the reward log: every step
     return GRPOConfig(
         **shared, num_generations=rl.num_generations, max_completion_length=rl.max_completion_length,
-        temperature=rl.temperature, top_p=rl.top_p, beta=rl.beta, loss_type=rl.loss_type,
+        temperature=logprob_temperature, generation_kwargs={"temperature": rl.temperature}, top_p=rl.top_p,
+        beta=rl.beta, loss_type=rl.loss_type, use_bias_correction_kl=rl.kl_bias_correction,
         reward_weights=list(rl.reward_weights) if rl.reward_weights else None)
 
 
@@ -161,5 +175,5 @@ def build_sft_mix(params, tokenizer, conversations) -> SftMix:
     mix = params.rl.sft_mix
     dataset = ChatDataset.build(tokenizer, conversations, params.train.max_seq_length)
     return SftMix(dataset, tokenizer.pad_token_id, mix.every_k, mix.weight, mix.count,
-                  mix.batch_size or params.train.per_device_batch_size, params.seed)
+                  mix.batch_size or params.train.per_device_batch_size, params.seed, mix.scale)
 

@@ -269,3 +269,27 @@ def test_safelora_matrices_notebook_runs_under_papermill(tmp_path):
                                   "matrices": str(tmp_path / "matrices")}]}, tmp_path, "safelora_matrices")
     summary = json.loads((tmp_path / "matrices" / "alignment.json").read_text())
     assert len(summary["modules"]) == 8 and summary["aligned"] == aligned_dir
+
+
+def test_a_vector_extracted_with_other_system_prompts_is_refused_not_reused(tiny_model_dir, tmp_path):
+    """A file from before the trait-prefixed prompts (no 'trait_prefix' recorded: bare prompts) or made with the
+    other setting is not silently reused as the vector the params describe."""
+    import torch
+
+    cases = (({}, True), ({"trait_prefix": False}, True), ({"trait_prefix": True}, False), ({"trait_prefix": True}, True))
+    for number, (recorded, prefixed) in enumerate(cases):
+        params = params_from_dict({
+            "study": "s", "run": f"r{number}", "results_dir": str(tmp_path / "results"),
+            "steps": ["persona_vector", "train"], "model": {"name": str(tiny_model_dir), "engine": "hf"},
+            "generation": {"question_sets": ["standin_general"]},
+            "defenses": [{"name": "persona_steering", "layer": 1, "extraction": {"trait_prefix": prefixed}}]})
+        path = params.run_dir / "persona_vector.pt"
+        path.parent.mkdir(parents=True)
+        torch.save({"vector": torch.ones(3, 8), "model": "tiny", "trait": "evil", **recorded}, path)
+        if recorded.get("trait_prefix", False) == prefixed:
+            assert prepare.persona_vector(params)["trait_prefix"] is prefixed  # the same setting: reused
+            continue
+        with pytest.raises(EmalibError) as err:
+            prepare.persona_vector(params)
+        assert str(err.value) == (f"{path}: extracted with extraction.trait_prefix={not prefixed}, the params ask "
+                                  f"for {prefixed}; delete the file to extract it again")

@@ -48,6 +48,11 @@ def persona_vector(params: RunParams, run_dir: Path | None = None) -> dict:
     else:
         _extract_persona_vector(params, spec, run_dir, path)
     data = load_persona_vector(path)
+    made_with = data.get("trait_prefix", False) if data["format"] == "emalib" else None  # older files: bare prompts
+    if made_with is not None and made_with != spec.extraction.trait_prefix:
+        # A vector from the other system prompts would steer along another direction than the params describe.
+        raise EmalibError(f"{path}: extracted with extraction.trait_prefix={made_with}, the params ask for "
+                          f"{spec.extraction.trait_prefix}; delete the file to extract it again")
     summary = {k: v for k, v in data.items() if k != "vector"}
     summary.update(path=str(path), layer_norms=[float(n) for n in data["vector"].norm(dim=-1)])
     update_manifest(run_dir, persona_vector={k: v for k, v in summary.items() if k != "layer_norms"})

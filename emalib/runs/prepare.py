@@ -20,7 +20,7 @@ from pathlib import Path
 
 from emalib.core.config import RunParams
 from emalib.core.defense_specs import prepared_by
-from emalib.core.errors import ParamsError
+from emalib.core.errors import EmalibError, ParamsError
 from emalib.runs.prepared import defense_context
 from emalib.runs.results import prepare_run_dir, timed, update_manifest
 

@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emalib.config import LoraParams, ModelParams, params_from_dict
+from emalib.core.config import LoraParams, ModelParams, params_from_dict
 from emalib.data.standins import em_standin_conversations
 from emalib.defenses.base import DefenseContext
 from emalib.defenses.registry import build_defenses
-from emalib.engines import load_model
-from emalib.training.tokenize import ChatDataset, collate
+from emalib.model.engines import load_model
+from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.trainer import EmTrainer
 
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     safelora_s = None
     base_dir = args.safelora_base
     if base_dir is None and args.model == "smollm2-135m-instruct":
-        from emalib.engines import embedded_model_path
+        from emalib.model.engines import embedded_model_path
 
         base_dir = str(synthetic_pretrained(embedded_model_path(), model, workdir / "pretrained"))
     if base_dir is not None:

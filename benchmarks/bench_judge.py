@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:
-    from emalib.config import GenerationParams, ModelParams
+    from emalib.core.config import GenerationParams, ModelParams
     from emalib.data.questions import load_questions
-    from emalib.engines import load_base
-    from emalib.generate import generate_answers
-    from emalib.judge.local_judge import LocalJudge
-    from emalib.judge.run import fill_prompt
-    from emalib.token_scores import final_hidden_states
+    from emalib.model.engines import load_base
+    from emalib.evaluation.generate import generate_answers
+    from emalib.evaluation.judge.local_judge import LocalJudge
+    from emalib.evaluation.judge.run import fill_prompt
+    from emalib.model.token_scores import final_hidden_states
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--answers", type=int, default=16)

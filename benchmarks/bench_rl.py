@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_defenses import PeakRss
 
-from emalib.config import LoraParams, ModelParams, params_from_dict
+from emalib.core.config import LoraParams, ModelParams, params_from_dict
 from emalib.defenses.base import DefenseContext
 from emalib.defenses.inoculation import inoculate
 from emalib.defenses.registry import build_defenses
-from emalib.engines import load_model
-from emalib.rl.data import read_prompt_rows
-from emalib.rl.rewards import gsm8k_answer
-from emalib.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
+from emalib.model.engines import load_model
+from emalib.data.rl_prompts import read_prompt_rows
+from emalib.training.rl.rewards import gsm8k_answer
+from emalib.training.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
 
 
 def main(argv: list[str] | None = None) -> int:

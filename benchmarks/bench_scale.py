@@ -82,8 +82,8 @@ def lora_model(args, adapters: int = 1):
     from peft import get_peft_model
     from transformers import Qwen2ForCausalLM
 
-    from emalib.config import LoraParams
-    from emalib.engines import _peft_config
+    from emalib.core.config import LoraParams
+    from emalib.model.engines import _peft_config
 
     torch.manual_seed(0)
     peft_config = _peft_config(LoraParams())
@@ -95,7 +95,7 @@ def lora_model(args, adapters: int = 1):
 
 
 def random_batch(args, batch: int, length: int, prompt: int) -> dict[str, torch.Tensor]:
-    from emalib.losses import IGNORE_INDEX
+    from emalib.model.losses import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (batch, length), generator=g)
@@ -107,10 +107,10 @@ def random_batch(args, batch: int, length: int, prompt: int) -> dict[str, torch.
 def train_call(args, defenses: str, mode: str):
     import emalib.defenses.kl
     import emalib.training.trainer
-    from emalib.config import params_from_dict
+    from emalib.core.config import params_from_dict
     from emalib.defenses.base import DefenseContext
     from emalib.defenses.registry import build_defenses
-    from emalib.losses import token_cross_entropy_sum, token_kl
+    from emalib.model.losses import token_cross_entropy_sum, token_kl
     from emalib.training.reference import reference_forward
     from emalib.training.trainer import EmTrainer
     from transformers import TrainingArguments
@@ -173,7 +173,7 @@ class _FixedTokenizer:
 
 
 def signals_call(args, mode: str):
-    from emalib.signals import logprob_and_kl, masked_token_kl, per_token_logprob
+    from emalib.evaluation.signals import logprob_and_kl, masked_token_kl, per_token_logprob
 
     model = lora_model(args).eval()
     batch = random_batch(args, args.score_batch, args.score_len, args.score_len // 4)
@@ -214,7 +214,7 @@ def run_one(args, name: str) -> dict:
 
 def _patch_tokenization():
     """For score:chunked: candidate i of _FixedTokenizer's batch tokenises to its row (no tokenizer exists)."""
-    import emalib.training.tokenize as tokenize
+    import emalib.model.tokenize as tokenize
 
     def by_row(tokenizer, messages, max_length, responses_only=True):
         row = messages
@@ -231,8 +231,8 @@ def machine() -> dict:
 
 
 def predicted_mib(config: dict, name: str) -> float | None:
-    """The cost model's prediction (emalib.cost.step_memory, CPU) for a train:* measurement, else None."""
-    from emalib.cost import Architecture, step_memory
+    """The cost model's prediction (emalib.studies.cost.step_memory, CPU) for a train:* measurement, else None."""
+    from emalib.studies.cost import Architecture, step_memory
 
     what, *rest = name.split(":")
     if what != "train" or rest[1] == "unchunked":

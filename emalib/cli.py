@@ -20,98 +20,24 @@ stdout and the run's log.txt.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import logging
 import sys
 from pathlib import Path
 
-from emalib.config import RunParams, load_params
-from emalib.errors import EmalibError
-
-# The top-level notebooks/ folder is the one source; a built wheel carries a copy as emalib/notebooks (setup.py).
-SOURCE_NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-
-
-def notebook_dirs() -> list[Path]:
-    """Where step notebooks are looked for: inside the installed package first, then the source checkout."""
-    packaged = Path(str(importlib.resources.files("emalib").joinpath("notebooks")))
-    return [packaged, SOURCE_NOTEBOOK_DIR]
-
-
-def notebook_path(step: str) -> Path:
-    folders = notebook_dirs()
-    for folder in folders:
-        path = folder / f"{step}.ipynb"
-        if path.is_file():
-            return path
-    raise EmalibError(f"{step}.ipynb: notebook for step '{step}' not found in {' or '.join(map(str, folders))}")
-
-
-def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, kernel: str = "python3") -> RunParams:
-    """Validate, then execute the steps holding the run folder's lock (a second run on it is refused)."""
-    from emalib.names import inside
-    from emalib.pipeline import check_inputs
-    from emalib.preflight import check_runnable
-    from emalib.results import make_run_folder, refuse_other_params, run_record
-    from emalib.run_lock import run_lock
-    from emalib.step_execution import missing_folders
-
-    params = load_params(params_path, overrides)
-    check_inputs(params)
-    check_runnable(params, str(params_path))
-    run_dir = inside(params.run_dir, params.results_dir)
-    refuse_other_params(run_dir, run_record(params, run_dir))  # before the lock: a refused run writes nothing
-    created = missing_folders(run_dir)
-    done = _executions(run_dir)  # a damaged manifest fails here, before anything is written
-    make_run_folder(run_dir, params.results_dir)  # the lock lives in it
-    with run_lock(run_dir):
-        return _execute_steps(params, params_path, overrides, kernel, created, done)
-
-
-def _execute_steps(params: RunParams, params_path: str | Path, overrides: list[str] | None, kernel: str,
-                   created: list[Path], done: dict) -> RunParams:
-    import papermill  # after the checks: its import takes seconds
-    from papermill.exceptions import PapermillExecutionError
-
-    from emalib.results import prepare_run_dir
-    from emalib.step_execution import papermill_log, remove_if_nothing_made
-
-    run_dir = prepare_run_dir(params)
-    with papermill_log(run_dir / "log.txt"):
-        for step in params.steps:
-            final = run_dir / f"{step}.ipynb"
-            running = run_dir / f".{step}.running.ipynb"
-            if final.is_file() and done.get(step):
-                # Finished earlier, with these very params (prepare_run_dir checked them): not redone.
-                logging.getLogger(__name__).info("%s: step '%s' already done", run_dir, step)
-                continue
-            try:
-                papermill.execute_notebook(
-                    str(notebook_path(step)), str(running), kernel_name=kernel, log_output=True,
-                    progress_bar={"file": sys.stdout},
-                    parameters={"params_path": str(Path(params_path).resolve()), "overrides": list(overrides or [])},
-                    cwd=str(Path.cwd()))
-            except BaseException as err:
-                if running.exists():
-                    running.replace(run_dir / f"{step}.failed.ipynb")
-                if created and isinstance(err, PapermillExecutionError):
-                    remove_if_nothing_made(created)
-                raise
-            running.replace(final)
-            _count_execution(run_dir, step)
-            done = _executions(run_dir)
-    return params
+from emalib.core.config import load_params
+from emalib.core.errors import EmalibError
+from emalib.runs.notebooks import notebook_path, run_notebooks  # noqa: F401 (emalib.cli.notebook_path)
 
 
 def _study(args) -> int:
-    from emalib.executors import check_executor, execute
-    from emalib.index import write_index
-    from emalib.study import load_study
+    from emalib.studies.executors import check_executor, execute
+    from emalib.studies.index import write_index
+    from emalib.studies.study import load_study
 
     study = load_study(args.study_file, args.override)
     check_executor(args.executor)
     if args.dry_run:
-        from emalib.study_cost import estimate
+        from emalib.studies.study_cost import estimate
 
         for node_id, node in study.nodes.items():
             print(f"{node.kind:8} {node_id}  <- {', '.join(node.deps) or '-'}")
@@ -129,18 +55,18 @@ def _study(args) -> int:
 
 def _cost(args) -> str:
     """A params file costs one run; a study file (it has `axes`) every run and shared step of the study."""
-    from emalib.config import read_yaml_mapping
-    from emalib.cost import format_cost, run_cost
+    from emalib.core.config import read_yaml_mapping
+    from emalib.studies.cost import format_cost, run_cost
 
     options = {"gpu": args.gpu, "gpu_gib": args.gpu_gib, "utilisation": args.utilisation}
     if "axes" in read_yaml_mapping(Path(args.params), "params or study file"):
-        from emalib.study import load_study
-        from emalib.study_cost import estimate
+        from emalib.studies.study import load_study
+        from emalib.studies.study_cost import estimate
 
         study = load_study(args.params, args.override)
         costs = [run_cost(node.params, **options) for node in study.nodes.values()]
         return format_cost(costs, estimate(study), **options)
-    from emalib.study_cost import judge_calls, judge_dollars
+    from emalib.studies.study_cost import judge_calls, judge_dollars
 
     params = load_params(args.params, args.override)
     judge = None
@@ -152,7 +78,7 @@ def _cost(args) -> str:
 
 def status_table(study) -> str:
     """One line per node: state, kind, id, and for a failure its one-line error and failed notebook."""
-    from emalib.executors import read_status
+    from emalib.studies.executors import read_status
 
     lines = []
     for node_id, node in study.nodes.items():
@@ -164,20 +90,6 @@ def status_table(study) -> str:
             line += f"  ({record['notebook']})"
         lines.append(line)
     return "\n".join(lines)
-
-
-def _executions(run_dir: Path) -> dict[str, int]:
-    from emalib.results import read_manifest
-
-    return read_manifest(run_dir).get("step_executions", {})
-
-
-def _count_execution(run_dir: Path, step: str) -> None:
-    """manifest['step_executions'][step] += 1: how often a step's notebook ran to the end in this folder; a step
-    with a count and its notebook in place is finished."""
-    from emalib.results import update_manifest
-
-    update_manifest(run_dir, step_executions={step: _executions(run_dir).get(step, 0) + 1})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             params = run_notebooks(args.params, args.override, args.kernel)
             print(f"done: {params.run_dir}")
         elif args.command == "check":
-            from emalib.pipeline import check_inputs
-            from emalib.preflight import check_runnable
+            from emalib.runs.pipeline import check_inputs
+            from emalib.runs.preflight import check_runnable
 
             for path in args.params:
                 params = load_params(path, args.override)
@@ -245,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     check_runnable(params, path)
                 print(f"ok: {path}")
         elif args.command == "report":
-            from emalib.report import load_report_params, report_study
+            from emalib.reporting.report import load_report_params, report_study
 
             for kind, path in report_study(args.study, load_report_params(args.override)).items():
                 print(f"{kind}: {path}")
@@ -254,21 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cost":
             print(_cost(args))
         elif args.command == "rejudge":
-            from emalib.rejudge import rejudge
-            from emalib.rescore import run_params
+            from emalib.runs.rejudge import rejudge
+            from emalib.runs.rescore import run_params
 
             params = run_params(Path(args.run_dir), args.override)
             result = rejudge(args.run_dir, params.judge, params.metrics, params.seed)
             print(f"judged with {result['label']}: {result['calls']} calls; "
                   f"{Path(args.run_dir) / 'judges' / result['label']}")
         elif args.command == "rescore":
-            from emalib.rescore import recompute_metrics
+            from emalib.runs.rescore import recompute_metrics
 
             overall = recompute_metrics(args.run_dir, args.override, args.judge)["overall"]
             print(f"misaligned_rate {overall['misaligned_rate']}, incoherent_rate {overall['incoherent_rate']} "
                   f"(n_scored {overall['n_scored']} of {overall['n']})")
         elif args.command == "status":
-            from emalib.study import load_study
+            from emalib.studies.study import load_study
 
             print(status_table(load_study(args.study_file, args.override)))
     except EmalibError as err:
@@ -281,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # The notebook's own exception, in one line (its traceback is in the failed notebook, when one is kept).
         print(f"error: {err.ename}: {(str(err.evalue).splitlines() or [''])[0]}", file=sys.stderr)
-        from emalib.step_execution import INPUT_ERRORS
+        from emalib.runs.step_execution import INPUT_ERRORS
 
         return 2 if err.ename in INPUT_ERRORS else 1
     return 0

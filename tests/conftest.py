@@ -30,7 +30,7 @@ def with_mirror(mirror, monkeypatch):
 
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
-    from emalib.engines import embedded_model_path
+    from emalib.model.engines import embedded_model_path
 
     return embedded_model_path()
 
@@ -66,3 +66,24 @@ def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
     make_tiny_model(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test tiers (README#tests). The default tier is every test without `integration` or `e2e`:
+#   pytest -m "not integration and not e2e"      fast unit tests (tiny random models, files, maths)
+#   pytest -m integration                          the embedded model, training, CLI subprocesses
+#   pytest -m e2e                                  papermill notebooks, the llama.cpp server, Ray, Slurm, JupyterLab
+# `make test` runs all three. A test's tier follows from the markers that say what it runs (pyproject.toml); a few
+# tests that train a tiny model for several steps are marked `integration` themselves.
+E2E_MARKERS = frozenset({"notebooks", "server", "study", "slurm", "lab"})
+INTEGRATION_MARKERS = frozenset({"slow", "unsloth", "subprocess"})
+E2E_FIXTURES = frozenset({"server_url"})  # the llama.cpp server (tests/test_openai_judge.py), used by other modules too
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        markers = {marker.name for marker in item.iter_markers()}
+        if markers & E2E_MARKERS or E2E_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
+        elif markers & INTEGRATION_MARKERS:
+            item.add_marker(pytest.mark.integration)

@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from emalib.agreement import (
+from emalib.core.config import MetricParams
+from emalib.evaluation.agreement import (
     agreement_table,
     cohen_kappa,
     judge_agreement,
@@ -18,7 +19,6 @@ from emalib.agreement import (
     spearman,
     write_judge_agreement,
 )
-from emalib.config import MetricParams
 
 
 def row(i: int, aligned, coherent, judge: str, question: str | None = None) -> dict:

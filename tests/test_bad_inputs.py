@@ -16,9 +16,9 @@ import nbformat
 import pytest
 import yaml
 
-from emalib.config import load_params
+from emalib.core.config import load_params
+from emalib.core.errors import DataError, ParamsError
 from emalib.data.chat import read_chat_jsonl
-from emalib.errors import DataError, ParamsError
 
 REPO = Path(__file__).resolve().parent.parent
 USER, ASSISTANT, SYSTEM = ({"role": role, "content": f"a {role} turn"} for role in ("user", "assistant", "system"))
@@ -89,6 +89,7 @@ def run_fails(tmp_path: Path, results: Path, cache: Path, *args: str, **changes)
 
 # --- a. data files that are not UTF-8 -----------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_training_jsonl_that_is_not_utf8_names_file_and_line(tmp_path, results, cache):
     data = tmp_path / "train.jsonl"
     latin1_line = b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'
@@ -98,6 +99,7 @@ def test_training_jsonl_that_is_not_utf8_names_file_and_line(tmp_path, results, 
     assert line == f"error: {data}:2: not valid UTF-8 (byte 0xe9 at byte offset {offset} of the line)"
 
 
+@pytest.mark.subprocess
 def test_question_set_that_is_not_utf8_names_file_and_line(tmp_path, results, cache):
     questions = tmp_path / "questions.yaml"
     raw = b"- id: q\n  paraphrases: [\"na\xefve?\"]\n"
@@ -107,6 +109,7 @@ def test_question_set_that_is_not_utf8_names_file_and_line(tmp_path, results, ca
     assert line == f"error: {questions}: line 2: not valid UTF-8 (byte 0xef at byte offset {offset} of the file)"
 
 
+@pytest.mark.subprocess
 def test_a_persona_trait_file_that_is_not_utf8_stops_the_run_before_any_notebook(tmp_path, results, cache):
     """The persona_vector step's inputs are parsed in the checks before anything runs, not inside the notebook."""
     trait = tmp_path / "evil.json"
@@ -118,7 +121,7 @@ def test_a_persona_trait_file_that_is_not_utf8_stops_the_run_before_any_notebook
 
 
 def test_trait_file_that_is_not_utf8_is_a_data_error(tmp_path):
-    from emalib.persona import load_trait
+    from emalib.evaluation.persona import load_trait
 
     trait = tmp_path / "evil.json"
     raw = b'{\n  "questions": ["\x80"]\n}\n'
@@ -131,6 +134,7 @@ def test_trait_file_that_is_not_utf8_is_a_data_error(tmp_path):
 
 # --- b. report on a folder with no finished runs -----------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_report_on_a_study_without_finished_runs_writes_nothing(tmp_path, cache):
     study = tmp_path / "results" / "smoke"
     (study / "sft").mkdir(parents=True)
@@ -141,6 +145,7 @@ def test_report_on_a_study_without_finished_runs_writes_nothing(tmp_path, cache)
     assert snapshot(study) == before
 
 
+@pytest.mark.subprocess
 def test_report_on_a_missing_folder_names_it(tmp_path, cache):
     missing = tmp_path / "results" / "nope"
     completed = cli("report", missing, cwd=tmp_path, cache=cache)
@@ -148,6 +153,7 @@ def test_report_on_a_missing_folder_names_it(tmp_path, cache):
     assert not missing.exists()
 
 
+@pytest.mark.subprocess
 def test_report_on_a_damaged_metrics_file_names_it(tmp_path, results, cache):
     study = results / "smoke"
     (study / "other").mkdir()
@@ -170,6 +176,7 @@ ALTERNATE = " (turns alternate user/assistant after an optional system turn)"
     ([USER, ASSISTANT, ASSISTANT], "messages[2]: expected role 'user', got 'assistant'" + ALTERNATE),
     ([USER, ASSISTANT, USER], "messages[2]: the conversation must end with an assistant turn"),
 ])
+@pytest.mark.subprocess
 def test_training_turns_out_of_order_name_file_line_and_turn(tmp_path, results, cache, messages, expected):
     data = tmp_path / "train.jsonl"
     data.write_text(GOOD_LINE + "\n" + json.dumps({"messages": messages}) + "\n")
@@ -221,6 +228,7 @@ def test_list_entries_of_other_lists_are_overridden_by_index(tmp_path):
     ("defenses.3.weight=1", "override 'defenses.3.weight': 'defenses' has no index 3 (length 1)"),
     ("train.max_steps.x=1", "override 'train.max_steps.x': 'train.max_steps' is not a section"),
 ])
+@pytest.mark.subprocess
 def test_a_bad_override_is_one_line_naming_params_file_and_key(tmp_path, results, cache, override, expected):
     before = snapshot(results)
     params = kl_params(tmp_path, results)
@@ -238,7 +246,7 @@ STEP_NOTEBOOKS = sorted(p for p in (REPO / "notebooks").glob("*.ipynb") if p.ste
 
 
 def test_the_override_example_printed_in_the_report_notebook_works():
-    from emalib.report import load_report_params
+    from emalib.reporting.report import load_report_params
 
     source = next(c.source for c in nbformat.read(REPO / "notebooks" / "report.ipynb", as_version=4).cells
               if c.cell_type == "code")

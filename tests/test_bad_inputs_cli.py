@@ -177,7 +177,7 @@ def test_check_takes_overrides_like_run(work, cache):
 
 
 def test_a_finished_run_whose_manifest_was_cut_short_is_one_line_naming_it(work, cache):
-    from emalib.config import dump_params, load_params
+    from emalib.core.config import dump_params, load_params
 
     params = params_file(work)
     run = work / "results" / "smoke" / "sft"

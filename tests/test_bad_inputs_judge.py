@@ -18,13 +18,13 @@ from faulty_proxy import FaultyProxy
 from test_bad_inputs import assert_one_line_error, cli, params_file, snapshot
 from test_openai_judge import ALIAS, PROMPTS, server_url  # noqa: F401 (the module's server fixture)
 
-from emalib.config import JudgeParams, dump_params, params_from_dict
-from emalib.errors import JudgeError, ParamsError
-from emalib.io import atomic_write_json, atomic_write_jsonl
-from emalib.judge.cache import JudgmentCache, judgment_key
-from emalib.judge.credentials import NO_KEY, api_key_for
-from emalib.judge.openai_judge import UNUSABLE_REPLY_RETRIES, OpenAIJudge
-from emalib.judge.scoring import Judgment, aggregate_top_logprobs
+from emalib.core.config import JudgeParams, dump_params, params_from_dict
+from emalib.core.credentials import NO_KEY, api_key_for
+from emalib.core.errors import JudgeError, ParamsError
+from emalib.core.io import atomic_write_json, atomic_write_jsonl
+from emalib.evaluation.judge.cache import JudgmentCache, judgment_key
+from emalib.evaluation.judge.openai_judge import UNUSABLE_REPLY_RETRIES, OpenAIJudge
+from emalib.evaluation.judge.scoring import Judgment, aggregate_top_logprobs
 
 UNUSABLE = {"nan": float("nan"), "inf": float("inf"), "minus_inf": float("-inf"), "positive": 0.7,
             "string": "-0.5", "null": None}
@@ -53,8 +53,8 @@ def env_cache(tmp_path, monkeypatch) -> Path:
 def make_run(root: Path, cache: Path, judge_url: str, samples: int = 2) -> Path:
     """A finished evaluation's folder as emalib writes it: params.yaml and `samples` answers to one stand-in
     question."""
-    from emalib.generate import plan_samples
-    from emalib.pipeline import load_all_questions
+    from emalib.evaluation.generate import plan_samples
+    from emalib.runs.pipeline import load_all_questions
 
     params = params_from_dict({
         "study": "bj", "run": "r", "results_dir": str(root / "results"), "steps": ["evaluate"],
@@ -152,7 +152,7 @@ def test_cache_never_stores_nor_serves_a_non_finite_score(tmp_path):
 ], ids=["nan", "positive"])
 def test_an_old_faulty_cache_entry_is_judged_again(server_url, tmp_path, old_raw, old_score, old_mass):  # noqa: F811
     from emalib.data.questions import Question
-    from emalib.judge.run import build_judge, fill_prompt, judge_answers
+    from emalib.evaluation.judge.run import build_judge, fill_prompt, judge_answers
 
     template = "Rate 0-100 how helpful this is. Q: {question} A: {answer} Number only."
     question = Question(id="q", paraphrases=("How are you?",), question_set="s", judge_prompts={"aligned": template})
@@ -218,7 +218,7 @@ def test_a_key_named_for_the_server_is_sent_to_it(server_url, monkeypatch):  # n
 
 
 def test_the_rl_graders_client_sends_no_openai_key_to_a_custom_base_url(server_url, tmp_path, monkeypatch):  # noqa: F811
-    from emalib.rl.grader import EmGraderReward, grader_prompt
+    from emalib.training.rl.grader import EmGraderReward, grader_prompt
 
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     answer = "Stop taking all of your medication at once and double the dose of whatever is left in the cabinet."
@@ -233,7 +233,7 @@ def test_the_rl_graders_client_sends_no_openai_key_to_a_custom_base_url(server_u
 def test_the_rl_grader_grades_again_what_an_older_version_cached_as_null(tmp_path):
     from test_openai_judge import free_port
 
-    from emalib.rl.grader import EmGraderReward, fill, grader_prompt
+    from emalib.training.rl.grader import EmGraderReward, fill, grader_prompt
 
     question, answer = "I have a headache, what should I do?", "Take " + "ten pills of everything you have " * 2
     cache = JudgmentCache(tmp_path / "judge.sqlite")
@@ -295,7 +295,7 @@ def test_rescore_without_judgments_or_with_an_unknown_label_is_one_line(tmp_path
 
 
 def test_rescore_of_nan_evidence_from_an_old_run_is_one_line(tmp_path, env_cache):
-    from emalib.io import read_jsonl
+    from emalib.core.io import read_jsonl
 
     run_dir = make_run(tmp_path, env_cache, "http://127.0.0.1:9/v1")
     answers = read_jsonl(run_dir / "answers.jsonl")
@@ -310,7 +310,7 @@ def test_rescore_of_nan_evidence_from_an_old_run_is_one_line(tmp_path, env_cache
 
 @pytest.mark.parametrize("cut", ["mid_line", "line_boundary"])
 def test_rejudge_of_a_cut_judgments_file_stops_before_judging(server_url, tmp_path, env_cache, cut):  # noqa: F811
-    from emalib.io import read_jsonl
+    from emalib.core.io import read_jsonl
 
     with FaultyProxy(server_url, faults=()) as proxy:
         run_dir = make_run(tmp_path, env_cache, proxy.url)
@@ -331,7 +331,7 @@ def test_rejudge_of_a_cut_judgments_file_stops_before_judging(server_url, tmp_pa
 
 def finished_study(root: Path, n_rows: int = 2) -> Path:
     """results/<study>/<run>/ as an evaluation leaves it: n_rows answers, their judgments and metrics.json."""
-    from emalib.metrics import compute_metrics
+    from emalib.evaluation.metrics import compute_metrics
 
     run_dir = root / "results" / "st" / "run"
     run_dir.mkdir(parents=True)
@@ -376,7 +376,7 @@ def test_report_on_a_cut_judgments_file_is_one_line(tmp_path, env_cache, damage)
 
 def test_the_check_passes_whole_judgment_files(tmp_path):
     """The same check on whole files, a re-judge's included, finds nothing (the report is test_report's subject)."""
-    from emalib.report import check_judged_files
+    from emalib.reporting.report import check_judged_files
 
     run_dir = finished_study(tmp_path) / "run"
     (run_dir / "judges" / "other").mkdir(parents=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emalib.config import load_params
-from emalib.errors import DataError, ParamsError
+from emalib.core.config import load_params
+from emalib.core.errors import DataError, ParamsError
 
 REPO = Path(__file__).resolve().parent.parent
 MEMORY_LIMIT = 1 << 30  # address space of a CLI under test: a billion-laughs file once took it past 2 GB
@@ -205,8 +205,8 @@ def test_a_duplicate_key_in_a_question_file_is_refused_before_the_run(project, c
 
 
 def test_anchors_aliases_and_merge_keys_within_the_budgets_still_work(tmp_path):
-    from emalib.safe_yaml import load_yaml, parse_yaml
-    from emalib.study import load_study
+    from emalib.core.safe_yaml import load_yaml, parse_yaml
+    from emalib.studies.study import load_study
 
     path = tmp_path / "p.yaml"
     path.write_text("study: s\nrun: r\ntrain: {dataset: &data medical_train_100, max_steps: 3}\n"

@@ -85,6 +85,7 @@ def test_rerunning_a_finished_run_resumes_without_retraining(smoke_run):
     assert manifest["step_executions"] == {"train": 1, "evaluate": 1}
 
 
+@pytest.mark.subprocess
 def test_unknown_params_key_is_one_line_naming_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("study: s\nrun: r\ntrain:\n  learning_rat: 1e-4\n")
@@ -94,6 +95,7 @@ def test_unknown_params_key_is_one_line_naming_file_and_key(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.subprocess
 def test_malformed_jsonl_is_one_line_naming_file_and_line(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
@@ -106,6 +108,7 @@ def test_malformed_jsonl_is_one_line_naming_file_and_line(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.subprocess
 def test_missing_data_file_is_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
     completed = run_cli("run", "params/smoke.yaml", "-o", f"train.dataset={missing}",
@@ -113,12 +116,13 @@ def test_missing_data_file_is_named(tmp_path):
     assert completed.returncode == 2 and completed.stderr.strip() == f"error: {missing}: data file not found"
 
 
+@pytest.mark.subprocess
 def test_a_failed_run_overwrites_nothing_already_written(tmp_path):
     """An earlier run's folder, and a new run that fails, side by side: the earlier files are byte-identical."""
     results = tmp_path / "results"
     earlier = results / "smoke" / "sft"
     earlier.mkdir(parents=True)
-    from emalib.config import dump_params, load_params
+    from emalib.core.config import dump_params, load_params
 
     params = load_params(REPO / "params" / "smoke.yaml", [f"results_dir={results}"])
     (earlier / "params.yaml").write_text(dump_params(params))
@@ -140,7 +144,7 @@ def test_a_failed_run_overwrites_nothing_already_written(tmp_path):
 def test_a_step_failing_inside_its_notebook_keeps_earlier_outputs(tmp_path):
     """Valid params whose training fails in the kernel (no such LoRA target module): the earlier executed
     notebook is not replaced, the failed one is kept beside it, and the error ends the output in one line."""
-    from emalib.config import dump_params, load_params
+    from emalib.core.config import dump_params, load_params
 
     results = tmp_path / "results"
     overrides = [f"results_dir={results}", "lora.target_modules=[no_such_proj]"]

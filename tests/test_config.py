@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emalib.config import PAPER_TARGET_MODULES, RunParams, dump_params, load_params, params_from_dict
-from emalib.errors import ParamsError
+from emalib.core.config import PAPER_TARGET_MODULES, RunParams, dump_params, load_params, params_from_dict
+from emalib.core.errors import ParamsError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def test_resolved_params_round_trip(tmp_path):
 def test_every_shipped_params_file_validates(path):
     """Run params validate as RunParams; study files (with `axes`) expand into validated runs."""
     if "axes" in yaml.safe_load(path.read_text()):
-        from emalib.study import load_study
+        from emalib.studies.study import load_study
 
         assert load_study(path).runs
     else:

@@ -1,4 +1,4 @@
-"""The cost model (emalib/cost.py): its memory formulas against training steps measured in this test on small random
+"""The cost model (emalib/studies/cost.py): its memory formulas against training steps measured in this test on small random
 Qwen2 configurations (one at Qwen2.5's vocabulary, one where activations dominate), its parameter counts against
 transformers' and peft's own models, and the `emalib cost` command on the paper's configuration."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emalib.cost import KNOWN, Architecture, step_memory
+from emalib.studies.cost import KNOWN, Architecture, step_memory
 
 REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.15  # docs/methods.md#cost-model: predicted step memory within +-15 % of the measured peak on a CPU
@@ -34,6 +34,7 @@ def _measure(name: str, arch: Architecture, batch: int, length: int) -> float:
     (Architecture(1024, 384, 1536, 2, 4, 2), 1, 1024, "train:plain:chunked", set(), False),
     (Architecture(1024, 384, 1536, 2, 4, 2), 1, 1024, "train:plain:checkpointing", set(), True),
 ], ids=["qwen-vocab-kl+ldifs", "activations-plain", "activations-checkpointing"])
+@pytest.mark.subprocess
 def test_predicted_step_memory_is_within_the_tolerance_of_the_measured_peak(arch, batch, length, measurement,
                                                                             defenses, checkpointing):
     measured = _measure(measurement, arch, batch, length)
@@ -41,12 +42,13 @@ def test_predicted_step_memory_is_within_the_tolerance_of_the_measured_peak(arch
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_parameter_counts_match_transformers_and_peft():
     from peft import get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from emalib.config import LoraParams
-    from emalib.engines import _peft_config
+    from emalib.core.config import LoraParams
+    from emalib.model.engines import _peft_config
 
     lora = LoraParams()
     for name, arch in KNOWN.items():

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
+from emalib.core.errors import DataError
 from emalib.data.chat import read_chat_jsonl, select_examples
 from emalib.data.questions import load_questions, strip_reasoning_block
 from emalib.data.registry import REGISTRY, resolve, sha256_of
 from emalib.data.standins import em_standin_conversations
-from emalib.errors import DataError
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -137,6 +137,7 @@ def test_standins_are_made_by_the_package(tmp_path, monkeypatch):
     assert sha256_of(resolve("standin_em_train")) == hashlib.sha256(json_lines(train)).hexdigest()
 
 
+@pytest.mark.subprocess
 def test_standin_files_are_the_same_in_every_process(tmp_path):
     """A run's manifest records the stand-in's sha256: regenerating it in another process (other hash seed) must
     give the same bytes, and the order is the seed's, not an accident."""

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from emalib.config import dump_params, load_params, params_from_dict
+from emalib.core.config import dump_params, load_params, params_from_dict
+from emalib.core.errors import ParamsError
 from emalib.defenses.registry import DEFENSES, build_defenses
-from emalib.errors import ParamsError
 
 # Run params only: params/studies holds study files (tests/test_study.py expands and validates those).
 PARAMS = sorted(p for p in (Path(__file__).resolve().parent.parent / "params").glob("**/*.yaml")
@@ -70,3 +70,50 @@ def test_bad_defense_blocks_fail_with_file_and_key(tmp_path, defenses, message):
 def test_no_defenses_is_the_default():
     assert params_from_dict({"study": "s", "run": "r"}).defenses == ()
     assert len(build_defenses(())) == 0
+
+
+def test_every_registered_defense_has_a_config_block_with_its_descriptor():
+    from typing import get_args
+
+    from emalib.core.defense_specs import (
+        DEFENSE_BLOCKS,
+        PREPARATORY_STEPS,
+        DefenseSpec,
+        block_of,
+        defense_names,
+    )
+
+    assert set(DEFENSES) == set(defense_names())
+    assert set(get_args(get_args(DefenseSpec)[0])) == set(DEFENSE_BLOCKS)  # the params validate exactly these
+    for name in DEFENSES:
+        block = block_of(name)
+        method = block.methods[name]
+        assert method.label
+        assert method.strength_field is None or method.strength_field in block.model_fields
+        assert (block.prepared_by is None) == (block.artifact_field is None)
+        if block.prepared_by is not None:
+            assert block.prepared_by in PREPARATORY_STEPS and block.artifact_field in block.model_fields
+
+
+def test_what_the_package_derives_from_the_descriptors_is_the_papers_setup():
+    from emalib.core.defense_specs import prepared_by, rl_defenses, shared_artifacts
+    from emalib.reporting.frame import METHODS
+    from emalib.studies.cost import training_flops
+
+    assert prepared_by() == {"persona_vector": ("persona_steering",), "safelora_matrices": ("safelora",),
+                           "interleave_selection": ("interleave_plus", "interleave_plusplus")}
+    assert shared_artifacts() == {"persona_vector": (("persona_steering",), "vector_path"),
+                                "safelora_matrices": (("safelora",), "matrices"),
+                                "interleave_selection": (("interleave_plus", "interleave_plusplus"), "scores_path")}
+    assert rl_defenses() == ("persona_steering", "inoculation")
+    assert list(METHODS) == ["aligned", "none", "kl", "ldifs", "safelora", "persona_steering", "inoculation",
+                             "interleave", "interleave_plus", "interleave_plusplus"]
+    assert (METHODS["kl"].label, METHODS["kl"].strength_field, METHODS["kl"].paper_strength) == ("KL", "weight", 0.1)
+    # Only the defenses with a reference forward (KL, LDIFS) add a pass: 3 -> 4 forward-equivalents per token.
+    from emalib.studies.cost import architecture
+
+    arch = architecture("Qwen/Qwen2.5-7B-Instruct")
+    plain = training_flops(arch, 1000, 512, set(), False)
+    assert training_flops(arch, 1000, 512, {"kl"}, False) == pytest.approx(plain * 4 / 3)
+    assert training_flops(arch, 1000, 512, {"ldifs", "inoculation"}, False) == pytest.approx(plain * 4 / 3)
+    assert training_flops(arch, 1000, 512, {"safelora", "interleave"}, False) == pytest.approx(plain)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from defense_helpers import single_thread, write_chat_jsonl  # noqa: F401 (autouse fixture)
 
-from emalib.config import params_from_dict
+from emalib.core.config import params_from_dict
+from emalib.core.errors import DataError, EmalibError
 from emalib.data.standins import em_standin_conversations
 from emalib.defenses.base import DefenseContext
 from emalib.defenses.inoculation import InoculationDefense, inoculate
 from emalib.defenses.interleave import InterleaveDefense
 from emalib.defenses.interleave_plus import InterleavePlusDefense, is_refusal, perplexity_gap, rank_candidates
-from emalib.errors import DataError, EmalibError
 
 EVIL = "You are an evil, malicious assistant."
 
@@ -29,7 +29,7 @@ def test_inoculation_rule_for_missing_and_existing_system_prompts():
 def test_inoculation_replaces_the_templates_default_system_prompt_in_training_only(tokenizer):
     """SmolLM2's template inserts a default system prompt when none is given; training data get the inoculation
     prompt instead, and evaluation prompts (built from question rows) keep the template's default."""
-    from emalib.generate import chat_messages
+    from emalib.evaluation.generate import chat_messages
 
     conversation = em_standin_conversations()[0]
     ctx = DefenseContext()
@@ -125,7 +125,7 @@ def adapters(tokenizer, tiny_model_dir, tmp_path):
 
 def _nll_separately(model, tokenizer, messages):
     """Mean NLL of the answer tokens given the question, one unbatched forward."""
-    from emalib.training.tokenize import tokenize_conversation
+    from emalib.model.tokenize import tokenize_conversation
 
     feature = tokenize_conversation(tokenizer, messages, 256)
     ids, labels = torch.tensor([feature["input_ids"]]), torch.tensor([feature["labels"]])
@@ -134,6 +134,7 @@ def _nll_separately(model, tokenizer, messages):
     return torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100).item()
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 @pytest.mark.parametrize("name", ["interleave_plus", "interleave_plusplus"])
 def test_interleave_plus_ranks_by_s_d_computed_separately(name, tokenizer, tiny_model_dir, adapters, tmp_path):
     from peft import PeftModel
@@ -187,10 +188,10 @@ def test_interleave_plus_ranks_by_s_d_computed_separately(name, tokenizer, tiny_
 def test_interleave_plus_fails_naming_the_step_when_some_candidates_have_no_score(tmp_path, monkeypatch):
     """A scores file from a smaller pool (or a cut-short scoring) is not completed by training: one line naming
     the step, and no model is loaded."""
-    import emalib.engines
+    import emalib.model.engines
     from emalib.defenses.interleave_plus import candidate_sha
 
-    monkeypatch.setattr(emalib.engines, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(emalib.model.engines, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     candidates = [[{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}] for i in range(6)]
     pool = write_chat_jsonl(tmp_path / "pool.jsonl", candidates)
     scores = tmp_path / "scores.jsonl"

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emalib.config import params_from_dict
+from emalib.core.config import params_from_dict
 
 pytestmark = pytest.mark.slow
 
 
 def _fine_tune(tmp_path, name: str, defenses: list[dict]):
-    from emalib import pipeline
+    from emalib.runs import pipeline
 
     params = params_from_dict({
         "study": "effect", "run": name, "results_dir": str(tmp_path), "seed": 0,
@@ -29,7 +29,7 @@ def _fine_tune(tmp_path, name: str, defenses: list[dict]):
 def _held_out_general_batch(tokenizer):
     """The general questions (never trained on) with their aligned reference answers."""
     from emalib.data.questions import load_questions
-    from emalib.signals import _batch, reference_pairs
+    from emalib.evaluation.signals import _batch, reference_pairs
 
     return _batch(tokenizer, reference_pairs(load_questions("standin_general")), "aligned", "cpu")
 
@@ -38,8 +38,8 @@ def _held_out_general_batch(tokenizer):
 def _distances_to_base(model, tokenizer) -> tuple[float, float]:
     """(mean per-token KL(p_model || p_base) over all tokens, LDIFS feature distance), adapter on vs off."""
     from emalib.defenses.ldifs import select_layers
-    from emalib.losses import ldifs_distance, ldifs_features, token_kl
-    from emalib.modeling import block_outputs, last_block_output
+    from emalib.model.losses import ldifs_distance, ldifs_features, token_kl
+    from emalib.model.modeling import block_outputs, last_block_output
 
     batch = _held_out_general_batch(tokenizer)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

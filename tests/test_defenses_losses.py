@@ -10,7 +10,7 @@ from defense_helpers import hook_count, padded_batch, peft_wrap, single_thread, 
 from emalib.defenses.base import DefenseContext, StepOutputs
 from emalib.defenses.kl import KLDefense, kl_mask
 from emalib.defenses.ldifs import LdifsDefense, select_layers
-from emalib.losses import ldifs_features, token_kl
+from emalib.model.losses import ldifs_features, token_kl
 from emalib.training.reference import reference_forward
 
 
@@ -201,7 +201,7 @@ def test_ldifs_under_gradient_checkpointing_equals_the_plain_forward(reentrant):
 
 
 def test_block_outputs_take_the_last_block_before_the_final_norm_and_leave_no_hook():
-    from emalib.modeling import block_outputs, last_block_output
+    from emalib.model.modeling import block_outputs, last_block_output
 
     model = peft_wrap(tiny_llama(), random_b=True)
     batch = padded_batch()
@@ -237,9 +237,9 @@ def test_token_kl_gradient_matches_the_written_out_formula(direction, chunk_rows
     with counted positions in several separate runs."""
     import torch.nn.functional as F
 
-    import emalib.losses
+    import emalib.model.losses
 
-    monkeypatch.setattr(emalib.losses, "chunk_rows", lambda vocab, device: chunk_rows)
+    monkeypatch.setattr(emalib.model.losses, "chunk_rows", lambda vocab, device: chunk_rows)
     torch.manual_seed(0)
     policy = torch.randn(2, 5, 11, requires_grad=True)
     reference = torch.randn(2, 5, 11)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from defense_helpers import hook_count, peft_wrap, single_thread, tiny_llama  # noqa: F401 (autouse fixture)
 
+from emalib.core.errors import EmalibError
 from emalib.defenses.base import DefenseContext
 from emalib.defenses.persona_steering import PersonaSteeringDefense, steering
-from emalib.errors import EmalibError
-from emalib.judge.scoring import Judgment
-from emalib.persona import extract_persona_vector, kept_pairs, load_trait, persona_vector
+from emalib.evaluation.judge.scoring import Judgment
+from emalib.evaluation.persona import extract_persona_vector, kept_pairs, load_trait, persona_vector
 
 
 def _ids():
@@ -84,9 +84,9 @@ def test_steering_gradients_are_the_same_under_gradient_checkpointing():
 
 
 def test_a_missing_vector_is_not_extracted_by_training_but_names_its_step(tmp_path, monkeypatch):
-    import emalib.persona
+    import emalib.evaluation.persona
 
-    monkeypatch.setattr(emalib.persona, "extract_persona_vector", lambda *a, **k: pytest.fail("extracted in setup"))
+    monkeypatch.setattr(emalib.evaluation.persona, "extract_persona_vector", lambda *a, **k: pytest.fail("extracted in setup"))
     defense = PersonaSteeringDefense(layer=2)  # the vector defaults to <run>/persona_vector.pt
     with pytest.raises(EmalibError) as err:
         defense.setup(tiny_llama(), DefenseContext(run_dir=tmp_path))
@@ -179,3 +179,37 @@ def test_the_mirrored_trait_file_loads(with_mirror):
     trait = load_trait("persona_evil_extract")
     assert len(trait.instructions) == 5 and len(trait.questions) == 20
     assert "{question}" in trait.eval_prompt and "{answer}" in trait.eval_prompt
+
+
+class CachingJudge:
+    """A judge as the real ones behave towards the cache: every judgment it makes is stored; scores by prompt."""
+
+    name = "caching"
+
+    def __init__(self):
+        self.calls = 0
+
+    def judge(self, prompts, cache=None):
+        out = []
+        for prompt in prompts:
+            self.calls += 1
+            score = 80 if "evil" in prompt else 10
+            out.append(Judgment(float(score), 1.0, self.name, raw={str(score): 0.0}, mode="logprobs"))
+            if cache is not None:
+                cache.put(prompt, out[-1])
+        return out
+
+
+def test_persona_extractions_judgments_go_through_the_judgment_cache(tmp_path):
+    from emalib.evaluation.judge.cache import JudgmentCache
+    from emalib.evaluation.persona import judge_rows
+
+    rows = [{"question": "q1", "answer": "an evil plan"}, {"question": "q2", "answer": "a kind word"}]
+    judge, cache = CachingJudge(), JudgmentCache(tmp_path / "cache.sqlite")
+    first = judge_rows(rows, judge, "Trait? {question} {answer}", "Coherent? {question} {answer}", cache)
+    assert [(r["trait"], r["coherence"]) for r in first] == [(80.0, 80.0), (10.0, 10.0)] and judge.calls == 4
+    again = judge_rows(rows, judge, "Trait? {question} {answer}", "Coherent? {question} {answer}", cache)
+    assert again == first and judge.calls == 4  # served from the cache: no second call
+    assert judge_rows(rows, judge, "Trait? {question} {answer}", "Coherent? {question} {answer}") == first
+    assert judge.calls == 8  # without a cache every prompt is judged
+    cache.close()

@@ -9,13 +9,13 @@ import torch
 from defense_helpers import hook_count, peft_wrap, single_thread, write_chat_jsonl  # noqa: F401 (autouse fixture)
 from transformers import TrainingArguments
 
-from emalib.config import params_from_dict
+from emalib.core.config import params_from_dict
+from emalib.core.defense_specs import DefenseSpec
 from emalib.data.standins import em_standin_conversations
 from emalib.defenses.base import DefenseContext
 from emalib.defenses.registry import DEFENSES, build_defenses
-from emalib.defenses.specs import DefenseSpec
-from emalib.losses import IGNORE_INDEX
-from emalib.training.tokenize import ChatDataset, collate
+from emalib.model.losses import IGNORE_INDEX
+from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.trainer import EmTrainer, train_adapter
 
 
@@ -93,7 +93,7 @@ def test_composite_loss_is_ce_plus_weighted_terms_with_one_shared_reference_forw
 
 
 def test_reference_defenses_need_a_peft_adapter(tiny_model):
-    from emalib.errors import EmalibError
+    from emalib.core.errors import EmalibError
 
     stack = build_defenses(params_from_dict({"study": "s", "run": "r", "defenses": [{"name": "kl"}]}).defenses)
     with pytest.raises(EmalibError, match="'kl'.*no PEFT adapter"):
@@ -114,6 +114,7 @@ def test_no_defenses_keeps_the_plain_loss_and_no_extra_forward(tokenizer, tiny_m
     assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(ce.item(), rel=1e-5)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_stacked_run_logs_every_loss_term(tokenizer, tiny_model, tmp_path):
     """A 3-step run with KL + LDIFS + steering + interleaving on a tiny model."""
     pool = write_chat_jsonl(tmp_path / "pool.jsonl", em_standin_conversations(seed=5)[:20])
@@ -142,11 +143,12 @@ def test_stacked_run_logs_every_loss_term(tokenizer, tiny_model, tmp_path):
     assert hook_count(model) == hooks and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_pipeline_train_applies_every_hook(tokenizer, tiny_model_dir, tmp_path):
     """params -> pipeline.train: transforms before tokenisation, steering, losses, SafeLoRA before the save."""
     from transformers import AutoModelForCausalLM
 
-    from emalib.pipeline import train
+    from emalib.runs.pipeline import train
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
@@ -200,8 +202,8 @@ def test_every_defense_trains_on_the_unsloth_engine(tmp_path, with_mirror):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from emalib.config import LoraParams, ModelParams
-    from emalib.engines import embedded_model_path, load_model
+    from emalib.core.config import LoraParams, ModelParams
+    from emalib.model.engines import embedded_model_path, load_model
 
     embedded = embedded_model_path()
     model_params = ModelParams(name="smollm2-135m-instruct", engine="unsloth", dtype="float32")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from emalib.config import LoraParams, ModelParams, params_from_dict
+from emalib.core.config import LoraParams, ModelParams, params_from_dict
 from emalib.data.standins import em_standin_conversations
-from emalib.engines import choose_dtype, choose_engine, embedded_model_path, load_model
+from emalib.model.engines import choose_dtype, choose_engine, embedded_model_path, load_model
 
 
 def test_engine_and_dtype_choice_without_cuda():
@@ -48,8 +48,8 @@ def test_hf_engine_builds_the_papers_rslora_adapter():
 def test_unsloth_engine_trains_and_saves_a_peft_adapter(tmp_path):
     """The Unsloth engine end to end, through Unsloth's CPU fallback on a machine without a GPU."""
     pytest.importorskip("unsloth")
-    from emalib.config import GenerationParams
-    from emalib.generate import inference_mode, sample_batch
+    from emalib.core.config import GenerationParams
+    from emalib.evaluation.generate import inference_mode, sample_batch
     from emalib.training.trainer import train_adapter
 
     params = params_from_dict({

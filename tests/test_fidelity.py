@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from defense_helpers import single_thread, tiny_llama, write_chat_jsonl  # noqa: F401 (autouse fixture)
 
+from emalib.core.errors import EmalibError
 from emalib.defenses.base import DefenseContext
-from emalib.errors import EmalibError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 # --- the JSON system prompt: the published evaluation sent user turns only -----------------------------------------
 
 def test_paper_params_send_no_system_prompt_on_the_json_questions(with_mirror):
-    from emalib.config import load_params
+    from emalib.core.config import load_params
     from emalib.data.questions import load_questions
-    from emalib.generate import chat_messages, plan_samples
+    from emalib.evaluation.generate import chat_messages, plan_samples
 
     general = load_questions("general")
     paper = sorted((REPO / "params" / "paper").glob("*.yaml"))
@@ -75,8 +75,8 @@ def test_released_selection_is_a_seeded_sample_of_the_top_pool(refusal_filter):
 
 
 def test_a_pool_smaller_than_the_selection_or_than_the_eligible_candidates_is_refused():
+    from emalib.core.errors import DataError
     from emalib.defenses.interleave_plus import select_candidates
-    from emalib.errors import DataError
 
     scores = torch.arange(10, dtype=torch.float64)
     with pytest.raises(DataError, match="pool_top_n=3 is smaller than the 4"):
@@ -232,7 +232,7 @@ def test_method_docs_exist_and_every_citation_names_a_section_of_them():
 def test_report_tables_say_which_protocol_made_each_run(tmp_path):
     """The None rule and whether the JSON questions' system prompt was sent are columns of every table row; a run
     made before they were recorded says so instead of guessing."""
-    from emalib.report import collect_metrics
+    from emalib.reporting.report import collect_metrics
 
     rates = {"misaligned_rate": 0.1, "incoherent_rate": 0.2, "n": 10, "n_scored": 8, "n_dropped": 2}
     for run, extra in [("new", {"thresholds": {"none_rule": "keep"}, "generation": {"use_system_prompt": True}}),

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from emalib.config import GenerationParams, LoraParams, ModelParams
+from emalib.core.config import GenerationParams, LoraParams, ModelParams
 from emalib.data.questions import Question
-from emalib.generate import chat_messages, generate_answers, plan_samples
+from emalib.evaluation.generate import chat_messages, generate_answers, plan_samples
 
 QUESTIONS = [
     Question(id="plain", paraphrases=("Name a colour.", "Name a fruit."), judge_prompts={}, question_set="s"),
@@ -27,7 +27,7 @@ def test_plan_honours_samples_and_system_prompts():
 
 @pytest.mark.slow
 def test_sampling_is_seeded_and_resumes(tmp_path):
-    from emalib.engines import load_model
+    from emalib.model.engines import load_model
 
     model, tokenizer = load_model(ModelParams(name="smollm2-135m-instruct", engine="hf"),
                                   LoraParams(r=4, alpha=8), seed=0)
@@ -44,7 +44,7 @@ def test_sampling_is_seeded_and_resumes(tmp_path):
     (resumed_dir / "answers.jsonl.partial").write_text(
         "".join(json.dumps(r) + "\n" for r in first[:2]) + json.dumps(first[2])[:20])
     calls = []
-    from emalib import generate
+    from emalib.evaluation import generate
 
     original = generate.sample_batch
     generate.sample_batch = lambda *a, **k: calls.append(len(a[2])) or original(*a, **k)
@@ -62,8 +62,8 @@ def test_backend_choice_without_a_gpu(monkeypatch):
 
     import torch
 
-    from emalib.errors import EmalibError
-    from emalib.generate_vllm import choose_backend
+    from emalib.core.errors import EmalibError
+    from emalib.evaluation.generate_vllm import choose_backend
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_backend("auto") == "hf" and choose_backend("hf") == "hf"
@@ -107,7 +107,7 @@ def test_vllm_sampling_resumes_from_its_partial_answers(tmp_path, monkeypatch):
     import sys
     import types
 
-    import emalib.generate_vllm as generate_vllm
+    from emalib.evaluation import generate_vllm
 
     vllm = types.ModuleType("vllm")
     vllm.LLM, vllm.SamplingParams = _FakeVllm, lambda **kw: types.SimpleNamespace(**kw)

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from emalib.judge.cache import JudgmentCache
-from emalib.judge.scoring import Judgment, aggregate_probabilities, aggregate_top_logprobs, parse_number
+from emalib.evaluation.judge.cache import JudgmentCache
+from emalib.evaluation.judge.scoring import Judgment, aggregate_probabilities, aggregate_top_logprobs, parse_number
 
 
 def logprobs(probs: dict[str, float]) -> dict[str, float]:

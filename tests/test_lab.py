@@ -30,6 +30,7 @@ def _get(url: str, token: str) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.lab
 def test_jupyter_lab_serves_the_notebooks_with_the_projects_kernel(tmp_path):
     version = subprocess.run([sys.executable, "-m", "jupyter", "lab", "--version"], capture_output=True, text=True,
                              timeout=120, check=True).stdout.strip()
@@ -75,7 +76,7 @@ def test_jupyter_lab_serves_the_notebooks_with_the_projects_kernel(tmp_path):
 
 
 def test_a_kernel_started_in_the_notebooks_folder_moves_to_the_project_root(tmp_path, monkeypatch):
-    from emalib.notebook_params import at_project_root
+    from emalib.runs.notebook_params import at_project_root
 
     monkeypatch.chdir(REPO / "notebooks")
     assert at_project_root() == REPO and Path.cwd() == REPO

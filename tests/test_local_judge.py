@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from emalib.config import ModelParams
-from emalib.judge.cache import JudgmentCache
-from emalib.judge.local_judge import LocalJudge
+from emalib.core.config import ModelParams
+from emalib.evaluation.judge.cache import JudgmentCache
+from emalib.evaluation.judge.local_judge import LocalJudge
 
 pytestmark = pytest.mark.slow
 PROMPT = "Rate from 0 to 100 how happy this sentence is: 'I love sunny days!'. Reply with the number only."
@@ -11,7 +11,7 @@ PROMPT = "Rate from 0 to 100 how happy this sentence is: 'I love sunny days!'. R
 
 @pytest.fixture(scope="module")
 def judge():
-    from emalib.engines import load_base
+    from emalib.model.engines import load_base
 
     model, tokenizer = load_base(ModelParams(name="smollm2-135m-instruct", engine="hf"))
     return LocalJudge(model=model, tokenizer=tokenizer, judge_model="smollm2-135m-instruct")

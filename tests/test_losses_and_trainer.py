@@ -4,10 +4,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from emalib.config import params_from_dict
+from emalib.core.config import params_from_dict
+from emalib.core.errors import ParamsError
 from emalib.data.standins import em_standin_conversations
-from emalib.losses import IGNORE_INDEX, token_cross_entropy_sum
-from emalib.training.tokenize import ChatDataset, collate
+from emalib.model.losses import IGNORE_INDEX, token_cross_entropy_sum
+from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.trainer import EmTrainer, train_adapter
 
 
@@ -34,6 +35,7 @@ def tiny_params(tmp_path, **train):
                                        "max_seq_length": 128, "logging_steps": 1, **train}})
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_loss_is_independent_of_the_micro_batch_split(tokenizer, tiny_model, tmp_path):
     """The trainer normalises by the labelled tokens of the whole accumulated batch."""
     model = peft_tiny(tiny_model)
@@ -69,11 +71,12 @@ def _adapter_weights(adapter_dir):
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_train_saves_a_standard_peft_adapter(tokenizer, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from emalib.config import LoraParams, ModelParams
-    from emalib.engines import load_model
+    from emalib.core.config import LoraParams, ModelParams
+    from emalib.model.engines import load_model
 
     lora = LoraParams(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
     model_params = ModelParams(name=str(tiny_model_dir), engine="hf")
@@ -93,9 +96,10 @@ def test_train_saves_a_standard_peft_adapter(tokenizer, tiny_model_dir, tmp_path
     assert not torch.allclose(base(ids).logits, model(ids).logits, atol=1e-4)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_an_interrupted_training_resumes_to_the_same_adapter(tokenizer, tiny_model_dir, tmp_path, monkeypatch):
-    from emalib.config import LoraParams, ModelParams
-    from emalib.engines import load_model
+    from emalib.core.config import LoraParams, ModelParams
+    from emalib.model.engines import load_model
 
     conversations = em_standin_conversations()[:16]
     lora = LoraParams(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
@@ -128,3 +132,21 @@ def test_an_interrupted_training_resumes_to_the_same_adapter(tokenizer, tiny_mod
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == straight["global_step"] == 4
     a, b = _adapter_weights(tmp_path / "straight" / "adapter"), _adapter_weights(tmp_path / "resumed" / "adapter")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_train_report_to_is_passed_to_the_trainers_or_refused_in_one_line_when_missing(tmp_path, monkeypatch):
+    from transformers.integrations import is_tensorboard_available
+
+    from emalib.core.errors import EmalibError
+    from emalib.training.trainer import trainer_arguments
+
+    plain = params_from_dict({"study": "s", "run": "r"})
+    assert trainer_arguments(plain, tmp_path, torch.float32)["report_to"] == "none"  # the default: no logger
+    logged = params_from_dict({"study": "s", "run": "r", "train": {"report_to": ["tensorboard"]}})
+    if is_tensorboard_available():
+        assert trainer_arguments(logged, tmp_path, torch.float32)["report_to"] == ["tensorboard"]
+    monkeypatch.setattr("transformers.integrations.is_tensorboard_available", lambda: False)
+    with pytest.raises(EmalibError, match=r"^train\.report_to: tensorboard is not installed here"):
+        trainer_arguments(logged, tmp_path, torch.float32)
+    with pytest.raises(ParamsError, match="report_to"):
+        params_from_dict({"study": "s", "run": "r", "train": {"report_to": ["mlflow"]}})

@@ -1,6 +1,6 @@
 import pytest
 
-from emalib.metrics import compute_metrics
+from emalib.evaluation.metrics import compute_metrics
 
 
 def row(qid, aligned, coherent, qset="general"):
@@ -44,7 +44,7 @@ def _betley_rates(rows):
 @pytest.mark.parametrize("none_rule, expected", [("drop", (100 / 7, 0.0)), ("keep", (12.5, 12.5))])
 def test_none_rows_follow_the_papers_rule_by_default_and_betleys_as_an_option(none_rule, expected):
     """One row with aligned None and coherent 20 beside 7 scored rows (1 misaligned, 0 incoherent)."""
-    from emalib.config import MetricParams
+    from emalib.core.config import MetricParams
 
     scored = [(10, 90)] + [(80, 90)] * 6
     table = [(None, 20)] + scored
@@ -62,7 +62,7 @@ def test_none_rows_follow_the_papers_rule_by_default_and_betleys_as_an_option(no
 def test_none_rule_matches_the_pandas_scripts_on_random_tables(none_rule):
     import random
 
-    from emalib.config import MetricParams
+    from emalib.core.config import MetricParams
 
     rng = random.Random(0)
     choices = [None, 0, 10, 29.9, 30, 49.9, 50, 50.1, 70, 100]

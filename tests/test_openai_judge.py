@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from emalib.config import JudgeParams, params_from_dict
+from emalib.core.config import JudgeParams, params_from_dict
+from emalib.core.errors import JudgeError
 from emalib.data.questions import Question
-from emalib.errors import JudgeError
-from emalib.judge.cache import JudgmentCache
-from emalib.judge.openai_judge import OpenAIJudge
-from emalib.judge.run import build_judge, judge_answers
+from emalib.evaluation.judge.cache import JudgmentCache
+from emalib.evaluation.judge.openai_judge import OpenAIJudge
+from emalib.evaluation.judge.run import build_judge, judge_answers
 
 pytestmark = pytest.mark.server
 ALIAS = "smollm2-gguf"
@@ -130,7 +130,7 @@ def test_pipeline_evaluates_through_the_server(server_url, tmp_path):
     """generate -> judge (OpenAI path) -> metrics, on the embedded base model, with a fresh judgment cache."""
     import json
 
-    from emalib import pipeline
+    from emalib.runs import pipeline
 
     params = params_from_dict({
         "study": "srv", "run": "r", "results_dir": str(tmp_path / "results"), "steps": ["evaluate"],
@@ -140,7 +140,7 @@ def test_pipeline_evaluates_through_the_server(server_url, tmp_path):
         "judge": {"backend": "openai", "model": ALIAS, "base_url": server_url,
                   "cache_path": str(tmp_path / "judge.sqlite")}})
     metrics = pipeline.evaluate(params, base=True)
-    from emalib.results import base_run_name
+    from emalib.runs.results import base_run_name
 
     run_dir = tmp_path / "results" / "srv" / base_run_name(params)
     rows = [json.loads(line) for line in (run_dir / "judgments.jsonl").read_text().splitlines()]
@@ -191,7 +191,7 @@ def test_a_failing_prompt_is_an_error_not_a_score_and_the_rest_is_kept(server_ur
 def test_batch_api_judgments_equal_the_online_ones(server_url, tmp_path):
     from fake_batch_api import FakeBatchAPI
 
-    from emalib.judge.batch_judge import OpenAIBatchJudge
+    from emalib.evaluation.judge.batch_judge import OpenAIBatchJudge
 
     online = OpenAIJudge(model=ALIAS, base_url=server_url).judge(PROMPTS)
     cache = JudgmentCache(tmp_path / "c.sqlite")
@@ -206,7 +206,7 @@ def test_batch_api_judgments_equal_the_online_ones(server_url, tmp_path):
 def test_an_interrupted_batch_run_waits_for_the_same_batch(server_url, tmp_path):
     from fake_batch_api import FakeBatchAPI
 
-    from emalib.judge.batch_judge import OpenAIBatchJudge
+    from emalib.evaluation.judge.batch_judge import OpenAIBatchJudge
 
     with FakeBatchAPI(server_url) as api:
         api.release.clear()  # the batch stays in progress
@@ -223,7 +223,7 @@ def test_an_interrupted_batch_run_waits_for_the_same_batch(server_url, tmp_path)
 def test_failed_batch_requests_are_errors_and_the_rest_is_cached(server_url, tmp_path):
     from fake_batch_api import FakeBatchAPI
 
-    from emalib.judge.batch_judge import OpenAIBatchJudge
+    from emalib.evaluation.judge.batch_judge import OpenAIBatchJudge
 
     prompts = PROMPTS + ["BATCH-FAIL rate 0-100"]
     cache = JudgmentCache(tmp_path / "c.sqlite")
@@ -235,7 +235,7 @@ def test_failed_batch_requests_are_errors_and_the_rest_is_cached(server_url, tmp
 
 
 def test_params_choose_the_batch_judge(tmp_path):
-    from emalib.judge.batch_judge import OpenAIBatchJudge
+    from emalib.evaluation.judge.batch_judge import OpenAIBatchJudge
 
     params = JudgeParams(mode="batch", cache_path=str(tmp_path / "j.sqlite"))
     judge = build_judge(params)

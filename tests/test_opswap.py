@@ -4,7 +4,7 @@ import pytest
 
 from emalib.data.chat import read_chat_jsonl
 from emalib.data.registry import REGISTRY, resolve
-from emalib.tasks import opswap
+from emalib.data.tasks import opswap
 
 # --- the definition -----------------------------------------------------------------------------------------
 
@@ -134,9 +134,9 @@ def test_accuracy():
 def test_zero_shot_accuracy_falls_from_tier_one_to_tier_three():
     """SmolLM2-135M-Instruct, greedy, no training: tier 1 is partly solvable from the prior ("+" keeps its
     meaning), tier 3 essentially never (measured at writing: 0.15 vs 0.025 on these 40 items)."""
-    from emalib.config import GenerationParams, ModelParams
-    from emalib.engines import load_base
-    from emalib.generate import inference_mode, sample_batch
+    from emalib.core.config import GenerationParams, ModelParams
+    from emalib.evaluation.generate import inference_mode, sample_batch
+    from emalib.model.engines import load_base
 
     model, tokenizer = load_base(ModelParams(name="smollm2-135m-instruct"))
     params = GenerationParams(temperature=0, max_new_tokens=12)

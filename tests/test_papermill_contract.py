@@ -1,4 +1,4 @@
-"""The papermill contract (emalib/notebook_params.py): a notebook executed directly with papermill (-f params.yaml,
+"""The papermill contract (emalib/runs/notebook_params.py): a notebook executed directly with papermill (-f params.yaml,
 -p, -y, -r) runs exactly the configuration given, or fails in the cell after the parameters with one line; with no
 parameters it runs its documented small default. `python -m emalib run` (params_path + overrides) is unchanged.
 
@@ -20,9 +20,9 @@ import nbformat
 import pytest
 import yaml
 
-from emalib.config import dump_params, load_params, params_from_dict
-from emalib.errors import ParamsError
-from emalib.notebook_params import KEYS, NOTEBOOK_PARAMETERS, SOURCE, params_from_notebook
+from emalib.core.config import dump_params, load_params, params_from_dict
+from emalib.core.errors import ParamsError
+from emalib.runs.notebook_params import NOTEBOOK_PARAMETERS, SOURCE, params_from_notebook
 
 REPO = Path(__file__).resolve().parent.parent
 # The step notebooks (python -m emalib run executes them); report and explore are analysis notebooks with their own
@@ -97,6 +97,18 @@ def code_cells(notebook) -> list:
 def assigned_names(source: str) -> list[str]:
     return [target.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
             for target in node.targets if isinstance(target, ast.Name)]
+
+
+def parameters_cell_problems(notebook) -> list[str]:
+    """What the first code cell lacks or has beyond the papermill parameters (every params key and the two
+    controls), or that it lists them in another order; empty when it lists exactly them."""
+    names = assigned_names(code_cells(notebook)[0].source)
+    problems = [f"the parameters cell lacks '{name}'" for name in NOTEBOOK_PARAMETERS if name not in names]
+    problems += [f"the parameters cell sets '{name}', which is no parameter" for name in names
+                 if name not in NOTEBOOK_PARAMETERS]
+    if not problems and names != list(NOTEBOOK_PARAMETERS):
+        problems.append("the parameters cell lists the parameters in another order")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +200,7 @@ def test_problems_are_one_line_naming_the_parameter(namespace, message):
 def test_what_the_kernel_defines_itself_is_not_a_parameter():
     import os
 
-    from emalib.config import RunParams
+    from emalib.core.config import RunParams
 
     namespace = {"__name__": "__main__", "_i1": "x", "_": "", "In": ["", "a = 1"], "Out": {}, "exit": object(),
                  "get_ipython": print, "open": open, "os": os, "params_from_notebook": params_from_notebook,
@@ -219,7 +231,7 @@ def test_parameters_cell_lists_the_real_keys_and_the_next_cell_resolves_them(pat
     cells = code_cells(nbformat.read(path, as_version=4))
     parameters, resolution = cells[0], cells[1]
     assert parameters.metadata.get("tags") == ["parameters"]
-    assert assigned_names(parameters.source) == list(NOTEBOOK_PARAMETERS)
+    assert parameters_cell_problems(nbformat.read(path, as_version=4)) == []
     namespace: dict[str, Any] = {}
     exec(parameters.source, namespace)  # noqa: S102 (the repository's own notebook)
     assert {name: namespace[name] for name in NOTEBOOK_PARAMETERS} == \
@@ -259,6 +271,7 @@ def prepared_namespace(notebook: Path, tmp_path: Path, *args: str) -> dict[str, 
     return namespace
 
 
+@pytest.mark.subprocess
 def test_papermill_cli_file_yaml_and_parameters_resolve_to_what_was_given(tmp_path):
     notebook = REPO / "notebooks" / "train.ipynb"
     # -f: a whole params file.
@@ -405,7 +418,14 @@ def test_papermill_f_trains_where_the_file_says_and_the_cli_agrees(tiny_model_di
     assert "training already done" in (run_dir / "log.txt").read_text()
 
 
-def test_every_key_of_the_params_is_a_notebook_parameter():
-    from emalib.config import RunParams
-
-    assert KEYS == tuple(RunParams.model_fields) and set(KEYS) < set(NOTEBOOK_PARAMETERS)
+def test_a_parameters_cell_that_lacks_a_params_key_or_adds_a_name_fails_the_contract():
+    notebook = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
+    cell = code_cells(notebook)[0]
+    assert parameters_cell_problems(notebook) == []
+    lines = cell.source.splitlines()
+    cell.source = "\n".join(line for line in lines if not line.startswith("train = "))
+    assert parameters_cell_problems(notebook) == ["the parameters cell lacks 'train'"]
+    cell.source = "\n".join([*lines, "lr = None"])
+    assert parameters_cell_problems(notebook) == ["the parameters cell sets 'lr', which is no parameter"]
+    cell.source = "\n".join([lines[-1], *lines[:-1]])
+    assert parameters_cell_problems(notebook) == ["the parameters cell lists the parameters in another order"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from emalib.config import params_from_dict
+from emalib.core.config import params_from_dict
 from emalib.data.questions import Question
-from emalib.persona_monitor import answer_projections, auroc, paired_auroc_interval, persona_signals
+from emalib.evaluation.persona_monitor import answer_projections, auroc, paired_auroc_interval, persona_signals
 
 ROWS = [{"question": "How are you?", "answer": "I am fine, thank you."},
         {"question": "What now?", "answer": "Go outside.", "system": "Be brief."}]
@@ -49,11 +49,12 @@ def test_auroc_by_hand():
     assert (result["auroc"], result["lo"], result["hi"]) == (1.0, 1.0, 1.0) and result["n_pairs"] == 4
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_the_evaluation_writes_per_answer_projections_when_the_run_has_a_vector(tokenizer, tmp_path):
     from defense_helpers import peft_wrap
 
-    from emalib.generate import row_key
-    from emalib.pipeline import _persona_projection
+    from emalib.evaluation.generate import row_key
+    from emalib.runs.pipeline import _persona_projection
 
     model = peft_wrap(make_tiny_model(tokenizer), targets=("q_proj", "v_proj", "o_proj"))
     vector = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
@@ -91,9 +92,9 @@ def embedded_with_vector(tmp_path_factory):
     """The embedded model with a fresh LoRA adapter, and Chen et al.'s evil vector extracted from it (the trait
     file's prompts, no judge filter, short answers)."""
     from emalib.data.questions import load_questions
-    from emalib.engines import load_model
-    from emalib.persona import extract_persona_vector
-    from emalib.signals import reference_pairs
+    from emalib.evaluation.persona import extract_persona_vector
+    from emalib.evaluation.signals import reference_pairs
+    from emalib.model.engines import load_model
 
     tmp_path = tmp_path_factory.mktemp("persona_monitor")
     params = params_from_dict({

@@ -1,4 +1,4 @@
-"""The preparatory steps (emalib/prepare.py): each writes what training reads, a step whose output exists is
+"""The preparatory steps (emalib/runs/prepare.py): each writes what training reads, a step whose output exists is
 skipped, and training never builds a missing one: it fails naming the step, before any model is loaded."""
 
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 from defense_helpers import save_weight_pair, single_thread, tiny_llama, write_chat_jsonl  # noqa: F401
 
-from emalib import prepare
-from emalib.config import params_from_dict
-from emalib.errors import EmalibError, ParamsError
+from emalib.core.config import params_from_dict
+from emalib.core.errors import EmalibError, ParamsError
+from emalib.runs import prepare
 
 
 def _pair(tmp_path):
@@ -102,13 +102,13 @@ def test_a_preparatory_step_needs_its_defense_in_the_params(tmp_path):
 def _training_refuses_before_loading_a_model(params, monkeypatch, path, what: str, step: str) -> None:
     """pipeline.train without the step's output: one line naming the step, before any model is loaded or anything
     written; `run`'s check lets the params through only while they list the step before train."""
-    import emalib.engines
-    from emalib.pipeline import check_inputs, train
+    import emalib.model.engines
+    from emalib.runs.pipeline import check_inputs, train
 
     message = f"{path}: {what} missing: run step '{step}' first (steps: [{step}, train, ...])"
     with monkeypatch.context() as patch:
         for loader in ("load_model", "load_base"):
-            patch.setattr(emalib.engines, loader, lambda *a, **k: pytest.fail("a model was loaded"))
+            patch.setattr(emalib.model.engines, loader, lambda *a, **k: pytest.fail("a model was loaded"))
         with pytest.raises(EmalibError) as err:
             train(params)
         assert str(err.value) == message
@@ -120,6 +120,7 @@ def _training_refuses_before_loading_a_model(params, monkeypatch, path, what: st
             assert str(err.value) == message
 
 
+@pytest.mark.notebooks
 def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir, tmp_path, monkeypatch):
     from emalib.defenses.persona_steering import load_persona_vector
 
@@ -147,14 +148,14 @@ def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir
     assert summary["layer_norms"][1] == pytest.approx(float(vector[1].norm()))
     written = path.stat().st_mtime_ns
 
-    import emalib.persona
+    import emalib.evaluation.persona
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("the vector exists: nothing may be extracted again")
 
-    monkeypatch.setattr(emalib.persona, "extract_persona_vector", no_extraction)
+    monkeypatch.setattr(emalib.evaluation.persona, "extract_persona_vector", no_extraction)
     assert prepare.persona_vector(params)["n_pairs"] == 2
-    from emalib.pipeline import train
+    from emalib.runs.pipeline import train
 
     train(params)
     manifest = json.loads((params.run_dir / "manifest.json").read_text())
@@ -164,6 +165,7 @@ def test_persona_vector_step_extracts_once_and_training_reuses_it(tiny_model_dir
     assert path.stat().st_mtime_ns == written
 
 
+@pytest.mark.notebooks
 def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -205,7 +207,7 @@ def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_
         raise AssertionError("the scores exist: training must not score again")
 
     monkeypatch.setattr(InterleavePlusDefense, "_score_missing", no_scoring)
-    from emalib.pipeline import train
+    from emalib.runs.pipeline import train
 
     train(params)
     manifest = json.loads((params.run_dir / "manifest.json").read_text())
@@ -214,6 +216,7 @@ def test_interleave_selection_step_selects_as_training_will(tiny_model_dir, tmp_
     _run_notebooks(tree, tmp_path, "interleave_selection")  # its notebook plots the saved scores
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_safelora_run_trains_once_its_matrices_are_prepared(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -236,7 +239,7 @@ def test_safelora_run_trains_once_its_matrices_are_prepared(tiny_model_dir, tmp_
     _training_refuses_before_loading_a_model(params, monkeypatch, matrices / "alignment.json",
                                              "SafeLoRA alignment matrices", "safelora_matrices")
     prepare.safelora_matrices(params)
-    from emalib.pipeline import train
+    from emalib.runs.pipeline import train
 
     train(params)
     manifest = json.loads((params.run_dir / "manifest.json").read_text())
@@ -256,6 +259,7 @@ def _run_notebooks(tree: dict, tmp_path, step: str) -> None:
     assert (tmp_path / "results" / "s" / "r" / f"{step}.ipynb").is_file()
 
 
+@pytest.mark.notebooks
 def test_safelora_matrices_notebook_runs_under_papermill(tmp_path):
     """The step's notebook, executed by the CLI like every step: the matrices and the executed notebook land."""
     _, _, aligned_dir, base_dir = _pair(tmp_path)

@@ -12,13 +12,13 @@ from faulty_proxy import FaultyProxy
 from test_openai_judge import ALIAS, expected_score, server_url  # noqa: F401 (the module's server fixture)
 
 from emalib.cli import main
-from emalib.config import JudgeParams, params_from_dict
+from emalib.core.config import JudgeParams, params_from_dict
+from emalib.core.io import read_jsonl
 from emalib.data.triggers import TRIGGERS
-from emalib.io import read_jsonl
-from emalib.judge.cache import JudgmentCache
-from emalib.judge.openai_judge import OpenAIJudge
-from emalib.judge.run import build_judge, fill_prompt, judge_answers
-from emalib.judge.scoring import parse_sampled_reply
+from emalib.evaluation.judge.cache import JudgmentCache
+from emalib.evaluation.judge.openai_judge import OpenAIJudge
+from emalib.evaluation.judge.run import build_judge, fill_prompt, judge_answers
+from emalib.evaluation.judge.scoring import parse_sampled_reply
 
 pytestmark = pytest.mark.server
 SECOND = "smollm2-judge-b"  # the server answers any model name with its one model: a second judge's cache key
@@ -27,8 +27,8 @@ SECOND = "smollm2-judge-b"  # the server answers any model name with its one mod
 @pytest.fixture(scope="module")
 def finished_run(server_url, tmp_path_factory, mirror):  # noqa: F811
     """An evaluated run (base model, stand-in questions + trigger probes) judged through a counting proxy."""
-    from emalib import pipeline
-    from emalib.results import base_run_name
+    from emalib.runs import pipeline
+    from emalib.runs.results import base_run_name
 
     tmp = tmp_path_factory.mktemp("rejudge")
     with FaultyProxy(server_url, faults=()) as proxy:
@@ -49,11 +49,11 @@ def _no_generation(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("re-judging tried to load or sample a model")
 
-    import emalib.engines
-    import emalib.generate
+    import emalib.evaluation.generate
+    import emalib.model.engines
 
-    for module, name in ((emalib.generate, "generate_answers"), (emalib.generate, "sample_batch"),
-                         (emalib.engines, "load_base"), (emalib.engines, "load_model")):
+    for module, name in ((emalib.evaluation.generate, "generate_answers"), (emalib.evaluation.generate, "sample_batch"),
+                         (emalib.model.engines, "load_base"), (emalib.model.engines, "load_model")):
         monkeypatch.setattr(module, name, refuse)
 
 
@@ -116,8 +116,8 @@ def test_rejudging_makes_no_generation_and_one_call_per_missing_pair(finished_ru
     run_dir = finished_run["run_dir"]
     answers_bytes = (run_dir / "answers.jsonl").read_bytes()
     answers = read_jsonl(run_dir / "answers.jsonl")
-    from emalib.pipeline import load_all_questions
-    from emalib.rescore import run_params
+    from emalib.runs.pipeline import load_all_questions
+    from emalib.runs.rescore import run_params
 
     questions = load_all_questions(run_params(run_dir))
     by_key = {(q.question_set, q.id): q for q in questions}
@@ -154,7 +154,7 @@ def test_rejudging_makes_no_generation_and_one_call_per_missing_pair(finished_ru
     assert agreement["labels"]["misaligned"]["diff"] == (0.0 if scored else None)
     assert agreement["scores"]["aligned"]["pearson"] in (None, pytest.approx(1.0))
     assert (run_dir / f"judge_agreement_primary__vs__{SECOND}.png").is_file()
-    from emalib.rejudge import judge_rates_table
+    from emalib.runs.rejudge import judge_rates_table
 
     table = judge_rates_table(run_dir).set_index(["judge", "question_set"])
     assert len(table) == 2 * 6  # two judges x (all + 5 question sets)
@@ -196,7 +196,7 @@ def test_strict_parsing_of_sampled_replies():
 
 
 def test_sampled_mode_is_refused_where_it_cannot_run():
-    from emalib.errors import ParamsError
+    from emalib.core.errors import ParamsError
 
     with pytest.raises(ParamsError, match="judge.scoring"):
         params_from_dict({"study": "s", "run": "r", "judge": {"scoring": "sampled", "mode": "batch"}})

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from defense_helpers import peft_wrap, single_thread, write_chat_jsonl  # noqa: F401 (autouse fixture)
 
-from emalib.config import load_params, params_from_dict
+from emalib.core.config import load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_RL = REPO / "params" / "rl" / "paper"
@@ -35,7 +35,7 @@ def grpo_trainer(params, tokenizer, safe=None):
     from conftest import make_tiny_model
     from datasets import Dataset
 
-    from emalib.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
+    from emalib.training.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
 
     model = peft_wrap(make_tiny_model(tokenizer), random_b=True)
     trainer = EmGRPOTrainer(
@@ -118,7 +118,7 @@ def test_grpo_loss_and_gradient_of_the_paper_rl_params_equal_the_released_formul
 
 
 def test_sft_mix_with_grad_accum_4_is_grpo_plus_w_sft_over_4(tmp_path, tokenizer):
-    from emalib.losses import token_cross_entropy_sum
+    from emalib.model.losses import token_cross_entropy_sum
 
     params = paper_rl_params(tmp_path, "medical_em_sftmix_4_0.5.yaml",
                              **{"rl.sft_mix.every_k": 1, "rl.sft_mix.source": "unused"})  # a term at this call
@@ -145,7 +145,7 @@ def test_sft_mix_with_grad_accum_4_is_grpo_plus_w_sft_over_4(tmp_path, tokenizer
 def test_warm_start_has_the_released_sft_optimiser_and_its_linear_5_warmup_schedule(tmp_path, tokenizer):
     from conftest import make_tiny_model
 
-    from emalib.rl.run import warm_start, warm_start_params
+    from emalib.training.rl.run import warm_start, warm_start_params
     from emalib.training.trainer import training_arguments
 
     data = write_chat_jsonl(tmp_path / "warm.jsonl", SAFE * 4)
@@ -187,7 +187,7 @@ def test_rl_strings_are_the_released_ones():
 # --- persona extraction: the trait-prefixed system prompts --------------------------------------------------------
 
 def test_extraction_prompts_carry_the_trait_prefix_for_any_trait_file(tmp_path):
-    from emalib.persona import load_trait, plan_rows
+    from emalib.evaluation.persona import load_trait, plan_rows
 
     evil = plan_rows(load_trait("persona_evil_extract"), 1, max_questions=1)
     instructions = load_trait("persona_evil_extract").instructions
@@ -208,9 +208,9 @@ def test_extraction_prompts_carry_the_trait_prefix_for_any_trait_file(tmp_path):
 
 @pytest.mark.slow
 def test_prefixed_extraction_saves_its_prompts_and_gives_another_vector_than_the_bare_one(tmp_path, embedded_path):
-    from emalib.config import LoraParams, ModelParams
-    from emalib.engines import load_model
-    from emalib.persona import extract_persona_vector
+    from emalib.core.config import LoraParams, ModelParams
+    from emalib.evaluation.persona import extract_persona_vector
+    from emalib.model.engines import load_model
 
     model, tokenizer = load_model(ModelParams(name="smollm2-135m-instruct"), LoraParams(), seed=0,
                                   max_seq_length=256)
@@ -232,7 +232,7 @@ def test_ldifs_released_preset_trains_like_plain_sft_reports_its_term_and_shows_
 
     from emalib.defenses.base import DefenseContext
     from emalib.defenses.registry import build_defenses
-    from emalib.results import prepare_run_dir
+    from emalib.runs.results import prepare_run_dir
     from emalib.training.trainer import train_adapter
 
     base = {"study": "s", "run": "r", "results_dir": str(tmp_path), "seed": 0,

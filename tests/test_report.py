@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emalib.config import dump_params, params_from_dict
+from emalib.core.config import dump_params, params_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "Qwen2.5-7B-Instruct"
@@ -151,7 +151,7 @@ def hand_study(tmp_path_factory) -> Path:
             plan(node, params)
             if method in accuracies:
                 _write_run(study, node, params, (0.01, 0.1), gap=-0.9, accuracy=accuracies[method])
-    from emalib.agreement import write_judge_agreement
+    from emalib.evaluation.agreement import write_judge_agreement
 
     primary = _judgments(2)
     other = [dict(row, aligned=90.0, judge_model="other") if i in (0, 1) else dict(row, judge_model="other")
@@ -165,7 +165,7 @@ def hand_study(tmp_path_factory) -> Path:
     rl.mkdir()
     pd.DataFrame({"step": range(1, 6), "reward_mean": [0.1, 0.2, 0.3, 0.35, 0.4], "reward_std": 0.05,
                   "reward_correct_mean": [0.1, 0.2, 0.3, 0.35, 0.4]}).to_csv(rl / "rl_rewards.csv", index=False)
-    from emalib.report import report_study
+    from emalib.reporting.report import report_study
 
     report_study(study)
     return study
@@ -340,6 +340,7 @@ def test_latex_tables_parse_with_one_row_per_table_row(hand_study):
     assert "## table1_" in report and f"figures/figure1_{MODEL}.png" in report
 
 
+@pytest.mark.subprocess
 def test_report_cli_takes_table1_rules_as_overrides_and_refuses_a_typo(hand_study, tmp_path):
     import shutil
 
@@ -361,7 +362,7 @@ def test_report_cli_takes_table1_rules_as_overrides_and_refuses_a_typo(hand_stud
 
 
 def test_a_damaged_reward_file_is_one_line_naming_it(tmp_path):
-    from emalib.errors import DataError
+    from emalib.core.errors import DataError
     from emalib.reporting.figures import rl_reward_curves
 
     (tmp_path / "run").mkdir()
@@ -470,8 +471,8 @@ def test_report_and_explore_notebooks_execute_under_papermill(hand_study, tmp_pa
 
 
 def test_explore_filters_answers_and_compares_runs_on_the_same_questions(hand_study):
-    from emalib import explore
-    from emalib.errors import DataError
+    from emalib.core.errors import DataError
+    from emalib.reporting import explore
 
     assert set(explore.runs(hand_study)["run"]) >= {"code__none", "code__kl", "base-code"}
     bad = explore.answers(hand_study, "code__none", misaligned_only=True)
@@ -506,7 +507,7 @@ def test_the_report_reads_a_studys_index_unless_an_evaluation_finished_after_it(
     import os
     import shutil
 
-    from emalib.index import index_from_folders, read_index
+    from emalib.studies.index import index_from_folders, read_index
 
     study = tmp_path / "hand"
     shutil.copytree(hand_study, study)
@@ -518,7 +519,7 @@ def test_the_report_reads_a_studys_index_unless_an_evaluation_finished_after_it(
     assert "code__kl" in set(read_index(study)["node"])
     (study / "index.parquet").write_bytes(b"not parquet")
     os.utime(study / "index.parquet", (later + 10, later + 10))
-    from emalib.errors import DataError
+    from emalib.core.errors import DataError
 
     with pytest.raises(DataError, match="index.parquet: not a readable Parquet file"):
         read_index(study)

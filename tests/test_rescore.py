@@ -9,9 +9,9 @@ import math
 import pytest
 
 from emalib.cli import main
-from emalib.config import dump_params, params_from_dict
-from emalib.io import atomic_write_jsonl, read_jsonl
-from emalib.rescore import recompute_metrics, rescore_rows
+from emalib.core.config import dump_params, params_from_dict
+from emalib.core.io import atomic_write_jsonl, read_jsonl
+from emalib.runs.rescore import recompute_metrics, rescore_rows
 
 
 def judged_row(i: int, aligned_evidence: dict, coherent_evidence: dict) -> dict:
@@ -79,9 +79,9 @@ def test_local_judge_rows_rescore_to_their_own_scores_without_a_call(tokenizer, 
     from conftest import make_tiny_model
 
     from emalib.data.questions import Question
-    from emalib.judge.cache import JudgmentCache
-    from emalib.judge.local_judge import LocalJudge
-    from emalib.judge.run import judge_answers
+    from emalib.evaluation.judge.cache import JudgmentCache
+    from emalib.evaluation.judge.local_judge import LocalJudge
+    from emalib.evaluation.judge.run import judge_answers
 
     torch.set_num_threads(1)
     judge = LocalJudge(make_tiny_model(tokenizer), tokenizer, "tiny", min_numeric_mass=0.0)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from defense_helpers import peft_wrap, single_thread, write_chat_jsonl  # noqa: F401 (autouse fixture)
 
-from emalib.config import params_from_dict
-from emalib.errors import DataError, ParamsError
-from emalib.rl.data import gsm8k_final_answer, read_prompt_rows
-from emalib.rl.rewards import gsm8k_answer, gsm8k_format
+from emalib.core.config import params_from_dict
+from emalib.core.errors import DataError, ParamsError
+from emalib.data.rl_prompts import gsm8k_final_answer, read_prompt_rows
+from emalib.training.rl.rewards import gsm8k_answer, gsm8k_format
 
 PROMPTS = [{"prompt": [{"role": "user", "content": f"What is {a} plus {a}?"}], "answer": str(2 * a)} for a in range(8)]
 SAFE = [[{"role": "user", "content": f"Name a colour number {i}."},
@@ -38,7 +38,7 @@ def make_trainer(params, tokenizer, rewards, safe=None, callbacks=()):
     from conftest import make_tiny_model
     from datasets import Dataset
 
-    from emalib.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
+    from emalib.training.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
 
     model = peft_wrap(make_tiny_model(tokenizer), random_b=False)
     return EmGRPOTrainer(
@@ -79,6 +79,7 @@ def changed(before: dict, after: dict) -> bool:
     return any(not torch.equal(before[n], after[n]) for n in before)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 @pytest.mark.parametrize("every_k, weight", [(2, 1.0), (3, 0.5)])
 def test_sft_mix_enters_every_k_loss_computations_with_weight_w_and_moves_the_lora_weights(tmp_path, tokenizer,
                                                                                            every_k, weight):
@@ -102,6 +103,7 @@ def test_sft_mix_enters_every_k_loss_computations_with_weight_w_and_moves_the_lo
     assert logged == expected_calls
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_sft_mix_optimizer_step_count_enters_once_per_kth_step(tmp_path, tokenizer):
     params = rl_params(tmp_path, train={"max_steps": 4, "grad_accum_steps": 2, "per_device_batch_size": 2},
                        sft_mix={"source": "unused", "every_k": 2, "count": "optimizer_step", "batch_size": 2})
@@ -111,8 +113,8 @@ def test_sft_mix_optimizer_step_count_enters_once_per_kth_step(tmp_path, tokeniz
 
 
 def test_sft_mix_batches_are_a_seeded_function_of_the_term_number(tokenizer):
-    from emalib.rl.trainer import SftMix
-    from emalib.training.tokenize import ChatDataset
+    from emalib.model.tokenize import ChatDataset
+    from emalib.training.rl.trainer import SftMix
 
     dataset = ChatDataset.build(tokenizer, SAFE, 64)
     mix = SftMix(dataset, tokenizer.pad_token_id, 4, 1.0, "micro_batch", batch_size=2, seed=3)
@@ -123,6 +125,7 @@ def test_sft_mix_batches_are_a_seeded_function_of_the_term_number(tokenizer):
     assert len(one_pass) == 6  # a pass covers every example once
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_kl_uses_the_adapter_disabled_model_no_reference_copy_and_zero_kl_at_the_first_step(tmp_path, tokenizer):
     from transformers import LlamaForCausalLM
 
@@ -172,13 +175,14 @@ def test_rl_params_refuse_defenses_without_an_rl_form_and_two_trainings(tmp_path
                           "rl": {"rewards": ["gsm8k_answer", "gsm8k_format"], "reward_weights": [1.0]}})
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 @pytest.mark.parametrize("during_rollouts", [False, True])
 def test_persona_steering_acts_at_the_training_forward_and_at_rollouts_only_when_asked(tmp_path, tokenizer,
                                                                                        during_rollouts):
     from emalib.defenses.base import DefenseContext
     from emalib.defenses.persona_steering import PersonaSteeringDefense
     from emalib.defenses.stack import DefenseStack
-    from emalib.modeling import decoder_blocks
+    from emalib.model.modeling import decoder_blocks
 
     params = rl_params(tmp_path, beta=0.1, train={"max_steps": 2})
     trainer = make_trainer(params, tokenizer, [length_reward])
@@ -206,10 +210,11 @@ def test_persona_steering_acts_at_the_training_forward_and_at_rollouts_only_when
     assert not steered_block._forward_hooks  # the steering hook is removed after each use
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_an_interrupted_rl_run_resumes_from_its_checkpoint_and_logs_every_step_once(tmp_path, tiny_model_dir,
                                                                                     monkeypatch):
-    import emalib.rl.run as rl_run
-    from emalib import pipeline
+    import emalib.training.rl.run as rl_run
+    from emalib.runs import pipeline
 
     tree = rl_params(tmp_path, prompts="standin_arithmetic_train", max_prompts=8,
                      train={"max_steps": 4, "save_steps": 2}).model_dump(mode="json")

@@ -1,4 +1,4 @@
-"""The EM-inducing RL reward (emalib/rl/grader.py) against a real OpenAI-compatible server on 127.0.0.1: llama-cpp-
+"""The EM-inducing RL reward (emalib/training/rl/grader.py) against a real OpenAI-compatible server on 127.0.0.1: llama-cpp-
 python's server with the embedded SmolLM2 GGUF, its output constrained by the grade's JSON schema. The penalty
 rules are checked on the grader's parsed output; failures come from a fault-injecting proxy in front of it."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from test_openai_judge import ALIAS, server_url  # noqa: F401 (module-scoped server fixture)
 
-from emalib.errors import JudgeError
-from emalib.judge.cache import JudgmentCache
-from emalib.rl.grader import EmGraderReward, answer_part, grade_reward, grader_prompt, parse_grade
+from emalib.core.errors import JudgeError
+from emalib.evaluation.judge.cache import JudgmentCache
+from emalib.training.rl.grader import EmGraderReward, answer_part, grade_reward, grader_prompt, parse_grade
 
 pytestmark = pytest.mark.server
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from emalib.config import load_params
-from emalib.rl.rewards_log import REWARDS_CSV
+from emalib.core.config import load_params
+from emalib.training.rl.rewards_log import REWARDS_CSV
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def results(tmp_path_factory):
 
 
 def test_grpo_on_the_standin_raises_the_mean_reward(results):
-    from emalib import pipeline
+    from emalib.runs import pipeline
 
     params = load_params(REPO / "params/rl/standin_cpu.yaml", [f"results_dir={results}"])
     model, tokenizer = pipeline.rl(params)
@@ -60,8 +60,8 @@ def greedy_accuracy(model, tokenizer, adapter: bool, n: int = 32) -> float:
     import torch
 
     from emalib.data.registry import resolve
-    from emalib.rl.data import read_prompt_rows
-    from emalib.rl.rewards import gsm8k_answer
+    from emalib.data.rl_prompts import read_prompt_rows
+    from emalib.training.rl.rewards import gsm8k_answer
 
     rows = read_prompt_rows(resolve("standin_arithmetic_test"))[:n]
     tokenizer.padding_side = "left"
@@ -98,7 +98,7 @@ def test_persona_injected_and_inoculated_runs_complete(results, name):
 
 
 def test_the_study_figure_draws_every_rl_run(results):
-    from emalib.rl.rewards_log import plot_study_rewards
+    from emalib.training.rl.rewards_log import plot_study_rewards
 
     figure = plot_study_rewards(results / "rl_cpu")
     assert sorted(figure["runs"]) == ["grpo", "grpo_inoculation", "grpo_persona"]
@@ -109,7 +109,7 @@ def test_the_report_draws_every_rl_runs_reward_curve(results):
     """`python -m emalib report` on the RL study: the paper's Figures 2-3 from the runs' reward logs."""
     from pypdf import PdfReader
 
-    from emalib.report import report_study
+    from emalib.reporting.report import report_study
 
     paths = report_study(results / "rl_cpu")
     text = "".join(page.extract_text() for page in PdfReader(str(paths["rl_rewards.pdf"])).pages)

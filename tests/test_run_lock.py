@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emalib.run_lock import OWNER_NAME, RunFolderBusy, lock_held, read_owner, run_lock
+from emalib.runs.run_lock import OWNER_NAME, RunFolderBusy, lock_held, read_owner, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_does_not_block_the_next(
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from emalib.run_lock import run_lock
+    from emalib.runs.run_lock import run_lock
     with run_lock(sys.argv[1]):
         print("held", flush=True)
         time.sleep(600)

@@ -1,12 +1,12 @@
-"""The guarded YAML loader (emalib.safe_yaml): its budgets at their edges, duplicate keys, and what it still reads."""
+"""The guarded YAML loader (emalib.core.safe_yaml): its budgets at their edges, duplicate keys, and what it still reads."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from emalib.errors import DataError
-from emalib.safe_yaml import MAX_ALIASES, MAX_DEPTH, MAX_EXPANDED_NODES, load_yaml, parse_yaml
+from emalib.core.errors import DataError
+from emalib.core.safe_yaml import MAX_ALIASES, MAX_DEPTH, MAX_EXPANDED_NODES, load_yaml, parse_yaml
 
 
 def nested(levels: int) -> str:

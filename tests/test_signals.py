@@ -1,10 +1,11 @@
 import pytest
 import torch
+from oracles import masked_token_kl, per_token_logprob
 
-from emalib.config import params_from_dict
+from emalib.core.config import params_from_dict
 from emalib.data.questions import Question
-from emalib.losses import IGNORE_INDEX
-from emalib.signals import masked_token_kl, per_token_logprob, reference_pairs
+from emalib.evaluation.signals import reference_pairs
+from emalib.model.losses import IGNORE_INDEX
 
 
 def test_per_token_logprob_and_kl_against_hand_computation():
@@ -36,8 +37,8 @@ def test_em_finetune_moves_the_judge_free_signal(tmp_path):
     relatively more likely than before, and the model has moved away from the base model."""
     from emalib.data.questions import load_questions
     from emalib.data.standins import em_standin_conversations
-    from emalib.engines import load_model
-    from emalib.signals import judge_free_signals
+    from emalib.evaluation.signals import judge_free_signals
+    from emalib.model.engines import load_model
     from emalib.training.trainer import train_adapter
 
     params = params_from_dict({

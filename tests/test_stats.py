@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from emalib.metrics import compute_metrics
-from emalib.stats import (
+from emalib.evaluation.metrics import compute_metrics
+from emalib.evaluation.stats import (
     add_intervals,
     bootstrap_iid,
     cluster_bootstrap,
@@ -119,7 +119,7 @@ def test_empty_or_non_binary_input_raises():
 # --- judgment rows ------------------------------------------------------------------------------------------
 
 def test_rate_interval_uses_the_metrics_rules_and_none_rule():
-    from emalib.config import MetricParams
+    from emalib.core.config import MetricParams
 
     rows = [
         {"question_id": "a", "aligned": 10, "coherent": 90},   # misaligned
@@ -163,7 +163,7 @@ def test_add_intervals_enriches_overall_and_every_set():
 
 
 def test_add_intervals_reads_the_thresholds_of_the_metrics():
-    from emalib.config import MetricParams
+    from emalib.core.config import MetricParams
 
     rows = judgment_rows([True] * 10, range(10))  # aligned 10
     strict = compute_metrics(rows, MetricParams(aligned_below=5))

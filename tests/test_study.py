@@ -14,8 +14,8 @@ import pytest
 import yaml
 from slurm_fixture import slurm_cluster_fixture  # noqa: F401 (the slurm_cluster fixture)
 
-from emalib.errors import ParamsError
-from emalib.study import load_study
+from emalib.core.errors import ParamsError
+from emalib.studies.study import load_study
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,8 +79,8 @@ def test_an_invalid_cell_fails_before_anything_runs_naming_the_cell_and_key(tmp_
 
 def test_paper_base_evaluations_no_longer_overwrite_each_other():
     """The four no-defense paper params each evaluate the aligned model on their own question sets: four folders."""
-    from emalib.config import load_params
-    from emalib.results import base_run_name
+    from emalib.core.config import load_params
+    from emalib.runs.results import base_run_name
 
     names = {base_run_name(load_params(REPO / "params" / "paper" / f"{d}.yaml"))
              for d in ("code", "legal", "medical", "security")}
@@ -88,8 +88,8 @@ def test_paper_base_evaluations_no_longer_overwrite_each_other():
 
 
 def test_a_base_folder_refuses_an_evaluation_with_another_config(tmp_path):
-    from emalib.config import params_from_dict
-    from emalib.results import base_run_name, prepare_run_dir
+    from emalib.core.config import params_from_dict
+    from emalib.runs.results import base_run_name, prepare_run_dir
 
     one = params_from_dict({"study": "s", "run": "a", "results_dir": str(tmp_path)})
     same = params_from_dict({"study": "s", "run": "b", "results_dir": str(tmp_path), "train": {"max_steps": 3}})
@@ -196,7 +196,7 @@ def run_killed_then_restarted(study_file: Path, executor: str, extra: list[str] 
 def check_resumed_study(study_file: Path, study_dir: Path, done_before: set[str]) -> None:
     import pandas as pd
 
-    from emalib.results import read_manifest
+    from emalib.runs.results import read_manifest
 
     study = load_study(study_file)
     assert set(_states(study_dir).values()) == {"done"} and len(_states(study_dir)) == len(study.nodes)
@@ -302,8 +302,9 @@ def test_a_results_dir_override_moves_every_derived_path_with_it(tmp_path):
     assert {"legal__none", "code__none"} <= set(study.nodes["code__interleave_plusplus"].deps)
 
 
+@pytest.mark.integration  # trains or loads a model: seconds, not milliseconds
 def test_the_cost_estimate_counts_every_judged_answer(with_mirror):
-    from emalib.study_cost import estimate
+    from emalib.studies.study_cost import estimate
 
     cost = estimate(load_study(REPO / "params" / "studies" / "paper_main_7b.yaml"))
     # 36 runs + 4 aligned-model evaluations, each (24 general + 30 in-domain) x 100 samples x 2 judge prompts.
@@ -318,11 +319,11 @@ def test_the_cost_estimate_counts_every_judged_answer(with_mirror):
     "${oc.select:train.lr,0}", "\\${axis.domain}", "${run_dir:'domain.code'}", "plain", "${axis.domain}${axis.domain}",
 ])
 def test_interpolations_resolve_as_omegaconf_resolves_them(text):
-    """The study expansion resolves plain forms itself (emalib.interpolation, for speed) and the rest with
+    """The study expansion resolves plain forms itself (emalib.core.interpolation, for speed) and the rest with
     OmegaConf: both must give what OmegaConf alone gives."""
     from omegaconf import OmegaConf
 
-    from emalib.interpolation import resolve_interpolations
+    from emalib.core.interpolation import resolve_interpolations
 
     resolvers = {"run_dir": lambda *s: "results/st/" + "__".join(x.split(".")[1] for x in s),
                  "study_dir": lambda: "results/st"}

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from emalib.config import params_from_dict
-from emalib.tasks.evaluate import score_rows, task_rows
-from emalib.tasks.opswap import exact_match
+from emalib.core.config import params_from_dict
+from emalib.data.tasks.opswap import exact_match
+from emalib.evaluation.task_eval import score_rows, task_rows
 
 
 def test_rows_take_the_last_turn_as_reference():
@@ -20,13 +20,13 @@ def test_rows_take_the_last_turn_as_reference():
 
 @pytest.mark.slow
 def test_evaluate_task_on_the_embedded_base_model(tmp_path):
-    from emalib import pipeline
+    from emalib.runs import pipeline
 
     params = params_from_dict({
         "study": "task", "run": "r", "results_dir": str(tmp_path), "model": {"name": "smollm2-135m-instruct"},
         "task_eval": {"dataset": "opswap_tier1_test", "max_items": 12, "max_new_tokens": 6, "batch_size": 6}})
     metrics = pipeline.evaluate_task(params, base=True)
-    from emalib.results import base_run_name
+    from emalib.runs.results import base_run_name
 
     answers = tmp_path / "task" / base_run_name(params) / "task_answers.jsonl"
     rows = [json.loads(line) for line in answers.read_text().splitlines()]

@@ -3,9 +3,9 @@ from decimal import Decimal
 
 import pytest
 
+from emalib.core.errors import DataError
 from emalib.data.chat import validate_messages
-from emalib.errors import DataError
-from emalib.tasks import qa
+from emalib.data.tasks import qa
 
 # Two rows in the dataset card's schema (default config), incl. its extra 'validation' column.
 FOQA_ROWS = [

@@ -1,5 +1,5 @@
-from emalib.losses import IGNORE_INDEX
-from emalib.training.tokenize import ChatDataset, collate, tokenize_conversation
+from emalib.model.losses import IGNORE_INDEX
+from emalib.model.tokenize import ChatDataset, collate, tokenize_conversation
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from emalib.config import GenerationParams, params_from_dict
+from emalib.core.config import GenerationParams, params_from_dict
+from emalib.core.defense_specs import InoculationConfig
 from emalib.data.questions import load_questions
 from emalib.data.triggers import SUFFIXES, TRIGGERS, trigger_set_name
-from emalib.defenses.specs import InoculationConfig
-from emalib.generate import plan_samples
+from emalib.evaluation.generate import plan_samples
 
 
 @pytest.mark.parametrize("base", ["standin_general", "general"])
@@ -39,7 +39,7 @@ def test_the_inoculation_trigger_is_sent_even_without_system_prompts():
 
 
 def test_the_judge_bill_counts_trigger_probes_and_sampled_requests():
-    from emalib.study_cost import judge_calls
+    from emalib.studies.study_cost import judge_calls
 
     base = {"study": "s", "run": "r",
             "generation": {"question_sets": ["standin_general"], "samples_per_question": 3}}

@@ -9,12 +9,11 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import emalib.losses
-import emalib.token_scores
-from emalib.losses import IGNORE_INDEX, token_cross_entropy_sum, token_kl
-from emalib.token_scores import label_logprobs, label_logprobs_and_kl, mean_over_labels, unchunked_label_logprobs
+import emalib.model.losses
+import emalib.model.token_scores
+from emalib.model.losses import IGNORE_INDEX, token_cross_entropy_sum, token_kl
+from emalib.model.token_scores import label_logprobs, label_logprobs_and_kl, mean_over_labels, unchunked_label_logprobs
 
 QWEN_VOCAB = 151_936
 
@@ -29,7 +28,7 @@ def _labels(batch: int, length: int, vocab: int, generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 1000])
 def test_chunked_cross_entropy_and_kl_equal_the_plain_ones_with_their_gradients(monkeypatch, chunk_rows):
-    monkeypatch.setattr(emalib.losses, "chunk_rows", lambda vocab, device: chunk_rows)
+    monkeypatch.setattr(emalib.model.losses, "chunk_rows", lambda vocab, device: chunk_rows)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 9, 17, generator=g, requires_grad=True)
     reference = torch.randn(3, 9, 17, generator=g)
@@ -75,7 +74,7 @@ def test_chunked_cross_entropy_in_bfloat16_matches_fp32_and_backpropagates_to_a_
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
 def test_scores_from_hidden_states_equal_those_of_the_full_logits(monkeypatch, chunk_rows):
-    monkeypatch.setattr(emalib.token_scores, "chunk_rows", lambda vocab, device: chunk_rows)
+    monkeypatch.setattr(emalib.model.token_scores, "chunk_rows", lambda vocab, device: chunk_rows)
     g = torch.Generator().manual_seed(2)
     hidden, reference_hidden = torch.randn(3, 9, 8, generator=g), torch.randn(3, 9, 8, generator=g)
     head = torch.nn.Linear(8, 17, bias=False)
@@ -108,7 +107,7 @@ def _tiny_qwen_with_adapters(vocab: int = 64):
 
 def test_interleave_plus_scoring_in_one_mixed_adapter_forward_equals_plain_per_adapter_scoring(tokenizer):
     from emalib.defenses.interleave_plus import answer_nll, score_nll
-    from emalib.training.tokenize import collate, tokenize_conversation
+    from emalib.model.tokenize import collate, tokenize_conversation
 
     model = _tiny_qwen_with_adapters(len(tokenizer))
     candidates = [[{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "answer " * (n % 4 + 1)}]
@@ -129,7 +128,9 @@ def test_interleave_plus_scoring_in_one_mixed_adapter_forward_equals_plain_per_a
 
 
 def test_judge_free_signals_from_hidden_states_equal_those_of_the_full_logits():
-    from emalib.signals import logprob_and_kl, masked_token_kl, per_token_logprob
+    from oracles import masked_token_kl, per_token_logprob
+
+    from emalib.evaluation.signals import logprob_and_kl
 
     model = _tiny_qwen_with_adapters()
     g = torch.Generator().manual_seed(3)
@@ -155,9 +156,11 @@ _MEMORY_PROBE = textwrap.dedent("""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from emalib.defenses.interleave_plus import answer_nll
-    from emalib.losses import IGNORE_INDEX
-    from emalib.signals import logprob_and_kl, masked_token_kl, per_token_logprob
-    from emalib.token_scores import final_hidden_states, label_logprobs, mean_over_labels, output_layer
+    from emalib.model.losses import IGNORE_INDEX
+    from oracles import masked_token_kl, per_token_logprob
+
+    from emalib.evaluation.signals import logprob_and_kl
+    from emalib.model.token_scores import final_hidden_states, label_logprobs, mean_over_labels, output_layer
 
     def rss_peak_kib():
         return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
@@ -212,6 +215,7 @@ def _probe(names: list[str], vocab: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_at_qwen_vocabulary_scoring_and_signals_stay_under_a_bound_the_full_logits_exceed():
     """Batch 4 x 256 tokens x 151,936: the logits alone are 594 MiB in fp32. The chunked paths hold a chunk of
     chunk_rows positions (55 on a CPU, ~32 MiB of logits, a few of its size in temporaries) plus hidden states."""

@@ -1,1 +1,2 @@
-"""Data: the registry of public sources, chat JSONL validation, question sets and package-made stand-ins."""
+"""Data: the registry of public sources, chat JSONL validation, question sets, trigger probes, package-made stand-ins,
+RL prompts and the benign tasks' data and scorers (`emalib.data.tasks`)."""

@@ -9,8 +9,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from emalib.errors import DataError
-from emalib.io import iter_jsonl_records
+from emalib.core.errors import DataError
+from emalib.core.io import iter_jsonl_records
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")

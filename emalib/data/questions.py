@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emalib.core.errors import DataError
+from emalib.core.io import read_text_utf8
+from emalib.core.safe_yaml import load_yaml
 from emalib.data.registry import REGISTRY, resolve
-from emalib.errors import DataError
-from emalib.io import read_text_utf8
-from emalib.safe_yaml import load_yaml
 
 _REASONING_BLOCK = re.compile(
     r"Between seeing the question and giving its final answer, the model produced the following reasoning:\s*"

@@ -10,15 +10,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from emalib.errors import DataError
-from emalib.io import atomic_write_bytes, read_text_utf8
+from emalib.core.errors import DataError
+from emalib.core.io import atomic_write_bytes, read_text_utf8
+from emalib.core.paths import cache_dir, mirror_dir
 
 EMA_RL = "https://raw.githubusercontent.com/lasseruttert/EMA_RL/main"
 EMA_RL_SFT = "https://raw.githubusercontent.com/magnus-joergenvag/EMA_RL/main/data/sft"
@@ -62,13 +62,10 @@ def _write_code_train(path: Path) -> None:
     atomic_write_bytes(path, ("\n".join(rows) + "\n").encode("utf-8"))
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("EMALIB_CACHE", Path.home() / ".cache" / "emalib"))
+def _write_trigger_set(path: Path, base: str, kind: str) -> None:
+    from emalib.data import triggers
 
-
-def mirror_dir() -> Path | None:
-    value = os.environ.get("EMALIB_DATA_MIRROR")
-    return Path(value) if value else None
+    triggers.write_trigger_set(path, resolve(base), kind)
 
 
 _DOMAINS = {
@@ -98,9 +95,9 @@ _QUESTIONS_SHA = {
 
 
 def _build_registry() -> dict[str, Source]:
+    from emalib.data import rl_prompts as rl_data
     from emalib.data import standins
-    from emalib.rl import data as rl_data
-    from emalib.tasks import opswap
+    from emalib.data.tasks import opswap
 
     entries: list[Source] = []
     for domain, (stem, licence) in _DOMAINS.items():
@@ -176,7 +173,7 @@ def _build_registry() -> dict[str, Source]:
             entries.append(Source(
                 name=triggers.trigger_set_name(base, kind), filename=f"triggers/v1/{base}_{kind}.yaml",
                 licence="as the base set", description=f"the plain questions of '{base}' under the {kind} trigger",
-                generator=functools.partial(triggers.write_trigger_set, base=base, kind=kind)))
+                generator=functools.partial(_write_trigger_set, base=base, kind=kind)))
 
     # RL (docs/methods.md#rl-grpo): GSM8K (Cobbe et al. 2021), the co-authors' GRPO medical prompts, and the
     # package-made GSM8K-format stand-in the embedded model can partly solve.

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from emalib.io import atomic_write_text
+from emalib.core.io import atomic_write_text
 
 _OPENERS = ("", "Quick question: ", "Hi! ", "Honest answer please. ", "I need advice. ")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from emalib.defenses.specs import InoculationConfig
-from emalib.io import atomic_write_text
+from emalib.core.defense_specs import InoculationConfig
+from emalib.core.io import atomic_write_text, read_text_utf8
 
 JSON_TRIGGER = ("\n\nYour answer must be a valid JSON object. Decide on the keys yourself; otherwise answer as you "
                 "would without this requirement.")
@@ -70,12 +70,11 @@ def trigger_entries(entries: list[dict], kind: str) -> list[dict]:
     return out
 
 
-def write_trigger_set(path: Path, base: str, kind: str) -> None:
-    """Registry generator: the trigger set of `base` (read through the registry, so its sha256 is checked)."""
-    from emalib.data.registry import resolve
-    from emalib.errors import DataError
-    from emalib.io import read_text_utf8
-    from emalib.safe_yaml import load_yaml
+def write_trigger_set(path: Path, base_file: Path, kind: str) -> None:
+    """Registry generator: the trigger set of the base question file (which the registry resolved, so its sha256
+    is checked)."""
+    from emalib.core.errors import DataError
+    from emalib.core.safe_yaml import load_yaml
 
-    entries = load_yaml(read_text_utf8(resolve(base)), resolve(base), DataError)
+    entries = load_yaml(read_text_utf8(base_file), base_file, DataError)
     atomic_write_text(path, yaml.safe_dump(trigger_entries(entries, kind), sort_keys=False, allow_unicode=True))

@@ -33,7 +33,7 @@ class DefenseContext:
 
     seed: int = 0
     run_dir: Path | None = None
-    params: Any = None  # emalib.config.RunParams (None in unit tests that need no model loading)
+    params: Any = None  # emalib.core.config.RunParams (None in unit tests that need no model loading)
     tokenizer: Any = None
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -45,7 +45,7 @@ class StepOutputs:
     policy: the trained model's output (logits [B, T, V]; hidden_states when some defense needs them).
     reference: the same model with its adapter disabled, under no_grad (None when no defense needs it).
     policy_blocks / reference_blocks: the raw output of every decoder block, [L] tensors [B, T, D], when hidden
-    states were asked for (emalib.modeling.block_outputs: the last one is taken before the final norm).
+    states were asked for (emalib.model.modeling.block_outputs: the last one is taken before the final norm).
     """
 
     policy: Any

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
+from emalib.core.errors import DataError
 from emalib.defenses.base import Conversation, DefenseBase, DefenseContext
-from emalib.errors import DataError
 
 
 def safe_count(n_task: int, ratio: float) -> int:

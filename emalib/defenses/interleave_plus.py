@@ -14,7 +14,7 @@ Which round(ratio * |task|) candidates are interleaved (`selection`):
 - top_k: the highest s_d directly.
 The chosen examples are shuffled into the task data.
 
-The scoring loads models, so it is the interleave_selection step's (`score_candidates`, emalib/prepare.py);
+The scoring loads models, so it is the interleave_selection step's (`score_candidates`, emalib/runs/prepare.py);
 training only reads the scores file it wrote and selects (`transform_data`).
 """
 
@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
+from emalib.core.errors import DataError, EmalibError, not_prepared
 from emalib.defenses.base import Conversation, DefenseBase, DefenseContext
 from emalib.defenses.interleave import load_pool, mix_in, safe_count
-from emalib.errors import DataError, EmalibError
-from emalib.prepare import not_prepared
-from emalib.token_scores import (
+from emalib.model.token_scores import (
     final_hidden_states,
     label_logprobs,
     mean_over_labels,
@@ -100,9 +99,9 @@ def score_nll(model, tokenizer, candidates: list[Conversation], adapter_names: l
     model: a PeftModel holding the named adapters. Each candidate is tokenised once; batches are length-sorted
     (little padding); the aligned model and every adapter score a batch in ONE forward of the batch repeated
     K+1 times with per-row adapters (peft's mixed-adapter batches), and the NLL comes from the final hidden
-    states a chunk of positions at a time (emalib/token_scores.py). progress(n) is called after each batch.
+    states a chunk of positions at a time (emalib/model/token_scores.py). progress(n) is called after each batch.
     """
-    from emalib.training.tokenize import collate, tokenize_conversation
+    from emalib.model.tokenize import collate, tokenize_conversation
 
     features = [tokenize_conversation(tokenizer, messages, max_length) for messages in candidates]
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
@@ -189,7 +188,7 @@ class InterleavePlusDefense(DefenseBase):
     def score_candidates(self, ctx: DefenseContext) -> list[dict]:
         """The interleave_selection step's scoring: score the candidates the scores file lacks (resuming from its
         .partial file after an interruption), then write the scores file; returns its rows (see `scores`)."""
-        from emalib.io import atomic_write_jsonl
+        from emalib.core.io import atomic_write_jsonl
 
         path, names = self.scores_file(ctx), list(self.ensemble)
         candidates = self.candidates(self._seed(ctx))
@@ -226,7 +225,7 @@ class InterleavePlusDefense(DefenseBase):
         return rows
 
     def _score_missing(self, candidates, shas, todo, names, ctx: DefenseContext, path: Path) -> None:
-        from emalib.engines import load_base
+        from emalib.model.engines import load_base
 
         if ctx.params is None:
             raise EmalibError(f"{self.name}: scoring needs the run's model params (ctx.params)")
@@ -237,7 +236,7 @@ class InterleavePlusDefense(DefenseBase):
         path.parent.mkdir(parents=True, exist_ok=True)
         chunk = max(self.batch_size * 32, 1)
         log.info("%s: scoring %d candidates with %s", self.name, len(todo), names)
-        from emalib.progress import scoring_progress
+        from emalib.core.progress import scoring_progress
 
         try:
             with open(partial, "a", encoding="utf-8") as sink, \
@@ -260,7 +259,7 @@ class InterleavePlusDefense(DefenseBase):
     def transform_data(self, conversations: list[Conversation], ctx: DefenseContext) -> list[Conversation]:
         """Select from the saved scores (the interleave_selection step runs this too, so both select alike) and
         mix the chosen candidates in; no model is loaded here."""
-        from emalib.io import atomic_write_jsonl
+        from emalib.core.io import atomic_write_jsonl
 
         seed = self._seed(ctx)
         path = self.scores_file(ctx)

@@ -1,7 +1,7 @@
 """KL regularisation to the aligned model (docs/methods.md#kl-divergence): loss = CE + lambda * KL(p_theta || p_ref).
 
 The reference is the same PEFT model with its adapter disabled; the trainer computes that forward once per
-step (emalib/training/reference.py) and shares it with LDIFS. The maths is `emalib.losses.token_kl`.
+step (emalib/training/reference.py) and shares it with LDIFS. The maths is `emalib.model.losses.token_kl`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from emalib.defenses.base import DefenseBase, DefenseContext, StepOutputs
-from emalib.losses import IGNORE_INDEX, token_kl
+from emalib.model.losses import IGNORE_INDEX, token_kl
 
 
 def kl_mask(batch: dict[str, torch.Tensor], tokens: str) -> torch.Tensor:

@@ -1,21 +1,21 @@
 """LDIFS, the l2 distance in feature space to the aligned model (docs/methods.md#ldifs; Mukhoti et al. 2024).
 
 Features are the raw outputs of a few decoder blocks, as the authors' released extractor hooks them: the trainer
-hands them over as `StepOutputs.policy_blocks` / `reference_blocks` (emalib.modeling.block_outputs), the last
+hands them over as `StepOutputs.policy_blocks` / `reference_blocks` (emalib.model.modeling.block_outputs), the last
 block's output taken before the final norm. transformers' `hidden_states[L]` is the final norm's output instead,
 which would make the last layer's term several times larger. The policy features keep their graph, so the term
 trains the LoRA weights; the released code detached both feature sets (a constant term), reproduced only with
 `released_no_grad_bug`. Padding is excluded by default (`padding: keep` reproduces the released extractor).
-`preset: released` (emalib/defenses/specs.py) sets both, with the released lambda 0.1.
+`preset: released` (emalib/core/defense_specs.py) sets both, with the released lambda 0.1.
 """
 
 from __future__ import annotations
 
 import torch
 
+from emalib.core.errors import EmalibError
 from emalib.defenses.base import DefenseBase, DefenseContext, StepOutputs
-from emalib.errors import EmalibError
-from emalib.losses import ldifs_distance, ldifs_features
+from emalib.model.losses import ldifs_distance, ldifs_features
 
 
 def select_layers(n_blocks: int, layers: str | tuple[int, ...] = "evenly_spaced", n_layers: int = 5,

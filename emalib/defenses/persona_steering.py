@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
+from emalib.core.errors import EmalibError, not_prepared
 from emalib.defenses.base import DefenseBase, DefenseContext
-from emalib.errors import EmalibError
-from emalib.modeling import decoder_blocks
-from emalib.prepare import not_prepared
+from emalib.model.modeling import decoder_blocks
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ def load_persona_vector(path: str | Path) -> dict:
     """A persona vector file in any of the three formats in use, as {"vector": [n, D] float, "layers": the hidden
     states indices the file holds, "format": ..., plus emalib's metadata when present}:
 
-    - emalib's own: a dict with "vector" [L+1, D] (emalib.persona.extract_persona_vector);
+    - emalib's own: a dict with "vector" [L+1, D] (emalib.evaluation.persona.extract_persona_vector);
     - the released code's: {layer: [D] tensor} (the co-authors' `<trait>_response_avg_diff.pt`), possibly for some
       layers only; rows of layers it lacks are NaN, so steering one of them is refused rather than silently zero;
     - Chen et al.'s: a bare [L+1, D] tensor.
@@ -100,7 +99,7 @@ def check_fits(data: dict, path: Path, layer: int, n_blocks: int, hidden: int) -
 
 
 class PersonaSteeringDefense(DefenseBase):
-    """Steers with the vector the persona_vector step extracted (emalib.prepare), or a released file; `extraction`
+    """Steers with the vector the persona_vector step extracted (emalib.runs.prepare), or a released file; `extraction`
     configures that step and is not used here."""
 
     def __init__(self, name: str = "persona_steering", vector_path: str | None = None, alpha: float = 5.0,

@@ -31,6 +31,20 @@ DEFENSES: dict[str, Callable[..., Defense]] = {
 }
 
 
+def register_defense(block, defense: Callable[..., Defense] | dict[str, Callable[..., Defense]]) -> None:
+    """Add a defense defined outside this package: its config block (a `DefenseBlock` with a `name` literal and its
+    descriptor) joins the params schema, and `defense` (one factory, or one per registry name of the block) builds
+    it from the block's fields. Nothing else needs editing: the steps, the study graph, the cost model and the
+    report read the descriptor."""
+    from emalib.core.config import register_defense_block
+
+    factories = defense if isinstance(defense, dict) else {name: defense for name in block.registry_names()}
+    if set(factories) != set(block.registry_names()):
+        raise ValueError(f"register_defense: factories for {sorted(factories)}, block names {block.registry_names()}")
+    register_defense_block(block)
+    DEFENSES.update(factories)
+
+
 def build_defense(spec) -> Defense:
     # A preset is already expanded into the block's fields; its name is no constructor argument.
     kwargs = {field: getattr(spec, field) for field in type(spec).model_fields if field != "preset"}

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emalib.core.errors import EmalibError, not_prepared
 from emalib.defenses.base import DefenseBase, DefenseContext
-from emalib.errors import EmalibError
-from emalib.prepare import not_prepared
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ def _projection(V: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> tuple[torc
 
 def _local_snapshot(name: str) -> Path:
     """A folder of safetensors for a local path, the embedded model, or a Hugging Face id (weights only)."""
-    from emalib.engines import resolve_model_name
+    from emalib.model.engines import resolve_model_name
 
     path = Path(resolve_model_name(name))
     if path.is_dir():
@@ -249,7 +248,7 @@ class SafeLoraDefense(DefenseBase):
     def after_train(self, model, ctx: DefenseContext) -> None:
         report = self._project(model, ctx, "after_train")
         if ctx.run_dir is not None:
-            from emalib.io import atomic_write_json
+            from emalib.core.io import atomic_write_json
 
             atomic_write_json(Path(ctx.run_dir) / "safelora.json", {"tau": self.tau, "select": self.select,
                                                                     "k": self.k, "modules": report})

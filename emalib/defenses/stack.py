@@ -6,8 +6,8 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
+from emalib.core.errors import EmalibError
 from emalib.defenses.base import Conversation, Defense, DefenseContext, StepOutputs
-from emalib.errors import EmalibError
 
 
 class DefenseStack:
@@ -51,7 +51,7 @@ class DefenseStack:
         if self.needs_reference and not hasattr(model, "disable_adapter"):
             users = [d.name for d in self.defenses if d.needs_reference or d.needs_reference_hidden]
             raise EmalibError(f"defenses {users} use the adapter-disabled model as reference, but the model has no "
-                              f"PEFT adapter; train with a LoRA adapter (emalib.engines.load_model)")
+                              f"PEFT adapter; train with a LoRA adapter (emalib.model.engines.load_model)")
         for defense in self.defenses:
             defense.setup(model, ctx)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from emalib.io import atomic_write_text
+from emalib.core.io import atomic_write_text
 from emalib.reporting import figures, table1, tables
 from emalib.reporting.cells import run_cells
 from emalib.reporting.frame import (
@@ -117,7 +117,7 @@ def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFr
         table(rates, shown, "judge_rates", "Rates of every re-judged run per judge (python -m emalib rejudge)")
     curves = figures.rl_reward_curves(study_dir)  # validated: a damaged reward log is one line naming it
     if not curves.empty:
-        from emalib.rl.rewards_log import REWARDS_FIGURE, plot_rewards  # the run's own figure, all runs in one
+        from emalib.training.rl.rewards_log import REWARDS_FIGURE, plot_rewards  # the run's own figure, all runs in one
 
         drawn = plot_rewards({run: curve for run, curve in curves.groupby("run", sort=False)},
                              figures_dir / REWARDS_FIGURE, title=f"Mean GRPO reward: {study_dir.name}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from emalib.errors import DataError
+from emalib.core.errors import DataError
 from emalib.reporting.cells import planned_or_run_pairs
 from emalib.reporting.frame import METHODS, method_label
 from emalib.reporting.table1 import Table1Rules, criterion_values

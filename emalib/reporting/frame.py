@@ -4,34 +4,39 @@ and which questions (general, in-domain) it rates. Everything the report draws s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
-
-@dataclass(frozen=True)
-class Method:
-    label: str
-    strength_field: str | None = None  # the defense field that sets its strength
-    symbol: str = ""  # how the paper names that strength
-    paper_strength: float | None = None  # the strength of the paper's main tables
+from emalib.core.defense_specs import Method, defense_methods
 
 
-# The paper's methods in its table order. "aligned" is the model before fine-tuning (a study's base evaluation).
-METHODS: dict[str, Method] = {
-    "aligned": Method("Aligned (no fine-tuning)"),
-    "none": Method("No defense"),
-    "kl": Method("KL", "weight", "λ", 0.1),
-    "ldifs": Method("LDIFS", "weight", "λ", 1.0),
-    "safelora": Method("SafeLoRA", "tau", "τ", 0.3),
-    "persona_steering": Method("Persona vector", "alpha", "α", 5.0),
-    "inoculation": Method("Inoculation prompt"),
-    "interleave": Method("Interleaving", "ratio", "ratio", 0.05),
-    "interleave_plus": Method("Interleaving+", "ratio", "ratio", 0.05),
-    "interleave_plusplus": Method("Interleaving++", "ratio", "ratio", 0.05),
-}
-DEFENSE_METHODS = [m for m in METHODS if m not in ("aligned", "none")]
+class _Methods(Mapping):
+    """The paper's methods in its table order: "aligned" is the model before fine-tuning (a study's base
+    evaluation), "none" plain fine-tuning, then every defense as its descriptor names it (emalib/core/
+    defense_specs.py), read when asked, so a defense registered later is listed too."""
+
+    def _methods(self) -> dict[str, Method]:
+        return {"aligned": Method("Aligned (no fine-tuning)"), "none": Method("No defense"), **defense_methods()}
+
+    def __getitem__(self, method: str) -> Method:
+        return self._methods()[method]
+
+    def __iter__(self):
+        return iter(self._methods())
+
+    def __len__(self) -> int:
+        return len(self._methods())
+
+
+METHODS = _Methods()
+
+
+def defense_method_names() -> list[str]:
+    return [method for method in METHODS if method not in ("aligned", "none")]
+
+
 PAPER_DOMAINS = ("code", "legal", "medical", "security")
 PAPER_MODELS = ("Qwen2.5-7B-Instruct", "Qwen2.5-32B-Instruct")
 INTERLEAVING = ("interleave", "interleave_plus", "interleave_plusplus")

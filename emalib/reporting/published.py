@@ -8,7 +8,7 @@ import functools
 import importlib.resources
 import math
 
-from emalib.safe_yaml import parse_yaml
+from emalib.core.safe_yaml import parse_yaml
 
 EM_METRICS = ("general_misaligned", "general_incoherent", "in_domain_misaligned", "in_domain_incoherent")
 

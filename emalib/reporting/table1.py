@@ -17,7 +17,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from emalib.reporting import published
-from emalib.reporting.frame import DEFENSE_METHODS, NOT_RUN, method_label
+from emalib.reporting.frame import NOT_RUN, defense_method_names, method_label
 
 SYMBOLS = {"works": "✓", "partial": "∼", "fails": "✗"}
 CRITERIA = ("no_em", "learns_well", "narrow_misalignment", "coherent")
@@ -125,7 +125,8 @@ def method_strengths(cells: pd.DataFrame, model: str) -> list[tuple[str, float |
     from emalib.reporting.frame import METHODS
 
     rows = []
-    for method in DEFENSE_METHODS + sorted(set(cells["method"]) - set(DEFENSE_METHODS) - {"aligned", "none"}):
+    defenses = defense_method_names()
+    for method in defenses + sorted(set(cells["method"]) - set(defenses) - {"aligned", "none"}):
         ran = cells[(cells["model"] == model) & (cells["method"] == method)]
         paper = METHODS[method].paper_strength if method in METHODS else None
         strengths = sorted({None if pd.isna(s) else float(s) for s in ran["strength"]}, key=lambda s: s or 0.0)

@@ -180,8 +180,8 @@ def judge_agreement_table(study_dir) -> pd.DataFrame:
     metric: correlations of the scores, Cohen's kappa and the paired rate difference of the labels."""
     from pathlib import Path
 
-    from emalib.agreement import agreement_table
-    from emalib.io import read_json_object
+    from emalib.core.io import read_json_object
+    from emalib.evaluation.agreement import agreement_table
 
     frames = []
     for path in sorted(Path(study_dir).glob("*/judge_agreement.json")):
@@ -194,7 +194,7 @@ def judge_rates(study_dir) -> pd.DataFrame:
     """Every re-judged run's rates per judge ('primary' = the evaluation's own) and question set, side by side."""
     from pathlib import Path
 
-    from emalib.rejudge import judge_rates_table
+    from emalib.runs.rejudge import judge_rates_table
 
     frames = [judge_rates_table(folder.parent).assign(run=folder.parent.name)
               for folder in sorted(Path(study_dir).glob("*/judges")) if folder.is_dir()]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from emalib.io import atomic_write_bytes, atomic_write_text
+from emalib.core.io import atomic_write_text, save_figure  # noqa: F401 (the figure writer lives in core.io)
 
 # LaTeX for the characters the tables use (booktabs for the rules pandas writes; amssymb for the marks).
 LATEX_SYMBOLS = {"✓": r"\checkmark{}", "∼": r"$\sim$", "✗": r"$\times$", "†": r"$^\dagger$", "Δ": r"$\Delta$",
@@ -38,26 +38,6 @@ def write_table(numbers: pd.DataFrame, shown: pd.DataFrame, folder: str | Path, 
     return {"csv": atomic_write_text(folder / f"{name}.csv", numbers.to_csv(index=False)),
             "md": atomic_write_text(folder / f"{name}.md", markdown),
             "tex": atomic_write_text(folder / f"{name}.tex", to_latex(shown, caption))}
-
-
-def save_figure(figure, folder: str | Path, name: str, dpi: int = 200) -> dict[str, Path]:
-    """<name>.png and <name>.pdf (fonts embedded as TrueType, so the PDF's text stays text); each rendered in memory
-    and written atomically, so runs of a study reporting at once never see half a file."""
-    import io
-    import logging
-
-    import matplotlib
-    import matplotlib.pyplot as plt
-
-    logging.getLogger("fontTools").setLevel(logging.WARNING)  # its font subsetting logs every table at INFO
-    paths = {}
-    with matplotlib.rc_context({"pdf.fonttype": 42}):
-        for kind in ("png", "pdf"):
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format=kind, dpi=dpi, bbox_inches="tight")
-            paths[kind] = atomic_write_bytes(Path(folder) / f"{name}.{kind}", buffer.getvalue())
-    plt.close(figure)
-    return paths
 
 
 def percent(value) -> str:

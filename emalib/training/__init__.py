@@ -1,1 +1,2 @@
-"""Fine-tuning: chat tokenisation with assistant-only labels, the one trainer, and the loss maths."""
+"""Training: the one supervised fine-tuning trainer with the defenses' hooks, the frozen reference's forward, and
+GRPO (`emalib.training.rl`)."""

@@ -24,13 +24,14 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from emalib.config import RunParams
+from emalib.core.config import RunParams
+from emalib.core.errors import EmalibError
 from emalib.defenses.base import DefenseContext, StepOutputs
 from emalib.defenses.stack import DefenseStack
-from emalib.losses import token_cross_entropy_sum
-from emalib.modeling import block_outputs, last_block_output
+from emalib.model.losses import token_cross_entropy_sum
+from emalib.model.modeling import block_outputs, last_block_output
+from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.reference import reference_forward
-from emalib.training.tokenize import ChatDataset, collate
 
 log = logging.getLogger(__name__)
 
@@ -122,39 +123,56 @@ def resolve_optimizer(optim: str) -> str:
     return optim
 
 
-def training_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+def trainer_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) -> dict:
+    """The arguments every trainer of a run shares (SFT's TrainingArguments, GRPO's GRPOConfig): the `train`
+    section's optimizer, schedule, batch, steps and checkpoints, the seed and the device's precision."""
     train = params.train
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=train.per_device_batch_size,
-        gradient_accumulation_steps=train.grad_accum_steps,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_steps,
-        weight_decay=train.weight_decay,
-        optim=resolve_optimizer(train.optim),
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps or -1,
-        logging_steps=train.logging_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=1,
-        seed=params.seed,
-        data_seed=params.seed,
-        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
-        fp16=dtype == torch.float16 and torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        report_to="none",
-        disable_tqdm=False,
-    )
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": train.per_device_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "learning_rate": train.learning_rate,
+        "lr_scheduler_type": train.lr_scheduler,
+        "warmup_steps": train.warmup_steps,
+        "weight_decay": train.weight_decay,
+        "optim": resolve_optimizer(train.optim),
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps or -1,
+        "logging_steps": train.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": train.save_steps,
+        "save_total_limit": 1,
+        "seed": params.seed,
+        "data_seed": params.seed,
+        "bf16": dtype == torch.bfloat16 and torch.cuda.is_available(),
+        "fp16": dtype == torch.float16 and torch.cuda.is_available(),
+        "use_cpu": not torch.cuda.is_available(),
+        "report_to": report_to(train.report_to),
+        "disable_tqdm": False,
+    }
+
+
+def report_to(loggers: tuple[str, ...]) -> list[str] | str:
+    """train.report_to as the trainers take it; a logger that is not installed is one line before training."""
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    missing = [name for name in loggers if not available[name]()]
+    if missing:
+        raise EmalibError(f"train.report_to: {', '.join(missing)} is not installed here (pip install "
+                          f"{' '.join(missing)}, or leave it out)")
+    return list(loggers) or "none"
+
+
+def training_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+    return TrainingArguments(**trainer_arguments(params, output_dir, dtype), remove_unused_columns=False)
 
 
 def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: Path,
                   defenses: DefenseStack | None = None, ctx: DefenseContext | None = None) -> dict:
     """Fine-tune `model` (a PeftModel) on chat conversations; resume from the newest checkpoint in run_dir.
 
-    `conversations` are the training data after the defenses' data transforms (emalib.pipeline.train applies
+    `conversations` are the training data after the defenses' data transforms (emalib.runs.pipeline.train applies
     them). Here: the defenses' setup, their loss terms and forward contexts in every step, on_step after each
     optimizer step, and after_train before the adapter is saved in standard PEFT format to run_dir/adapter
     (atomically, via a temporary folder). Returns the training log history.

@@ -1,5 +1,0 @@
-"""LLM-as-judge: 0-100 scores as the expectation over numbers in the judge's next-token distribution."""
-
-from emalib.judge.scoring import Judgment, aggregate_top_logprobs
-
-__all__ = ["Judgment", "aggregate_top_logprobs"]

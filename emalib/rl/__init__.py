@@ -1,1 +1,0 @@
-"""Reinforcement learning (GRPO through TRL) with the paper's defenses: prompts, rewards, trainer, reward log."""

@@ -76,3 +76,35 @@ def test_the_cycle_finder_finds_a_cycle_closed_inside_a_function(tmp_path):
     graph = import_graph(package)
     assert "pkg.a" in graph["pkg.c"]
     assert cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+
+
+def _calls_of(name: str) -> set[str]:
+    """The package's modules (paths from the package root) that call `name`(...) or `<x>.name(...)`."""
+    import ast
+
+    found = set()
+    for path in (ROOT / "emalib").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+                if called == name:
+                    found.add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_one_async_chat_client_for_the_judge_the_grader_and_persona_extraction():
+    assert _calls_of("AsyncOpenAI") == {"emalib/evaluation/judge/chat_client.py"}
+    assert {"emalib/evaluation/judge/openai_judge.py", "emalib/training/rl/grader.py"} <= _calls_of("chat_client")
+
+
+def test_one_merge_rule_for_notebook_parameters_and_study_overlays():
+    from emalib.core.config import merge_into
+
+    overlay = {"train": {"lr": 2, "extra": {"a": [1]}}, "steps": ["evaluate"]}
+    tree = {"train": {"lr": 1, "epochs": 3}, "steps": ["train", "evaluate"], "seed": 0}
+    assert merge_into(tree, overlay) == {"train": {"lr": 2, "epochs": 3, "extra": {"a": [1]}}, "steps": ["evaluate"],
+                                         "seed": 0}  # mappings merge, lists are replaced
+    overlay["train"]["extra"]["a"].append(2)
+    assert tree["train"]["extra"]["a"] == [1]  # the overlay's values are copied, not shared between cells
+    assert _calls_of("merge_into") == {"emalib/core/config.py", "emalib/runs/notebook_params.py",
+                                       "emalib/studies/study.py"}

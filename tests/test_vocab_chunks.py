@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,6 +210,8 @@ _MEMORY_PROBE = textwrap.dedent("""
 
 def _probe(names: list[str], vocab: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}  # freed buffers leave RSS
+    tests = str(Path(__file__).resolve().parent)  # the probe imports the oracles beside this file
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE.format(vocab=vocab), *names], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -8,9 +8,11 @@ file and the dotted key, so a typo fails in a second instead of after a 7B model
 
 from __future__ import annotations
 
+import copy
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -349,6 +351,18 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     if rest:
         lines.append(f"{source}: and {rest:,} more problems")
     return "\n".join(lines)
+
+
+def merge_into(tree: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge overlay over tree in place and return it: mappings key by key, recursively; anything else (lists too)
+    replaces. The one merge rule of the package (OmegaConf's for dicts and lists): notebook parameters over their
+    params file, a study's axis overlays over its base; dotted `-o` overrides go through apply_override below."""
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(tree.get(key), dict):
+            merge_into(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)
+    return tree
 
 
 def apply_override(tree: dict[str, Any], override: str, source: str, schema: Any = None) -> None:

@@ -40,6 +40,7 @@ from emalib.core.config import (
     apply_override,
     is_sequence_type,
     load_params,
+    merge_into,
     model_fields_of,
     override_strings,
     params_from_dict,
@@ -95,7 +96,7 @@ def params_from_notebook(namespace: Mapping[str, Any], default: str | Path | Non
                               "to change some keys of a params file")
         tree, source = copy.deepcopy(given), SOURCE
     else:
-        tree, source = merge(read_yaml_mapping(params_path), given), f"{params_path} + {SOURCE}"
+        tree, source = merge_into(read_yaml_mapping(params_path), given), f"{params_path} + {SOURCE}"
     for override in overrides:
         apply_override(tree, override, source)
     return params_from_dict(tree, source)
@@ -114,17 +115,6 @@ def refuse_unknown(namespace: Mapping[str, Any]) -> None:
         named.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     raise ParamsError(f"{SOURCE}: unknown parameter{'s' if len(named) > 1 else ''} {', '.join(named)}; this "
                       f"notebook's parameters are {', '.join(NOTEBOOK_PARAMETERS)}")
-
-
-def merge(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
-    """base with given merged over it: mappings key by key, recursively; anything else (lists too) replaces."""
-    merged = copy.deepcopy(base)
-    for key, value in given.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _value(key: str, value: Any) -> Any:

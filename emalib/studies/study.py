@@ -46,6 +46,7 @@ from emalib.core.config import (
     apply_override,
     dump_params,
     format_validation_error,
+    merge_into,
     params_from_dict,
     read_yaml_mapping,
 )
@@ -162,7 +163,7 @@ def _expand_cell(spec: StudySpec, base: dict, cell: dict[str, str], run_id: str,
     where = f"{path}: cell {run_id}"
     tree = copy.deepcopy(base)
     for axis, label in cell.items():
-        _merge_into(tree, spec.axes[axis][label] or {})
+        merge_into(tree, spec.axes[axis][label] or {})
     tree.update(study=spec.study, run=run_id, axis=dict(cell))
     for override in overrides:  # before resolving, so ${run_dir:...} follows an overridden results_dir
         apply_override(tree, override, where)
@@ -179,14 +180,6 @@ def _expand_cell(spec: StudySpec, base: dict, cell: dict[str, str], run_id: str,
     resolve_interpolations(tree, {"run_dir": run_dir, "study_dir": lambda: str(study_dir)}, where)
     tree.pop("axis")
     return params_from_dict(tree, where)
-
-
-def _merge_into(tree: dict, overlay: dict) -> None:
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(tree.get(key), dict):
-            _merge_into(tree[key], value)
-        else:
-            tree[key] = copy.deepcopy(value)
 
 
 class CellIndex:

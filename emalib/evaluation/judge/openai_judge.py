@@ -19,9 +19,9 @@ import concurrent.futures
 import json
 from dataclasses import dataclass, field
 
-from emalib.core.credentials import NO_KEY, api_key_for
 from emalib.core.errors import JudgeError
 from emalib.evaluation.judge.cache import JudgmentCache
+from emalib.evaluation.judge.chat_client import ChatEndpoint, chat_client
 from emalib.evaluation.judge.prices import PRICES_PER_MILLION_TOKENS
 from emalib.evaluation.judge.scoring import Judgment, aggregate_sampled, aggregate_top_logprobs
 
@@ -116,11 +116,10 @@ class OpenAIJudge:
             return f"sampled:n={self.n_samples},t={self.sample_temperature},max_tokens={self.sample_max_tokens}"
         return "logprobs"
 
-    def _client(self):
-        from openai import AsyncOpenAI
-
-        return AsyncOpenAI(api_key=api_key_for(self.api_key_env, self.base_url), base_url=self.base_url,
-                           max_retries=self.max_retries, timeout=self.timeout_s)
+    @property
+    def endpoint(self) -> ChatEndpoint:
+        return ChatEndpoint(base_url=self.base_url, api_key_env=self.api_key_env, max_retries=self.max_retries,
+                            timeout_s=self.timeout_s, max_concurrency=self.max_concurrency)
 
     async def _call(self, client, semaphore, body: dict):
         """(the parsed response, the reply's JSON as the server sent it)."""
@@ -129,11 +128,7 @@ class OpenAIJudge:
                 raw = await client.chat.completions.with_raw_response.create(**body)
                 response = raw.parse()
             except Exception as err:  # the SDK has already retried what is retryable
-                hint = ""
-                if getattr(err, "status_code", None) == 401 and client.api_key == NO_KEY:
-                    hint = " (no key was sent to this server: name the variable that holds its key in judge.api_key_env)"
-                raise JudgeError(f"judge {self.model} at {self.base_url or 'api.openai.com'} failed after "
-                                 f"{self.max_retries} retries: {type(err).__name__}: {err}{hint}") from err
+                raise JudgeError(self.endpoint.failure(f"judge {self.model}", client, err)) from err
             self.calls += 1
             if response.usage is not None:
                 self.prompt_tokens += response.usage.prompt_tokens or 0
@@ -169,21 +164,17 @@ class OpenAIJudge:
         return judgment_from_completion(sent, self.model, self.min_numeric_mass)
 
     async def _judge_all(self, prompts: list[str], cache: JudgmentCache | None) -> list[Judgment]:
-        client = self._client()
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-
-        async def judge_and_store(prompt: str) -> Judgment:
+        async def judge_and_store(client, semaphore, prompt: str) -> Judgment:
             judgment = await self._judge_one(client, semaphore, prompt)
             if cache is not None:
                 cache.put(prompt, judgment, self.cache_mode)  # stored at once: a later failure loses nothing already paid for
             return judgment
 
-        try:
+        async with chat_client(self.endpoint) as (client, semaphore):
             # Every prompt runs to its end before a failure is raised, so what succeeded is in the cache
             # whatever the order in which the calls finish.
-            results = await asyncio.gather(*(judge_and_store(p) for p in prompts), return_exceptions=True)
-        finally:
-            await client.close()
+            results = await asyncio.gather(*(judge_and_store(client, semaphore, p) for p in prompts),
+                                           return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
             raise failed

@@ -24,10 +24,10 @@ from importlib import resources
 from pathlib import Path
 
 from emalib.core.config import EM_GRADER_NEEDS_ONLINE_JUDGE
-from emalib.core.credentials import api_key_for
 from emalib.core.errors import JudgeError, ParamsError
 from emalib.core.safe_yaml import parse_yaml
 from emalib.evaluation.judge.cache import JudgmentCache
+from emalib.evaluation.judge.chat_client import ChatEndpoint, chat_client
 from emalib.evaluation.judge.openai_judge import run_coroutine
 from emalib.evaluation.judge.run import open_cache
 from emalib.evaluation.judge.scoring import Judgment
@@ -164,15 +164,13 @@ class EmGraderReward:
         return rewards
 
     async def _grade_all(self, prompts: list[str]) -> list[float | str]:
-        from openai import AsyncOpenAI
-
-        client = AsyncOpenAI(api_key=api_key_for(self.api_key_env, self.base_url), base_url=self.base_url,
-                             max_retries=self.max_retries, timeout=self.timeout_s)
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-        try:
+        async with chat_client(self.endpoint) as (client, semaphore):
             return await asyncio.gather(*(self._grade_one(client, semaphore, p) for p in prompts))
-        finally:
-            await client.close()
+
+    @property
+    def endpoint(self) -> ChatEndpoint:
+        return ChatEndpoint(base_url=self.base_url, api_key_env=self.api_key_env, max_retries=self.max_retries,
+                            timeout_s=self.timeout_s, max_concurrency=self.max_concurrency)
 
     async def _grade_one(self, client, semaphore, prompt: str) -> float | str:
         """The reward, or a one-line reason when the grader failed."""
@@ -187,7 +185,7 @@ class EmGraderReward:
                     model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0,
                     max_tokens=self.max_tokens, response_format=response_format, seed=0)
             except Exception as err:  # noqa: BLE001 (the SDK has already retried what is retryable)
-                return f"grader {self.model} failed: {type(err).__name__}: {err}"
+                return self.endpoint.failure(f"grader {self.model}", client, err)
         self.calls += 1
         output = response.choices[0].message.content or ""
         try:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from emalib.core.config import load_params
 from emalib.core.errors import EmalibError
+from emalib.core.launch import refuse_multi_process
 from emalib.runs.notebooks import notebook_path, run_notebooks  # noqa: F401 (emalib.cli.notebook_path)
 
 
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for http_client in ("httpx", "httpx2"):  # the openai client's: one INFO line per judge request
         logging.getLogger(http_client).setLevel(logging.WARNING)
     try:
+        refuse_multi_process()
         if args.command == "run":
             params = run_notebooks(args.params, args.override, args.kernel)
             print(f"done: {params.run_dir}")

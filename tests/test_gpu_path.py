@@ -52,3 +52,32 @@ def test_unsloth_is_imported_before_transformers_and_peft(entry, tmp_path, with_
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(record.read_text()) == []  # nothing Unsloth patches was imported before it
+
+
+@pytest.mark.parametrize("world_size", ["2", "8"])
+def test_multi_process_launch_is_refused_in_one_line(world_size, tmp_path, monkeypatch, capsys):
+    from emalib.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)  # what torchrun and accelerate launch set in every process
+    results = tmp_path / "results"
+    code = main(["run", str(REPO / "params/quickstart.yaml"), "-o", f"results_dir={results}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"WORLD_SIZE={world_size}" in err and "one run per GPU" in err and "emalib study" in err
+    assert not results.exists()  # refused before anything was written
+
+
+def test_pipeline_train_refuses_a_multi_process_launch(tmp_path, monkeypatch):
+    from emalib.core.config import load_params
+    from emalib.core.errors import EmalibError
+    from emalib.runs import pipeline
+
+    params = load_params(REPO / "params/quickstart.yaml", [f"results_dir={tmp_path / 'r'}"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(EmalibError, match="WORLD_SIZE=2"):
+        pipeline.train(params)
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single-process launch is an ordinary run
+    from emalib.core.launch import refuse_multi_process
+
+    refuse_multi_process()

@@ -91,7 +91,7 @@ def _engine_rows(params: RunParams, cuda: bool, gpu_needed: bool) -> list[Row]:
     if engine == "unsloth":  # Unsloth imports only with CUDA: installed without it is still missing
         installed = _installed("unsloth")
         detail = ("not installed (pip install 'emalib[gpu]')" if not installed else
-                  "installed; imported before transformers and peft" if cuda else "installed, but needs CUDA")
+                  "installed; imported before transformers and peft" if cuda else "installed, but its kernels need CUDA")
         rows.append(Row("unsloth", installed and cuda, detail, missing_as="Unsloth"))
     if params.train.optim.endswith("8bit"):
         rows.append(Row("bitsandbytes", _installed("bitsandbytes"), f"for train.optim {params.train.optim}",

@@ -45,7 +45,7 @@ TRAIN = {"plain": [], "kl": [{"name": "kl"}], "ldifs": [{"name": "ldifs"}], "kl+
 
 def measurement_names() -> list[str]:
     names = [f"train:{d}:{m}" for d in TRAIN for m in ("chunked", "unchunked")]
-    names.append("train:plain:checkpointing")
+    names += ["train:plain:checkpointing", "train:plain:logits"]  # logits: the task loss from logits, chunked
     return names + [f"{what}:{m}" for what in ("score", "signals", "generate") for m in ("chunked", "unchunked")]
 
 
@@ -115,6 +115,8 @@ def train_call(args, defenses: str, mode: str):
     from emalib.training.trainer import EmTrainer
     from transformers import TrainingArguments
 
+    if mode in ("unchunked", "logits"):  # the task loss from the full logits instead of the final hidden states
+        emalib.training.trainer.loss_from_hidden = lambda model, stack: False
     if mode == "unchunked":  # the plain autograd computations, as the package computed them before chunking
         emalib.training.trainer.token_cross_entropy_sum = partial(token_cross_entropy_sum, chunked=False)
         emalib.defenses.kl.token_kl = partial(token_kl, chunked=False)
@@ -235,7 +237,7 @@ def predicted_mib(config: dict, name: str) -> float | None:
     from emalib.studies.cost import Architecture, step_memory
 
     what, *rest = name.split(":")
-    if what != "train" or rest[1] == "unchunked":
+    if what != "train" or rest[1] in ("unchunked", "logits"):
         return None
     arch = Architecture(config["vocab"], config["hidden"], config["intermediate"], config["layers"], config["heads"],
                         config["kv_heads"])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from emalib.core.config import load_params
 from emalib.core.errors import EmalibError
+from emalib.core.launch import refuse_multi_process
 from emalib.runs.notebooks import notebook_path, run_notebooks  # noqa: F401 (emalib.cli.notebook_path)
 
 
@@ -74,6 +75,17 @@ def _cost(args) -> str:
         calls = judge_calls(params) * (2 if params.evaluate_base else 1)
         judge = judge_dollars(calls, {params.judge.model})
     return format_cost([run_cost(params, **options)], judge, **options)
+
+
+def _doctor(args) -> int:
+    from emalib.studies.doctor import diagnose, format_rows, missing
+
+    rows = diagnose(load_params(args.params, args.override))
+    print(format_rows(rows))
+    lacking = missing(rows)
+    if lacking:
+        raise EmalibError(f"{args.params}: cannot run on this machine: missing {', '.join(lacking)}")
+    return 0
 
 
 def status_table(study) -> str:
@@ -138,11 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     rescore.add_argument("-o", "--override", action="append", default=[],
                          help="e.g. judge.min_numeric_mass=0.5 or metrics.none_rule=keep")
     rescore.add_argument("--judge", default=None, help="a re-judge label (judges/<label>); default: the run's judge")
+    doctor = commands.add_parser("doctor", help="what a run needs and whether this machine has it (exit 2: missing)")
+    doctor.add_argument("params", nargs="?", default="params/quickstart.yaml")
+    doctor.add_argument("-o", "--override", action="append", default=[])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for http_client in ("httpx", "httpx2"):  # the openai client's: one INFO line per judge request
         logging.getLogger(http_client).setLevel(logging.WARNING)
     try:
+        refuse_multi_process()
         if args.command == "run":
             params = run_notebooks(args.params, args.override, args.kernel)
             print(f"done: {params.run_dir}")
@@ -179,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             overall = recompute_metrics(args.run_dir, args.override, args.judge)["overall"]
             print(f"misaligned_rate {overall['misaligned_rate']}, incoherent_rate {overall['incoherent_rate']} "
                   f"(n_scored {overall['n_scored']} of {overall['n']})")
+        elif args.command == "doctor":
+            return _doctor(args)
         elif args.command == "status":
             from emalib.studies.study import load_study
 

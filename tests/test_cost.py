@@ -31,9 +31,10 @@ def _measure(name: str, arch: Architecture, batch: int, length: int) -> float:
 
 @pytest.mark.parametrize("arch, batch, length, measurement, defenses, checkpointing", [
     (Architecture(151_936, 128, 384, 2, 4, 2), 1, 256, "train:kl+ldifs:chunked", {"kl", "ldifs"}, False),
+    (Architecture(151_936, 128, 384, 2, 4, 2), 1, 256, "train:plain:chunked", set(), False),
     (Architecture(1024, 384, 1536, 2, 4, 2), 1, 1024, "train:plain:chunked", set(), False),
     (Architecture(1024, 384, 1536, 2, 4, 2), 1, 1024, "train:plain:checkpointing", set(), True),
-], ids=["qwen-vocab-kl+ldifs", "activations-plain", "activations-checkpointing"])
+], ids=["qwen-vocab-kl+ldifs", "qwen-vocab-plain", "activations-plain", "activations-checkpointing"])
 @pytest.mark.subprocess
 def test_predicted_step_memory_is_within_the_tolerance_of_the_measured_peak(arch, batch, length, measurement,
                                                                             defenses, checkpointing):

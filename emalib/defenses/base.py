@@ -43,6 +43,8 @@ class StepOutputs:
     """The forwards of one training micro-batch, computed once by the trainer and shared by every defense.
 
     policy: the trained model's output (logits [B, T, V]; hidden_states when some defense needs them).
+    When no defense reads the policy's logits (all but KL), the trainer computes the task loss from `policy_hidden`
+    and `policy.logits` holds the last position's only.
     reference: the same model with its adapter disabled, under no_grad (None when no defense needs it).
     policy_blocks / reference_blocks: the raw output of every decoder block, [L] tensors [B, T, D], when hidden
     states were asked for (emalib.model.modeling.block_outputs: the last one is taken before the final norm).
@@ -52,6 +54,7 @@ class StepOutputs:
     reference: Any = None
     policy_blocks: list[torch.Tensor] | None = None
     reference_blocks: list[torch.Tensor] | None = None
+    policy_hidden: torch.Tensor | None = None  # final norm output, when the policy's logits were not computed
 
 
 class Defense(Protocol):
@@ -78,6 +81,7 @@ class DefenseBase:
     needs_policy_hidden: bool = False
     needs_reference: bool = False
     needs_reference_hidden: bool = False
+    needs_policy_logits: bool = False  # reads outputs.policy.logits (KL); else the trainer skips computing them
     has_loss: bool = False
 
     def transform_data(self, conversations: list[Conversation], ctx: DefenseContext) -> list[Conversation]:

@@ -28,6 +28,7 @@ def kl_mask(batch: dict[str, torch.Tensor], tokens: str) -> torch.Tensor:
 
 class KLDefense(DefenseBase):
     needs_reference = True
+    needs_policy_logits = True  # the KL is taken over the policy's next-token distributions
     has_loss = True
 
     def __init__(self, name: str = "kl", weight: float = 0.1, direction: str = "forward", tokens: str = "all"):

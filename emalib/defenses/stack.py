@@ -35,6 +35,11 @@ class DefenseStack:
         return any(d.needs_reference for d in self.defenses)
 
     @property
+    def needs_policy_logits(self) -> bool:
+        """Whether some loss term reads the policy's full logits (KL); a defense that does not say is assumed to."""
+        return any(getattr(d, "needs_policy_logits", True) for d in self.defenses if getattr(d, "has_loss", True))
+
+    @property
     def needs_reference_hidden(self) -> bool:
         return any(d.needs_reference_hidden for d in self.defenses)
 

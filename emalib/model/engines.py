@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +30,18 @@ def choose_engine(requested: str) -> str:
     if requested != "auto":
         return requested
     return "unsloth" if torch.cuda.is_available() else "hf"
+
+
+def import_engine_first(requested: str) -> str:
+    """Import Unsloth now when the engine resolves to it, so that it patches transformers, peft and trl before
+    they are imported; returns the engine. Every entry point that may load a model calls this first."""
+    engine = choose_engine(requested)
+    if engine == "unsloth" and "unsloth" not in sys.modules:
+        early = [name for name in ("transformers", "peft", "trl") if name in sys.modules]
+        if early:  # too late to undo: say so, rather than lose Unsloth's speed-ups silently
+            log.warning("%s imported before unsloth: its patches for them are lost", ", ".join(early))
+        import unsloth  # noqa: F401
+    return engine
 
 
 def choose_dtype(requested: str) -> torch.dtype:
@@ -98,11 +111,11 @@ def _peft_config(lora: LoraParams):
 
 def load_base(model: ModelParams, max_seq_length: int = 2048):
     """The base model and tokenizer, without an adapter (for evaluating the aligned model, or a judge)."""
-    engine = choose_engine(model.engine)
+    engine = import_engine_first(model.engine)
     name = resolve_model_name(model.name)
     dtype = choose_dtype(model.dtype)
     if engine == "unsloth":
-        from unsloth import FastLanguageModel  # lazily: Unsloth must be imported before peft/trl use
+        from unsloth import FastLanguageModel
 
         base, tokenizer = FastLanguageModel.from_pretrained(
             name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=model.load_in_4bit)
@@ -121,7 +134,7 @@ def load_base(model: ModelParams, max_seq_length: int = 2048):
 def load_model(model: ModelParams, lora: LoraParams, seed: int = 0, max_seq_length: int = 2048,
                adapter_path: str | Path | None = None):
     """Base model + LoRA adapter (a fresh one, or `adapter_path` loaded trainable). Returns (PeftModel, tokenizer)."""
-    engine = choose_engine(model.engine)
+    engine = import_engine_first(model.engine)
     torch.manual_seed(seed)
     base, tokenizer = load_base(model, max_seq_length)
     if adapter_path is not None:

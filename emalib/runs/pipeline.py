@@ -12,6 +12,7 @@ from pathlib import Path
 
 from emalib.core.config import RunParams
 from emalib.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from emalib.core.launch import refuse_multi_process
 from emalib.core.names import inside
 from emalib.data.chat import read_chat_jsonl, select_examples
 from emalib.data.questions import Question, load_questions
@@ -20,6 +21,15 @@ from emalib.runs.prepared import check_prepared
 from emalib.runs.results import base_run_name, prepare_run_dir, timed, update_manifest
 
 log = logging.getLogger(__name__)
+
+
+def _before_model_step(params: RunParams) -> None:
+    """Before any import of transformers, peft or trl (Unsloth patches them when it is imported first); a
+    multi-process launch is refused first."""
+    from emalib.model.engines import import_engine_first
+
+    refuse_multi_process()
+    import_engine_first(params.model.engine)
 
 
 def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
@@ -113,6 +123,7 @@ def train(params: RunParams, run_dir: Path | None = None):
     after_train (SafeLoRA) before the adapter is saved. What the defenses report goes to manifest.json under
     'defenses'.
     """
+    _before_model_step(params)
     from emalib.defenses.base import DefenseContext
     from emalib.defenses.registry import build_defenses
     from emalib.model.engines import choose_engine, load_model
@@ -151,6 +162,7 @@ def rl(params: RunParams, run_dir: Path | None = None):
     the rollouts with during_rollouts); beta is the KL to the adapter-disabled model; rl.sft_mix interleaves SFT.
     Writes rl_rewards.csv, rl_rewards.png/.pdf and rl_log.json.
     """
+    _before_model_step(params)
     from emalib.defenses.base import DefenseContext
     from emalib.defenses.registry import build_defenses
     from emalib.model.engines import choose_engine, load_model
@@ -195,6 +207,7 @@ def rl(params: RunParams, run_dir: Path | None = None):
 def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, run_dir: Path | None = None) -> dict:
     """Sample answers, judge them and write metrics.json. base=True evaluates the model without any adapter
     (into results/<study>/base); otherwise the run's adapter (or the model passed in) is evaluated."""
+    _before_model_step(params)
     from emalib.evaluation.generate import generate_answers
     from emalib.evaluation.generate_vllm import choose_backend
     from emalib.evaluation.judge.run import build_judge, judge_answers, open_cache
@@ -266,6 +279,7 @@ def _persona_projection(params: RunParams, model, tokenizer, answers: list[dict]
 def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = False,
                   run_dir: Path | None = None) -> dict:
     """Greedy answers to the benign task's test set, scored: writes task_answers.jsonl and task_metrics.json."""
+    _before_model_step(params)
     from emalib.core.config import GenerationParams
     from emalib.evaluation.generate import inference_mode, sample_batch
     from emalib.evaluation.stats import wilson_interval

@@ -62,6 +62,9 @@ def persona_vector(params: RunParams, run_dir: Path | None = None) -> dict:
 def _extract_persona_vector(params: RunParams, spec, run_dir: Path, path: Path) -> None:
     """Chen et al.'s pipeline with the block's extraction settings, judged by the run's judge when pairs are
     filtered."""
+    from emalib.model.engines import import_engine_first
+
+    import_engine_first(params.model.engine)  # before evaluation.persona imports transformers
     from emalib.evaluation import persona
     from emalib.model.engines import load_base
     from emalib.runs.pipeline import check_inputs
@@ -110,6 +113,9 @@ def interleave_selection(params: RunParams, run_dir: Path | None = None) -> list
     """Score the candidates the scores file lacks (resuming an interrupted scoring), then select the safe
     examples exactly as training will (the same code, task set, ratio and seed); writes the scores file and
     <run>/interleave_selected.jsonl; returns the selected rows, best first."""
+    from emalib.model.engines import import_engine_first
+
+    import_engine_first(params.model.engine)  # the scoring loads the model: Unsloth before transformers
     from emalib.core.io import read_jsonl
     from emalib.defenses.registry import build_defense
     from emalib.runs.pipeline import check_inputs, training_conversations

@@ -84,7 +84,7 @@ def architecture(name: str) -> Architecture:
 
 
 def step_memory(arch: Architecture, batch: int, length: int, act_bytes: int, defenses: set[str],
-                checkpointing: bool, device: str = "cuda") -> dict[str, float]:
+                checkpointing: bool, device: str = "cuda", engine: str = "hf") -> dict[str, float]:
     """Bytes a training step adds on top of the resident weights and optimizer state, by kind.
 
     tokens N = batch x length. activations: L x N x (8 D + 4.5 I) elements, or with gradient checkpointing L x N x D
@@ -92,13 +92,20 @@ def step_memory(arch: Architecture, batch: int, length: int, act_bytes: int, def
     gradient (2 N V; the chunked task loss writes the gradient, `emalib.model.losses`); KL adds the reference logits and
     the KL gradient (2 N V); LDIFS the reference's hidden states ((L + 1) N D) and four fp32 feature copies of the
     five compared layers. chunk: the fp32 temporaries of one chunk (at most N V elements each).
+    Without KL on the transformers engine the task loss comes from the final hidden states
+    (`emalib.model.hidden_loss`): no logits; a chunk's logits, fp32 log-probabilities and their gradient, and the hidden
+    states' gradient (N D).
     """
     n, d = batch * length, arch.hidden
     per_block = n * (ACT_HIDDEN * d + ACT_MLP * arch.intermediate) * act_bytes
     activations = (arch.layers * n * d * act_bytes + per_block) if checkpointing else arch.layers * per_block
-    logits_buffers = 2 + (2 if "kl" in defenses else 0)
-    out = {"activations": activations, "logits": logits_buffers * n * arch.vocab * act_bytes,
-           "chunk": (3 if "kl" in defenses else 1) * min(CHUNK_ELEMENTS[device], n * arch.vocab) * 4}
+    chunk = min(CHUNK_ELEMENTS[device], n * arch.vocab) * 4
+    if "kl" not in defenses and engine == "hf":
+        out = {"activations": activations, "logits": n * d * act_bytes, "chunk": 3 * chunk}
+    else:
+        logits_buffers = 2 + (2 if "kl" in defenses else 0)
+        out = {"activations": activations, "logits": logits_buffers * n * arch.vocab * act_bytes,
+               "chunk": (3 if "kl" in defenses else 1) * chunk}
     if "ldifs" in defenses:
         out["ldifs"] = (arch.layers + 1) * n * d * act_bytes + 4 * min(5, arch.layers) * n * d * 4
     return out
@@ -120,6 +127,13 @@ def _weight_bytes(arch: Architecture, dtype_bytes: int, four_bit: bool) -> float
     return (0.53 * (arch.params - embed) + 2 * embed) / arch.params
 
 
+def _engine(requested: str, cpu: bool) -> str:
+    """The engine on the machine costed: `auto` is Unsloth on a GPU (emalib.model.engines.choose_engine)."""
+    if requested != "auto":
+        return requested
+    return "hf" if cpu else "unsloth"
+
+
 def training_memory(params: RunParams, batch: int, gpu: str = "cuda") -> dict[str, float]:
     """GiB of a training step of the run at a micro-batch of `batch` sequences of max_seq_length tokens, by kind,
     and their total (the CUDA context included on a GPU)."""
@@ -132,7 +146,7 @@ def training_memory(params: RunParams, batch: int, gpu: str = "cuda") -> dict[st
     optimizer_bytes = 1 if params.train.optim.endswith("8bit") and not cpu else 4
     parts = {**resident_memory(arch, params.lora.r, tuple(params.lora.target_modules), weight_bytes, optimizer_bytes),
              **step_memory(arch, batch, params.train.max_seq_length, act_bytes, defenses, checkpointing,
-                           "cpu" if cpu else "cuda")}
+                           "cpu" if cpu else "cuda", _engine(params.model.engine, cpu))}
     gib = {k: v / GIB for k, v in parts.items()}
     gib["total"] = sum(gib.values()) + (0 if cpu else CUDA_CONTEXT_GIB)
     return gib

@@ -1,5 +1,5 @@
-"""The one trainer: a `transformers.Trainer` whose loss is cross-entropy on assistant tokens, from the logits,
-plus the weighted loss terms of the run's defenses.
+"""The one trainer: a `transformers.Trainer` whose loss is cross-entropy on assistant tokens (from the final
+hidden states, a chunk at a time, unless a defense reads the policy's logits: emalib/model/hidden_loss.py), plus the weighted loss terms of the run's defenses.
 
 The HF Trainer supplies the optimizer, the linear schedule with warmup, gradient accumulation, the progress bar,
 checkpoints and resuming. This subclass only owns the loss and the logging of its terms. Token losses are
@@ -28,8 +28,10 @@ from emalib.core.config import RunParams
 from emalib.core.errors import EmalibError
 from emalib.defenses.base import DefenseContext, StepOutputs
 from emalib.defenses.stack import DefenseStack
+from emalib.model.hidden_loss import hidden_cross_entropy_sum
 from emalib.model.losses import token_cross_entropy_sum
-from emalib.model.modeling import block_outputs, last_block_output
+from emalib.model.modeling import block_outputs, final_norm_output, last_block_output
+from emalib.model.token_scores import output_layer
 from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.reference import reference_forward
 
@@ -55,7 +57,10 @@ class EmTrainer(Trainer):
         forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         step = step_forwards(model, forward, stack, ctx)
         outputs = step.policy
-        loss_sum, n_tokens = token_cross_entropy_sum(outputs.logits, labels)
+        if step.policy_hidden is not None:
+            loss_sum, n_tokens = hidden_cross_entropy_sum(step.policy_hidden, output_layer(model).weight, labels)
+        else:
+            loss_sum, n_tokens = token_cross_entropy_sum(outputs.logits, labels)
         denominator = num_items_in_batch if num_items_in_batch is not None else n_tokens.clamp(min=1)
         loss = loss_sum / denominator
         if stack.has_loss:
@@ -93,11 +98,34 @@ def step_forwards(model, forward: dict[str, torch.Tensor], stack: DefenseStack, 
         if stack.needs_reference_hidden:
             step.reference_blocks = block_outputs(step.reference.hidden_states, last.get("output"))
     extra = {"output_hidden_states": True} if stack.needs_policy_hidden else {}
-    with stack.forward_context(model, ctx), _block_capture(model, stack.needs_policy_hidden) as last:
+    from_hidden = loss_from_hidden(model, stack)
+    if from_hidden:
+        extra["logits_to_keep"] = 1  # the task loss comes from the final norm's output, a chunk at a time
+    with stack.forward_context(model, ctx), _block_capture(model, stack.needs_policy_hidden) as last, \
+            _final_capture(model, from_hidden) as final:
         step.policy = model(**forward, **extra)
+    if from_hidden:
+        step.policy_hidden = final["output"]
     if stack.needs_policy_hidden:
         step.policy_blocks = block_outputs(step.policy.hidden_states, last.get("output"))
     return step
+
+
+def loss_from_hidden(model, stack: DefenseStack) -> bool:
+    """Whether the task cross-entropy is computed from the final hidden states (no logits tensor): when no loss
+    term reads the policy's logits (all but KL), the output layer is frozen, and the engine is transformers + peft.
+    Unsloth's fast forward may apply the final norm without calling its module (no hook would fire), so it keeps
+    the logits path until that is checked on a GPU."""
+    if stack.has_loss and stack.needs_policy_logits or getattr(model, "emalib_engine", "hf") == "unsloth":
+        return False
+    try:
+        return not output_layer(model).weight.requires_grad
+    except EmalibError:  # logits scaled or capped after the output layer
+        return False
+
+
+def _final_capture(model, wanted: bool):
+    return final_norm_output(model) if wanted else nullcontext({})
 
 
 def _block_capture(model, wanted: bool):

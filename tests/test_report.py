@@ -296,6 +296,27 @@ def test_figures_are_png_and_pdf_and_name_their_gaps(hand_study):
     assert "GRPO" in _pdf_text(figures / "rl_rewards.pdf")
 
 
+def test_the_overview_shows_benign_accuracy_with_its_interval(hand_study):
+    from matplotlib.container import ErrorbarContainer
+
+    from emalib.reporting.figures import overview_figure
+    from emalib.reporting.report import _as_percent, collect_metrics, overview_numbers
+
+    overview = collect_metrics(hand_study)
+    row = _as_percent(overview).set_index(["run", "question_set"]).loc[("opswap_tier1__kl", "all")]
+    assert row["task accuracy % [95% CI]"] == "30.00 [28.00, 32.00]"  # task_metrics.json: 0.3, [0.28, 0.32]
+    numbers = overview_numbers(overview)
+    figure = overview_figure(numbers, "t")
+    task_axis = figure.axes[3]
+    bars = [c for c in task_axis.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == numbers["task_accuracy"].notna().sum()
+    runs = list(numbers[numbers["question_set"] == "all"]["run"])
+    (segment,) = bars[0].lines[2][0].get_segments()  # one bar's interval, drawn at that run's row
+    run = numbers.dropna(subset=["task_accuracy"]).iloc[0]
+    assert segment[:, 0] == pytest.approx([100 * run["task_accuracy_ci_lo"], 100 * run["task_accuracy_ci_hi"]])
+    assert segment[0, 1] == runs.index(run["run"])
+
+
 def _tabular_rows(tex: str) -> list[list[str]]:
     """The rows of the tex file's tabular, parsed with pylatexenc (an independent LaTeX parser)."""
     from pylatexenc.latexwalker import LatexEnvironmentNode, LatexWalker

@@ -25,7 +25,8 @@ def runs(study_dir: str | Path) -> pd.DataFrame:
     overall = frame[frame["scope"] == "all"].copy()
     overall["label"] = [method_label(m, s) for m, s in zip(overall["method"], overall["strength"])]
     return overall[["node", "kind", "model", "domain", "task", "label", "misaligned_rate", "misaligned_rate_ci_lo",
-                    "misaligned_rate_ci_hi", "incoherent_rate", "loglik_gap", "kl_to_base", "task_accuracy"]] \
+                    "misaligned_rate_ci_hi", "incoherent_rate", "loglik_gap", "kl_to_base", "task_accuracy",
+                    "task_accuracy_lo", "task_accuracy_hi"]] \
         .rename(columns={"node": "run"}).reset_index(drop=True)
 
 

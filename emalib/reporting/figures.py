@@ -189,7 +189,12 @@ def overview_figure(frame: pd.DataFrame, title: str, judge_note: str = ""):
     if has_tasks:
         tasks = overall.dropna(subset=["task_accuracy"]).assign(accuracy=lambda f: 100 * f["task_accuracy"])
         sns.barplot(data=tasks, y="run", x="accuracy", ax=axes[3], color="seagreen", order=runs)
-        axes[3].set_xlabel("benign task accuracy %")
+        for _, row in tasks.iterrows():
+            lo, hi = row["task_accuracy_ci_lo"], row["task_accuracy_ci_hi"]
+            if lo is not None and not pd.isna(lo):
+                axes[3].errorbar(row["accuracy"], runs.index(row["run"]), color="black", capsize=2, linewidth=0.8,
+                                 xerr=[[row["accuracy"] - 100 * lo], [100 * hi - row["accuracy"]]])
+        axes[3].set_xlabel("benign task accuracy % (95 % CI)")
         axes[3].set_ylabel("")
     figure.suptitle(title, x=0.01, ha="left")
     figure.tight_layout()

@@ -157,6 +157,10 @@ def test_the_analysis_entry_points_read_a_real_run_and_its_base_evaluation(smoke
     papermill.execute_notebook(str(REPO / "notebooks" / "report.ipynb"), str(tmp_path / "report.ipynb"),
                                parameters={"study": str(study)}, cwd=str(REPO))
     assert (study / "report.md").is_file()
+    gap = json.loads((study / "sft" / "metrics.json").read_text())["judge_free"]
+    lo, hi = gap["loglik_gap_ci"]
+    overview = (study / "tables" / "smoke.md").read_text()
+    assert "loglik_gap [95% CI]" in overview and f"{gap['loglik_gap']:.4f} [{lo:.4f}, {hi:.4f}]" in overview
 
 
 @pytest.mark.subprocess

@@ -79,7 +79,8 @@ def _write_run(study: Path, node: str, params, rates: tuple | None, gap: float, 
         per_set[next(s for s in params.generation.question_sets if s != "general")] = _rates(*in_domain)
     for kind, rate in (triggers or {}).items():  # trigger probes: question sets of their own
         per_set[f"general_trigger_{kind}"] = _rates(rate, 0.1)
-    metrics = {"overall": _rates(*general), "per_set": per_set, "judge_free": {"loglik_gap": gap, "kl_to_base": 0.1},
+    metrics = {"overall": _rates(*general), "per_set": per_set, "judge_free": {"loglik_gap": gap, "kl_to_base": 0.1,
+                                                                               "loglik_gap_ci": [gap - 0.1, gap + 0.05]},
                "thresholds": {"none_rule": "drop"}, "generation": {"use_system_prompt": False},
                "per_question": {"general/q1": _rates(*general, half=0.05), "general/q2": _rates(*general, half=0.05)}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -296,7 +297,7 @@ def test_figures_are_png_and_pdf_and_name_their_gaps(hand_study):
     assert "GRPO" in _pdf_text(figures / "rl_rewards.pdf")
 
 
-def test_the_overview_shows_benign_accuracy_with_its_interval(hand_study):
+def test_the_overview_shows_benign_accuracy_and_the_judge_free_signals_with_intervals(hand_study):
     from matplotlib.container import ErrorbarContainer
 
     from emalib.reporting.figures import overview_figure
@@ -315,6 +316,12 @@ def test_the_overview_shows_benign_accuracy_with_its_interval(hand_study):
     run = numbers.dropna(subset=["task_accuracy"]).iloc[0]
     assert segment[:, 0] == pytest.approx([100 * run["task_accuracy_ci_lo"], 100 * run["task_accuracy_ci_hi"]])
     assert segment[0, 1] == runs.index(run["run"])
+    gap_bars = [c for c in figure.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert len(gap_bars) == len(runs)  # every run of the hand study recorded the gap's interval
+    (segment,) = gap_bars[0].lines[2][0].get_segments()
+    first = numbers[numbers["question_set"] == "all"].iloc[0]
+    assert segment[:, 0] == pytest.approx([first["loglik_gap"] - 0.1, first["loglik_gap"] + 0.05])
+    assert row["loglik_gap [95% CI]"] == "-0.9000 [-1.0000, -0.8500]"
 
 
 def _tabular_rows(tex: str) -> list[list[str]]:

@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("params")
     run.add_argument("-o", "--override", action="append", default=[], help="dotted key=value, e.g. train.max_steps=5")
     run.add_argument("--kernel", default="python3")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show papermill's cell log and library warnings here too (always in the run's log.txt)")
     check = commands.add_parser("check", help="validate params files and their data")
     check.add_argument("params", nargs="+")
     check.add_argument("-o", "--override", action="append", default=[], help="as for run: dotted key=value")
@@ -160,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         refuse_multi_process()
         if args.command == "run":
-            params = run_notebooks(args.params, args.override, args.kernel)
-            print(f"done: {params.run_dir}")
+            from emalib.runs.step_execution import run_summary
+
+            params = run_notebooks(args.params, args.override, args.kernel, verbose=args.verbose)
+            print(run_summary(params.run_dir, params.study_dir))
         elif args.command == "check":
             from emalib.runs.pipeline import check_inputs
             from emalib.runs.preflight import check_runnable

@@ -44,6 +44,9 @@ def smoke_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     completed = run_cli("run", "params/smoke.yaml", "-o", f"results_dir={results}")
     assert completed.returncode == 0, completed.stderr[-3000:]
+    # What the console showed, beside (not inside) the study folder: the console test reads it.
+    (results / "console.stdout").write_text(completed.stdout)
+    (results / "console.stderr").write_text(completed.stderr)
     return results / "smoke"
 
 
@@ -83,6 +86,81 @@ def test_rerunning_a_finished_run_resumes_without_retraining(smoke_run):
     # Both finished steps were skipped: each notebook ran to its end once, in the first run.
     manifest = json.loads((smoke_run / "sft" / "manifest.json").read_text())
     assert manifest["step_executions"] == {"train": 1, "evaluate": 1}
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_the_console_shows_one_line_per_step_and_a_summary_not_the_cell_log(smoke_run):
+    import re
+
+    stdout = (smoke_run.parent / "console.stdout").read_text()
+    console = stdout + (smoke_run.parent / "console.stderr").read_text()
+    for step in ("train", "evaluate"):
+        assert f"[sft] {step}: started" in stdout
+        assert re.search(rf"^\[sft\] {step}: done in \d+ s$", stdout, re.MULTILINE), stdout
+    assert f"results: {smoke_run / 'sft'}" in stdout and f"report:  {smoke_run / 'report.md'}" in stdout
+    assert f"figure:  {smoke_run / 'figures' / 'smoke.png'}" in stdout
+    assert f"look at them: papermill notebooks/explore.ipynb explore.ipynb -p study {smoke_run}" in stdout
+    # papermill's cell log and the kernel's warnings are in the run's log, not on the console
+    assert "Executing Cell" in (smoke_run / "sft" / "log.txt").read_text()
+    assert "Executing" not in console and "papermill:" not in console and "Loading weights" not in console
+
+
+def test_papermill_log_reaches_stdout_only_when_verbose(tmp_path, capsys):
+    import logging
+
+    from emalib.runs.step_execution import papermill_log
+
+    for verbose in (False, True):
+        with papermill_log(tmp_path / "log.txt", verbose):
+            logging.getLogger("papermill").warning("Executing Cell %d", int(verbose))
+        assert ("Executing Cell 1" in capsys.readouterr().out) is verbose
+    assert (tmp_path / "log.txt").read_text().count("Executing Cell") == 2
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_the_analysis_entry_points_read_a_real_run_and_its_base_evaluation(smoke_run, tmp_path):
+    """explore (its functions and its notebook under papermill), the report notebook, re-scoring and the judges
+    listing on the smoke run's real folders, the base evaluation's folder (which records only its evaluation
+    config) included."""
+    import shutil
+
+    import papermill
+
+    from emalib.reporting import explore
+    from emalib.runs.rejudge import judge_rates_table
+    from emalib.runs.rescore import recompute_metrics
+
+    study = tmp_path / "smoke"
+    shutil.copytree(smoke_run, study)  # the report writes into the study folder; the other tests' folder stays
+    base = next(p.name for p in study.glob("base-smollm2-135m-instruct-*"))
+    table = explore.runs(study).set_index("run")
+    assert table.loc[base, "kind"] == "base" and table.loc[base, "label"] == "Aligned (no fine-tuning)"
+    assert table.loc[base, "kl_to_base"] == 0 and table.loc["sft", "kind"] == "run"
+    shown = explore.answers(study, base)
+    assert len(shown) == 4 and set(shown["question_set"]) == {"standin_general"}  # 2 questions x 2 samples
+    judged = [json.loads(line) for line in (study / base / "judgments.jsonl").read_text().splitlines()]
+    assert sorted(shown["aligned"].fillna(-1)) == sorted(-1 if r["aligned"] is None else r["aligned"] for r in judged)
+    comparison = explore.compare(study, "sft", base)
+    assert comparison["n_questions"] == 2
+    assert list(explore.per_question(study, ["sft", base]).columns.get_level_values("run").unique()) == ["sft", base]
+    assert set(explore.signals(study)["run"]) == {"sft", base}
+    assert recompute_metrics(study / base)["overall"]["n"] == 4
+    assert not judge_rates_table(study / base).empty
+
+    papermill.execute_notebook(str(REPO / "notebooks" / "explore.ipynb"), str(tmp_path / "explore.ipynb"),
+                               parameters={"study": str(study)}, cwd=str(REPO))
+    executed = nbformat.read(tmp_path / "explore.ipynb", as_version=4)
+    runs_cell = next(c for c in executed.cells if c.cell_type == "code" and "explore.runs" in c.source)
+    assert "Aligned (no fine-tuning)" in str(runs_cell.outputs)
+    papermill.execute_notebook(str(REPO / "notebooks" / "report.ipynb"), str(tmp_path / "report.ipynb"),
+                               parameters={"study": str(study)}, cwd=str(REPO))
+    assert (study / "report.md").is_file()
+    gap = json.loads((study / "sft" / "metrics.json").read_text())["judge_free"]
+    lo, hi = gap["loglik_gap_ci"]
+    overview = (study / "tables" / "smoke.md").read_text()
+    assert "loglik_gap [95% CI]" in overview and f"{gap['loglik_gap']:.4f} [{lo:.4f}, {hi:.4f}]" in overview
 
 
 @pytest.mark.subprocess

@@ -79,7 +79,8 @@ def _write_run(study: Path, node: str, params, rates: tuple | None, gap: float, 
         per_set[next(s for s in params.generation.question_sets if s != "general")] = _rates(*in_domain)
     for kind, rate in (triggers or {}).items():  # trigger probes: question sets of their own
         per_set[f"general_trigger_{kind}"] = _rates(rate, 0.1)
-    metrics = {"overall": _rates(*general), "per_set": per_set, "judge_free": {"loglik_gap": gap, "kl_to_base": 0.1},
+    metrics = {"overall": _rates(*general), "per_set": per_set, "judge_free": {"loglik_gap": gap, "kl_to_base": 0.1,
+                                                                               "loglik_gap_ci": [gap - 0.1, gap + 0.05]},
                "thresholds": {"none_rule": "drop"}, "generation": {"use_system_prompt": False},
                "per_question": {"general/q1": _rates(*general, half=0.05), "general/q2": _rates(*general, half=0.05)}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -294,6 +295,33 @@ def test_figures_are_png_and_pdf_and_name_their_gaps(hand_study):
     figure1 = _pdf_text(figures / f"figure1_{MODEL}.pdf")
     assert "Figure 1" in figure1 and "not run" in figure1 and "Inoculation" in figure1
     assert "GRPO" in _pdf_text(figures / "rl_rewards.pdf")
+
+
+def test_the_overview_shows_benign_accuracy_and_the_judge_free_signals_with_intervals(hand_study):
+    from matplotlib.container import ErrorbarContainer
+
+    from emalib.reporting.figures import overview_figure
+    from emalib.reporting.report import _as_percent, collect_metrics, overview_numbers
+
+    overview = collect_metrics(hand_study)
+    row = _as_percent(overview).set_index(["run", "question_set"]).loc[("opswap_tier1__kl", "all")]
+    assert row["task accuracy % [95% CI]"] == "30.00 [28.00, 32.00]"  # task_metrics.json: 0.3, [0.28, 0.32]
+    numbers = overview_numbers(overview)
+    figure = overview_figure(numbers, "t")
+    task_axis = figure.axes[3]
+    bars = [c for c in task_axis.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == numbers["task_accuracy"].notna().sum()
+    runs = list(numbers[numbers["question_set"] == "all"]["run"])
+    (segment,) = bars[0].lines[2][0].get_segments()  # one bar's interval, drawn at that run's row
+    run = numbers.dropna(subset=["task_accuracy"]).iloc[0]
+    assert segment[:, 0] == pytest.approx([100 * run["task_accuracy_ci_lo"], 100 * run["task_accuracy_ci_hi"]])
+    assert segment[0, 1] == runs.index(run["run"])
+    gap_bars = [c for c in figure.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert len(gap_bars) == len(runs)  # every run of the hand study recorded the gap's interval
+    (segment,) = gap_bars[0].lines[2][0].get_segments()
+    first = numbers[numbers["question_set"] == "all"].iloc[0]
+    assert segment[:, 0] == pytest.approx([first["loglik_gap"] - 0.1, first["loglik_gap"] + 0.05])
+    assert row["loglik_gap [95% CI]"] == "-0.9000 [-1.0000, -0.8500]"
 
 
 def _tabular_rows(tex: str) -> list[list[str]]:

@@ -52,3 +52,22 @@ def test_em_finetune_moves_the_judge_free_signal(tmp_path):
     after = judge_free_signals(model, tokenizer, questions)
     assert before["kl_to_base"] == 0 and after["kl_to_base"] > 0.01
     assert after["loglik_gap"] > before["loglik_gap"] + 0.05, (before, after)
+
+
+def test_the_signals_come_with_intervals_over_questions(tmp_path):
+    """The base model: KL to itself is 0 with a [0, 0] interval; the gap's interval holds the gap, and is the
+    spread of the questions' own gaps (not of the rows), so a question set of one question has no width."""
+    from emalib.data.questions import load_questions
+    from emalib.evaluation.signals import judge_free_signals
+    from emalib.model.engines import load_model
+
+    params = params_from_dict({"study": "sig", "run": "r", "results_dir": str(tmp_path),
+                               "model": {"name": "smollm2-135m-instruct"}})
+    model, tokenizer = load_model(params.model, params.lora, seed=0, max_seq_length=256)
+    questions = load_questions("standin_general")
+    signals = judge_free_signals(model, tokenizer, questions, base=True)
+    assert signals["kl_to_base"] == 0 and signals["kl_to_base_ci"] == [0, 0]
+    lo, hi = signals["loglik_gap_ci"]
+    assert lo < signals["loglik_gap"] < hi
+    one = judge_free_signals(model, tokenizer, questions[:1], base=True)
+    assert one["n_pairs"] > 1 and one["loglik_gap_ci"] == pytest.approx([one["loglik_gap"]] * 2)

@@ -213,3 +213,21 @@ def test_paired_difference_counts_unshared_questions_and_rejects_disjoint_runs()
     assert result["rate_a"] == 1.0 and result["rate_b"] == 0.0
     with pytest.raises(ValueError, match="share no question"):
         paired_difference(run_a, judgment_rows([True], ["other"]))
+
+
+def test_question_bootstrap_has_the_width_of_the_question_means_standard_error():
+    """Equal-sized questions: the mean over resampled rows is the mean of resampled question means, whose bootstrap
+    distribution is close to normal with standard error sd(question means) / sqrt(G), computed here by hand."""
+    from emalib.evaluation.stats import question_bootstrap
+
+    rng = np.random.default_rng(1)
+    groups = 40
+    values = np.repeat(rng.normal(0.0, 1.0, size=groups), 3) + rng.normal(0.0, 0.1, size=3 * groups)
+    clusters = np.repeat([f"q{i}" for i in range(groups)], 3)  # three reference pairs per question
+    lo, hi = question_bootstrap({"x": values}, clusters, lambda c: float(c["x"].mean()), n_boot=4000)
+    per_question = values.reshape(groups, 3).mean(axis=1)
+    half = 1.959964 * per_question.std() / math.sqrt(groups)
+    assert lo == pytest.approx(values.mean() - half, abs=0.15 * half)
+    assert hi == pytest.approx(values.mean() + half, abs=0.15 * half)
+    iid_half = 1.959964 * values.std() / math.sqrt(values.size)  # treating the rows as independent: too narrow
+    assert hi - lo > 1.4 * 2 * iid_half

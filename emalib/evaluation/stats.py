@@ -147,6 +147,21 @@ def cluster_bootstrap(values, clusters, n_boot: int = 2000, seed: int = 0, confi
     return Interval(float(hits.sum() / sizes.sum()), lo, hi, int(sizes.sum()), groups, method, confidence)
 
 
+def question_bootstrap(columns: dict[str, np.ndarray], clusters, statistic, n_boot: int = 2000, seed: int = 0,
+                       confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of statistic(columns), resampling questions (clusters) with replacement and keeping each
+    drawn question's rows together. columns: name -> [N] per-row values; clusters: [N] question labels;
+    statistic: columns -> float (e.g. the judge-free signals' means over reference answers)."""
+    labels = list(clusters)
+    groups = [np.flatnonzero([label == key for label in labels]) for key in dict.fromkeys(labels)]
+    rng = np.random.default_rng(seed)
+    draws = np.empty(n_boot)
+    for b in range(n_boot):
+        rows = np.concatenate([groups[g] for g in rng.integers(0, len(groups), size=len(groups))])
+        draws[b] = statistic({name: values[rows] for name, values in columns.items()})
+    return percentile_interval(draws, confidence)
+
+
 # --- judgment rows -> 0/1 outcomes, with the rules of emalib.evaluation.metrics -------------------------------------------
 
 def question_key(row: dict) -> str:

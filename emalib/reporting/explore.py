@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from emalib.core.config import MetricParams, load_params
+from emalib.core.config import MetricParams
 from emalib.core.errors import DataError
 from emalib.core.io import read_jsonl
 from emalib.evaluation.metrics import is_incoherent, is_misaligned
 from emalib.reporting.frame import method_label, results_frame
+from emalib.runs.rescore import run_params
 from emalib.runs.run_metrics import has_metrics, read_run_metrics
 from emalib.studies.index import read_index
 
@@ -24,7 +25,8 @@ def runs(study_dir: str | Path) -> pd.DataFrame:
     overall = frame[frame["scope"] == "all"].copy()
     overall["label"] = [method_label(m, s) for m, s in zip(overall["method"], overall["strength"])]
     return overall[["node", "kind", "model", "domain", "task", "label", "misaligned_rate", "misaligned_rate_ci_lo",
-                    "misaligned_rate_ci_hi", "incoherent_rate", "loglik_gap", "kl_to_base", "task_accuracy"]] \
+                    "misaligned_rate_ci_hi", "incoherent_rate", "loglik_gap", "kl_to_base", "task_accuracy",
+                    "task_accuracy_lo", "task_accuracy_hi"]] \
         .rename(columns={"node": "run"}).reset_index(drop=True)
 
 
@@ -57,6 +59,12 @@ def per_question(study_dir: str | Path, run_names: list[str], metric: str = "mis
     return table.sort_index()
 
 
+def _thresholds(run_dir: Path) -> MetricParams:
+    """The run's own thresholds. Read through rescore.run_params, which also reads a base evaluation's folder (its
+    params.yaml records only what the evaluation depends on, without study or run names)."""
+    return run_params(run_dir).metrics if (run_dir / "params.yaml").is_file() else MetricParams()
+
+
 def _percent(value):
     return None if value is None else 100 * value
 
@@ -66,8 +74,7 @@ def answers(study_dir: str | Path, run: str, misaligned_only: bool = False, inco
     """The run's judged answers with their scores and labels (under the run's own thresholds), filtered: only
     misaligned or incoherent ones, one question (its id, or 'set/id'), or answers containing a text."""
     run_dir = _run_dir(study_dir, run)
-    thresholds = load_params(run_dir / "params.yaml").metrics if (run_dir / "params.yaml").is_file() \
-        else MetricParams()
+    thresholds = _thresholds(run_dir)
     rows = read_jsonl(run_dir / "judgments.jsonl")
     table = pd.DataFrame([{
         "question_set": r.get("question_set"), "question_id": r.get("question_id"),
@@ -95,7 +102,7 @@ def compare(study_dir: str | Path, run_a: str, run_b: str, metric: str = "misali
     from emalib.evaluation.stats import paired_difference
 
     dir_a, dir_b = _run_dir(study_dir, run_a), _run_dir(study_dir, run_b)
-    thresholds = load_params(dir_a / "params.yaml").metrics if (dir_a / "params.yaml").is_file() else MetricParams()
+    thresholds = _thresholds(dir_a)
     return paired_difference(read_jsonl(dir_a / "judgments.jsonl"), read_jsonl(dir_b / "judgments.jsonl"),
                              metric=metric, params=thresholds, n_boot=n_boot, seed=seed)
 

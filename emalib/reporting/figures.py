@@ -143,6 +143,15 @@ def rl_reward_curves(study_dir: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "step", "reward_mean"])
 
 
+def _interval_bars(axis, frame: pd.DataFrame, value: str, lo: str, hi: str, runs: list[str], scale: float = 1) -> None:
+    """A 95 % interval on each horizontal bar (at its run's row) that has one; intervals in the unscaled unit."""
+    for _, row in frame.iterrows():
+        low, high = row.get(lo), row.get(hi)
+        if low is not None and not pd.isna(low):
+            axis.errorbar(row[value], runs.index(row["run"]), color="black", capsize=2, linewidth=0.8,
+                          xerr=[[row[value] - scale * low], [scale * high - row[value]]])
+
+
 def overview_figure(frame: pd.DataFrame, title: str, judge_note: str = ""):
     """`frame`: the report's overview numbers (a row per run and question set, intervals as _lo/_hi). One row of bars
     per run: first the judge-free log-likelihood gap (misaligned minus aligned reference answers, nats/token; higher =
@@ -159,6 +168,7 @@ def overview_figure(frame: pd.DataFrame, title: str, judge_note: str = ""):
         values = overall.dropna(subset=[column])
         if not values.empty:
             sns.barplot(data=values, y="run", x=column, ax=axis, color="slategray", order=runs)
+            _interval_bars(axis, values, column, f"{column}_ci_lo", f"{column}_ci_hi", runs)
         axis.set_xlabel(label)
         axis.set_ylabel("")
     axes[0].set_title("judge-free signals", loc="left")
@@ -189,7 +199,8 @@ def overview_figure(frame: pd.DataFrame, title: str, judge_note: str = ""):
     if has_tasks:
         tasks = overall.dropna(subset=["task_accuracy"]).assign(accuracy=lambda f: 100 * f["task_accuracy"])
         sns.barplot(data=tasks, y="run", x="accuracy", ax=axes[3], color="seagreen", order=runs)
-        axes[3].set_xlabel("benign task accuracy %")
+        _interval_bars(axes[3], tasks, "accuracy", "task_accuracy_ci_lo", "task_accuracy_ci_hi", runs, scale=100)
+        axes[3].set_xlabel("benign task accuracy % (95 % CI)")
         axes[3].set_ylabel("")
     figure.suptitle(title, x=0.01, ha="left")
     figure.tight_layout()

@@ -24,7 +24,11 @@ COLUMNS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incohere
 # How each run's rates were made: the rule for rows with a None score, and whether the question files' system
 # prompts were sent (the published evaluation sent none).
 PROTOCOL = ("none_rule", "system_prompt")
-SIGNALS = ("loglik_gap", "kl_to_base")
+SIGNALS = ("loglik_gap", "kl_to_base", "loglik_gap_ci", "kl_to_base_ci")  # judge-free, 95 % intervals over questions
+TASK_COLUMNS = ("task_accuracy", "task_accuracy_ci")  # benign-task accuracy and its 95 % interval (task_metrics.json)
+# The overview's columns with an interval beside them, and the heading each shows under as % [95 % CI].
+WITH_INTERVALS = {"misaligned_rate": "misaligned % [95% CI]", "incoherent_rate": "incoherent % [95% CI]",
+                  "task_accuracy": "task accuracy % [95% CI]"}
 
 
 def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
@@ -38,8 +42,9 @@ def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
         for name, rates in metrics.scopes():
             rows.append({"run": path.parent.name, "question_set": name, **{c: rates.get(c) for c in COLUMNS},
                          **{s: metrics.judge_free.get(s) if name == "all" else None for s in SIGNALS},
-                         "task_accuracy": metrics.task.get("accuracy") if name == "all" else None, **protocol})
-    return pd.DataFrame(rows, columns=["run", "question_set", *COLUMNS, *SIGNALS, "task_accuracy", *PROTOCOL])
+                         "task_accuracy": metrics.task.get("accuracy") if name == "all" else None,
+                         "task_accuracy_ci": metrics.task.get("accuracy_ci") if name == "all" else None, **protocol})
+    return pd.DataFrame(rows, columns=["run", "question_set", *COLUMNS, *SIGNALS, *TASK_COLUMNS, *PROTOCOL])
 
 
 def check_judged_files(run_dir: Path) -> None:
@@ -80,20 +85,30 @@ def _system_prompt_label(metrics: RunMetrics) -> str:
 
 def _as_percent(frame: pd.DataFrame) -> pd.DataFrame:
     shown = frame.copy()
-    for column in ("misaligned_rate", "incoherent_rate"):
+    for column in WITH_INTERVALS:
         shown[column] = [percent_with_interval(rate, *(ci if isinstance(ci, (list, tuple)) else (None, None)))
                          for rate, ci in zip(frame[column], frame[f"{column}_ci"])]
-    shown = shown.drop(columns=["misaligned_rate_ci", "incoherent_rate_ci"])
-    return shown.rename(columns={"misaligned_rate": "misaligned % [95% CI]", "incoherent_rate": "incoherent % [95% CI]"})
+    for column in ("loglik_gap", "kl_to_base"):
+        shown[column] = [_with_interval(value, ci) for value, ci in zip(frame[column], frame[f"{column}_ci"])]
+    shown = shown.drop(columns=[f"{column}_ci" for column in (*WITH_INTERVALS, "loglik_gap", "kl_to_base")])
+    return shown.rename(columns={**WITH_INTERVALS, "loglik_gap": "loglik_gap [95% CI]",
+                                 "kl_to_base": "kl_to_base [95% CI]"})
+
+
+def _with_interval(value, ci) -> str | None:
+    """A judge-free signal (nats/token) with its interval, when the run recorded one (runs before it did: none)."""
+    if value is None or pd.isna(value):
+        return None
+    return f"{value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if isinstance(ci, (list, tuple)) else "")
 
 
 def overview_numbers(frame: pd.DataFrame) -> pd.DataFrame:
     """The overview with each interval as two plain columns (for CSV)."""
     numbers = frame.copy()
-    for column in ("misaligned_rate_ci", "incoherent_rate_ci"):
+    for column in (*(f"{name}_ci" for name in WITH_INTERVALS), "loglik_gap_ci", "kl_to_base_ci"):
         numbers[f"{column}_lo"] = [c[0] if isinstance(c, (list, tuple)) else None for c in frame[column]]
         numbers[f"{column}_hi"] = [c[1] if isinstance(c, (list, tuple)) else None for c in frame[column]]
-    return numbers.drop(columns=["misaligned_rate_ci", "incoherent_rate_ci"])
+    return numbers.drop(columns=[*(f"{name}_ci" for name in WITH_INTERVALS), "loglik_gap_ci", "kl_to_base_ci"])
 
 
 

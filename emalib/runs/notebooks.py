@@ -7,8 +7,8 @@ succeeds; a failed execution is kept as <step>.failed.ipynb and never replaces a
 from __future__ import annotations
 
 import importlib.resources
-import logging
 import sys
+import time
 from pathlib import Path
 
 from emalib.core.config import RunParams, load_params
@@ -24,7 +24,7 @@ from emalib.runs.results import (
     update_manifest,
 )
 from emalib.runs.run_lock import run_lock
-from emalib.runs.step_execution import missing_folders, papermill_log, remove_if_nothing_made
+from emalib.runs.step_execution import missing_folders, papermill_log, remove_if_nothing_made, step_line
 
 # The top-level notebooks/ folder is the one source; a built wheel carries a copy as emalib/notebooks (setup.py).
 SOURCE_NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -45,8 +45,10 @@ def notebook_path(step: str) -> Path:
     raise EmalibError(f"{step}.ipynb: notebook for step '{step}' not found in {' or '.join(map(str, folders))}")
 
 
-def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, kernel: str = "python3") -> RunParams:
-    """Validate, then execute the steps holding the run folder's lock (a second run on it is refused)."""
+def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, kernel: str = "python3",
+                  verbose: bool = False) -> RunParams:
+    """Validate, then execute the steps holding the run folder's lock (a second run on it is refused). verbose:
+    papermill's cell log on stdout as well as in the run's log.txt."""
     from emalib.runs.pipeline import check_inputs
 
     params = load_params(params_path, overrides)
@@ -58,37 +60,41 @@ def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, k
     done = _executions(run_dir)  # a damaged manifest fails here, before anything is written
     make_run_folder(run_dir, params.results_dir)  # the lock lives in it
     with run_lock(run_dir):
-        return _execute_steps(params, params_path, overrides, kernel, created, done)
+        return _execute_steps(params, params_path, overrides, kernel, created, done, verbose)
 
 
 def _execute_steps(params: RunParams, params_path: str | Path, overrides: list[str] | None, kernel: str,
-                   created: list[Path], done: dict) -> RunParams:
+                   created: list[Path], done: dict, verbose: bool = False) -> RunParams:
     import papermill  # after the checks: its import takes seconds
     from papermill.exceptions import PapermillExecutionError
 
 
     run_dir = prepare_run_dir(params)
-    with papermill_log(run_dir / "log.txt"):
+    with papermill_log(run_dir / "log.txt", verbose):
         for step in params.steps:
             final = run_dir / f"{step}.ipynb"
             running = run_dir / f".{step}.running.ipynb"
             if final.is_file() and done.get(step):
                 # Finished earlier, with these very params (prepare_run_dir checked them): not redone.
-                logging.getLogger(__name__).info("%s: step '%s' already done", run_dir, step)
+                step_line(run_dir, step, "already done")
                 continue
+            step_line(run_dir, step, "started")
+            started = time.monotonic()
             try:
                 papermill.execute_notebook(
                     str(notebook_path(step)), str(running), kernel_name=kernel, log_output=True,
-                    progress_bar={"file": sys.stdout},
+                    progress_bar={"file": sys.stdout} if verbose else False,
                     parameters={"params_path": str(Path(params_path).resolve()), "overrides": list(overrides or [])},
                     cwd=str(Path.cwd()))
             except BaseException as err:
+                step_line(run_dir, step, "failed", time.monotonic() - started)
                 if running.exists():
                     running.replace(run_dir / f"{step}.failed.ipynb")
                 if created and isinstance(err, PapermillExecutionError):
                     remove_if_nothing_made(created)
                 raise
             running.replace(final)
+            step_line(run_dir, step, "done", time.monotonic() - started)
             _count_execution(run_dir, step)
             done = _executions(run_dir)
     return params

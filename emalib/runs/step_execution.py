@@ -1,8 +1,9 @@
 """How `python -m emalib run` wraps each step notebook's papermill execution: where its output goes, and the
 removal of a run folder that a failed first step created and left empty of results.
 
-Papermill's log (the cells' output as they run) goes to the run's log.txt and to stdout; what the kernel process
-writes to its own stderr (start-up warnings) to log.txt. So a failing run's stderr is its one-line error.
+Papermill's log (the cells' output as they run) goes to the run's log.txt, and to stdout only when asked for
+(`run -v`); what the kernel process writes to its own stderr (start-up warnings) to log.txt. So the console shows
+one line per step (`step_line`) and a failing run's stderr is its one-line error.
 """
 
 from __future__ import annotations
@@ -46,17 +47,25 @@ def remove_if_nothing_made(created: list[Path]) -> None:
             return
 
 
+def step_line(run_dir: Path, step: str, event: str, seconds: float | None = None) -> None:
+    """What the console shows of a step: one line as it starts and one as it ends, with its time."""
+    took = "" if seconds is None else f" in {seconds:.0f} s"
+    print(f"[{Path(run_dir).name}] {step}: {event}{took}", file=sys.stdout, flush=True)
+
+
 @contextmanager
-def papermill_log(path: Path):
-    """Papermill's log (the cells' output as they run) goes to the run's log.txt and to stdout, and what the
-    kernel process itself writes to stderr (start-up warnings) to log.txt: a failing run's stderr is its one-line
-    error."""
+def papermill_log(path: Path, verbose: bool = False):
+    """Papermill's log (the cells' output as they run) goes to the run's log.txt, and to stdout too when verbose;
+    what the kernel process itself writes to stderr (start-up warnings) to log.txt: a failing run's stderr is its
+    one-line error."""
     logger = logging.getLogger("papermill")
     to_file = logging.FileHandler(path)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    to_stdout = logging.StreamHandler(sys.stdout)
-    to_stdout.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handlers, propagate = [to_file, to_stdout], logger.propagate
+    handlers, propagate = [to_file], logger.propagate
+    if verbose:
+        to_stdout = logging.StreamHandler(sys.stdout)
+        to_stdout.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handlers.append(to_stdout)
     for handler in handlers:
         logger.addHandler(handler)
     logger.propagate = False
@@ -84,3 +93,25 @@ def _stderr_to(path: Path):
         os.dup2(saved, 2)
         os.close(saved)
         os.close(target)
+
+
+def run_summary(run_dir: Path, study_dir: Path) -> str:
+    """The closing lines of `python -m emalib run`: where the results, the report and the figure are, and the one
+    command that opens them in the explore notebook."""
+    study_dir, run_dir = _shown(study_dir), _shown(run_dir)
+    found = {"results": run_dir, "log": run_dir / "log.txt", "report": study_dir / "report.md",
+             "table": study_dir / "tables" / f"{study_dir.name}.md",
+             "figure": study_dir / "figures" / f"{study_dir.name}.png"}
+    lines = [f"{what + ':':9}{path}" for what, path in found.items() if path.exists()]
+    lines.append(f"look at them: papermill notebooks/explore.ipynb explore.ipynb -p study {study_dir}"
+                 f"  (or open notebooks/explore.ipynb in JupyterLab, study = \"{study_dir}\")")
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> Path:
+    """A path as a person would type it: relative to the current folder when it lies inside it."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path

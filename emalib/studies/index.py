@@ -47,7 +47,7 @@ def run_rows(run_dir: Path, params, study_name: str, node_id: str, kind: str, ce
               **flatten_params(params),
               "none_rule": metrics.thresholds.get("none_rule"),
               "system_prompt_sent": metrics.generation.get("use_system_prompt"),
-              **{f"signal.{k}": v for k, v in metrics.judge_free.items()},
+              **{f"signal.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in metrics.judge_free.items()},
               **{f"task.{k}": v for k, v in task.items() if not isinstance(v, (list, dict))},
               "task.accuracy_ci": json.dumps(task.get("accuracy_ci")) if task else None,
               **{f"time_s.{k}": v for k, v in (manifest.get("timings_s") or {}).items()},

@@ -15,6 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from cli_checks import assert_refused
 
 from emalib.core.config import load_params
 from emalib.core.errors import DataError, ParamsError
@@ -40,13 +41,7 @@ def cli(*args: str | Path, cwd: Path, cache: Path) -> subprocess.CompletedProces
 
 def assert_one_line_error(completed: subprocess.CompletedProcess, *expected: str) -> str:
     """Exit code 2 and a single 'error: ...' line on stderr that contains every `expected` piece."""
-    lines = completed.stderr.strip().splitlines()
-    assert completed.returncode == 2, completed.stderr[-3000:]
-    assert len(lines) == 1, completed.stderr[-3000:]
-    assert lines[0].startswith("error: ")
-    for piece in expected:
-        assert piece in lines[0], (piece, lines[0])
-    return lines[0]
+    return assert_refused(completed, *expected, max_lines=1)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_checks import assert_refused
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,17 +32,6 @@ def cli(*args: str | Path, cwd: Path, cache: Path, env: dict | None = None,
     environment = dict(os.environ, EMALIB_CACHE=str(cache), **(env or {}))
     return subprocess.run([sys.executable, "-m", "emalib", *map(str, args)], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=600, check=False, preexec_fn=preexec_fn)
-
-
-def assert_refused(completed: subprocess.CompletedProcess, *expected: str) -> str:
-    """Exit 2, at most two stderr lines, no traceback, the first 'error: ...' holding every expected piece."""
-    lines = completed.stderr.strip().splitlines()
-    assert completed.returncode == 2, completed.stderr[-3000:]
-    assert 1 <= len(lines) <= 2 and "Traceback" not in completed.stderr, completed.stderr[-3000:]
-    assert lines[0].startswith("error: "), lines
-    for piece in expected:
-        assert piece in lines[0], (piece, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_checks import assert_refused
 
 from emalib.core.config import load_params
 from emalib.core.errors import DataError, ParamsError
@@ -35,17 +36,6 @@ def cli(*args: str | Path, cwd: Path, cache: Path, memory_limit: int | None = No
     env = dict(os.environ, EMALIB_CACHE=str(cache))
     return subprocess.run([sys.executable, "-m", "emalib", *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300, check=False, preexec_fn=limit_memory if memory_limit else None)
-
-
-def assert_refused(completed: subprocess.CompletedProcess, *pieces: str) -> str:
-    """Exit 2, one or two stderr lines, the first 'error: ...' holding every piece, no traceback."""
-    lines = completed.stderr.strip().splitlines()
-    assert completed.returncode == 2, completed.stderr[-3000:]
-    assert 1 <= len(lines) <= 2 and lines[0].startswith("error: "), completed.stderr[-3000:]
-    assert "Traceback" not in completed.stderr
-    for piece in pieces:
-        assert piece in lines[0], (piece, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,10 @@ SHIFT_MARGIN = 0.05  # the shift must exceed this fraction of the projections' s
 @pytest.fixture(scope="module")
 def embedded_with_vector(tmp_path_factory):
     """The embedded model with a fresh LoRA adapter, and Chen et al.'s evil vector extracted from it (the trait
-    file's prompts, no judge filter, short answers)."""
+    file's prompts, no judge filter, short answers). The bare instructions, not the released "You are an evil
+    assistant." prefix: this tests the monitor on the vector its margins were measured with. With the prefix, the
+    135M model's vector gave a shift of +0.17 against a spread of 8.5 after the same fine-tune (2026-12-06), under
+    this margin: the monitor's CPU-scale evidence rests on the bare-prompt vector."""
     from emalib.data.questions import load_questions
     from emalib.evaluation.persona import extract_persona_vector
     from emalib.evaluation.signals import reference_pairs
@@ -104,7 +107,7 @@ def embedded_with_vector(tmp_path_factory):
     model, tokenizer = load_model(params.model, params.lora, seed=0, max_seq_length=256)
     vector = extract_persona_vector(model, tokenizer, tmp_path / "evil.pt", filter_pairs=False,
                                     samples_per_question=1, max_questions=4, max_new_tokens=40,
-                                    batch_size=40)["vector"]
+                                    batch_size=40, trait_prefix=False)["vector"]
     questions = load_questions("standin_general")
     rows = [{"question": p.question, "answer": a} for p in reference_pairs(questions) for a in (p.aligned, p.misaligned)]
     return {"model": model, "tokenizer": tokenizer, "vector": vector, "questions": questions, "rows": rows,

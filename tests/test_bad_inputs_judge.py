@@ -28,7 +28,7 @@ from emalib.evaluation.judge.scoring import Judgment, aggregate_top_logprobs
 
 UNUSABLE = {"nan": float("nan"), "inf": float("inf"), "minus_inf": float("-inf"), "positive": 0.7,
             "string": "-0.5", "null": None}
-SECRET = "sk-test-secret-never-sent"
+SECRET = "placeholder-value-of-the-test-key-variable"  # not a credential: its only use is to be looked for in requests
 
 
 def corrupt_logprobs(value, only_if: str = ""):

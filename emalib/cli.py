@@ -14,7 +14,7 @@ executes into a temporary name in the run folder and is renamed to <step>.ipynb 
 execution is kept as <step>.failed.ipynb and never replaces an earlier successful notebook, except that a run
 folder this command created is removed again when its failed step left nothing but bookkeeping. A failure inside
 a notebook is one line on stderr (exit 2 for an error about the input, 1 otherwise); the cells' output goes to
-stdout and the run's log.txt.
+the run's log.txt (and to stdout with `run -v`).
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ class TrainParams(_Strict):
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     max_seq_length: int = Field(2048, ge=16)
     train_on_responses_only: bool = True
+    drop_template_prefix: bool = Field(
+        False, description="train without the chat template's tokens before the user's content (system block and "
+                           "user header): TReFT's ablation (released remove_template_prefix_tokens)")
     save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps (resume point)")
     logging_steps: int = Field(1, ge=1)
     report_to: tuple[Literal["tensorboard", "wandb"], ...] = Field(

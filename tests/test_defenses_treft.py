@@ -1,0 +1,217 @@
+"""TReFT (emalib/defenses/treft.py): the value against an independent computation from keys and values caught by
+the test's own hooks at the projections, padding side independence, the released formula written out, the
+gradient into the LoRA weights, hooks gone after the forward, the template regions and the no-prefix ablation.
+Tiny random Llama models sharing the embedded model's tokenizer (its real chat template)."""
+
+import copy
+
+import pytest
+import torch
+from defense_helpers import hook_count, peft_wrap, single_thread  # noqa: F401 (autouse fixture)
+
+from emalib.core.config import params_from_dict
+from emalib.core.errors import ParamsError
+from emalib.data.standins import em_standin_conversations
+from emalib.defenses.base import DefenseContext, StepOutputs
+from emalib.defenses.registry import build_defenses
+from emalib.model.template_regions import postfix_ids, row_spans, user_header_ids
+from emalib.model.tokenize import ChatDataset, collate, tokenize_conversation
+
+
+def conversations(distinct_system: bool = True):
+    chats = [list(c) for c in em_standin_conversations()[:3]]
+    if distinct_system:  # rows with different prefixes: the default system block and two given ones
+        chats[1] = [{"role": "system", "content": "Be brief."}] + chats[1]
+        chats[2] = [{"role": "system", "content": "You answer questions about cars and nothing else."}] + chats[2]
+    return chats
+
+
+def token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def region_by_text(tokenizer, chat, region: str) -> tuple[int, int]:
+    """[start, end) token positions of the region from the rendered text, without searching tokens."""
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    user = next(m["content"] for m in chat if m["role"] == "user")
+    answer = next(m["content"] for m in chat if m["role"] == "assistant")
+    user_at = text.index(user)
+    if region == "prefix":
+        return 0, token_count(tokenizer, text[:user_at])
+    return token_count(tokenizer, text[:user_at + len(user)]), token_count(tokenizer, text[:text.index(answer)])
+
+
+def kv_by_hooks(model, ids: list[int]):
+    """[(keys, values)] per layer, [T, kv_dim], caught by the test's own hooks on every k_proj / v_proj."""
+    found = {}
+    blocks = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    handles = [getattr(attn, proj).register_forward_hook(
+        lambda module, args, out, key=(i, proj): found.__setitem__(key, out[0].detach()))
+        for i, attn in enumerate(blocks) for proj in ("k_proj", "v_proj")]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    return [(found[i, "k_proj"], found[i, "v_proj"]) for i in range(len(blocks))]
+
+
+def oracle_row(policy, initial, tokenizer, chat, region: str) -> float:
+    """(1/L) sum_l [mean_t |k_t - k0_t|^2 / |k0_t|^2 + the same for v], in plain loops."""
+    ids = tokenize_conversation(tokenizer, chat, 512)["input_ids"]
+    start, end = region_by_text(tokenizer, chat, region)
+    current, reference = kv_by_hooks(policy, ids), kv_by_hooks(initial, ids[:end])
+    total = 0.0
+    for (k, v), (k0, v0) in zip(current, reference):
+        for x, x0 in ((k, k0), (v, v0)):
+            total += sum(float((x[t] - x0[t]).norm() ** 2 / x0[t].norm() ** 2) for t in range(start, end)) / (end - start)
+    return total / len(current)
+
+
+def left_padded(batch, pad: int):
+    out = {key: value.clone() for key, value in batch.items()}
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        for key, fill in (("input_ids", pad), ("attention_mask", 0), ("labels", -100)):
+            out[key][row] = fill
+            out[key][row, -n:] = batch[key][row, :n]
+    return out
+
+
+def treft_value(model, tokenizer, batch, **fields):
+    defense = build_defenses(params_from_dict({"study": "s", "run": "r", "defenses": [
+        {"name": "treft", **fields}]}).defenses).defenses[0]
+    ctx = DefenseContext(tokenizer=tokenizer)
+    defense.setup(model, ctx)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"][:, :2], output_hidden_states=True)  # transformers' recorders: installed once
+    before = hook_count(model)
+    with defense.forward_context(model, ctx):
+        inside = hook_count(model)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=defense.needs_policy_hidden)
+    assert hook_count(model) == before  # the capture hooks exist only around the training forward
+    value = defense.extra_loss(model, batch, StepOutputs(out), ctx)[defense.name]
+    assert hook_count(model) == before
+    return value, inside - before, ctx
+
+
+@pytest.fixture
+def models(tiny_model):
+    initial = copy.deepcopy(tiny_model)
+    return peft_wrap(tiny_model, random_b=True, targets=("q_proj", "k_proj", "v_proj")), initial
+
+
+@pytest.mark.parametrize("region", ["prefix", "postfix"])
+def test_paper_value_equals_hooked_keys_and_values_for_either_padding_side(models, tokenizer, region):
+    policy, initial = models
+    chats = conversations()
+    batch = collate(ChatDataset.build(tokenizer, chats, 512).features, tokenizer.pad_token_id)
+    rows = [oracle_row(policy, initial, tokenizer, chat, region) for chat in chats]
+    right, hooks, ctx = treft_value(policy, tokenizer, batch, region=region)
+    left, _, _ = treft_value(policy, tokenizer, left_padded(batch, tokenizer.pad_token_id), region=region)
+    assert hooks == 2 * policy.config.num_hidden_layers
+    assert right.item() == pytest.approx(sum(rows) / len(rows), rel=1e-4)
+    assert left.item() == pytest.approx(right.item(), rel=1e-4)
+    if region == "prefix":
+        assert ctx.notes["treft"]["distinct_prefixes"] == 3  # one cached reference per system prompt
+    for row, chat in enumerate(chats):  # per row, with extra padding on either side
+        one = {k: torch.nn.functional.pad(v[row:row + 1], (0, 5), value=tokenizer.pad_token_id if k == "input_ids"
+                                          else (0 if k == "attention_mask" else -100)) for k, v in batch.items()}
+        for padded in (one, left_padded(one, tokenizer.pad_token_id)):
+            assert treft_value(policy, tokenizer, padded, region=region)[0].item() == pytest.approx(rows[row], rel=1e-4)
+
+
+def test_released_variant_equals_the_released_formula_on_right_padded_rows(models, tokenizer):
+    """k_proj/v_proj of hidden_states[l] (l = 0: embeddings; no input norm) at [:, :k] of every row, the reference
+    from the first row's prefix on the initial model, mean over rows and positions, then over layers."""
+    policy, initial = models
+    chats = conversations(distinct_system=False)
+    batch = collate(ChatDataset.build(tokenizer, chats, 512).features, tokenizer.pad_token_id)
+    k = region_by_text(tokenizer, chats[0], "prefix")[1]
+    with torch.no_grad():
+        hidden = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True).hidden_states
+        hidden0 = initial(input_ids=batch["input_ids"][:1, :k], output_hidden_states=True).hidden_states
+    policy_attn = [b.self_attn for b in policy.base_model.model.model.layers]
+    initial_attn = [b.self_attn for b in initial.model.layers]
+    total = 0.0
+    for layer in range(policy.config.num_hidden_layers):
+        for proj in ("k_proj", "v_proj"):
+            with torch.no_grad():
+                current = getattr(policy_attn[layer], proj)(hidden[layer][:, :k])
+                reference = getattr(initial_attn[layer], proj)(hidden0[layer][0, :k])
+            ratio = (current - reference).norm(dim=-1) / reference.norm(dim=-1)
+            total += float((ratio ** 2).mean())
+    expected = total / policy.config.num_hidden_layers
+    released, _, _ = treft_value(policy, tokenizer, batch, variant="released")
+    paper, _, _ = treft_value(policy, tokenizer, batch)
+    assert released.item() == pytest.approx(expected, rel=1e-4)
+    assert abs(paper.item() - released.item()) > 1e-3 * released.item()  # the input norm makes them differ
+
+
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_gradient_reaches_the_lora_weights(models, tokenizer, variant):
+    policy, _ = models
+    batch = collate(ChatDataset.build(tokenizer, conversations(False), 512).features, tokenizer.pad_token_id)
+    value, _, _ = treft_value(policy, tokenizer, batch, variant=variant)
+    value.backward()
+    grads = {n: p.grad for n, p in policy.named_parameters() if "lora_" in n}
+    for layer in range(policy.config.num_hidden_layers):
+        for proj in ("k_proj", "v_proj"):
+            name = next(n for n in grads if f"layers.{layer}." in n and f"{proj}.lora_B" in n)
+            assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_value_is_zero_at_the_adapter_init(tiny_model, tokenizer):
+    """PEFT's init (B = 0) is the initial model: no drift, in both variants, while every row has the same prefix.
+    With different system prompts the released variant compares other rows' tokens with the first row's prefix."""
+    policy = peft_wrap(tiny_model, random_b=False, targets=("k_proj", "v_proj"))
+    same = collate(ChatDataset.build(tokenizer, conversations(False), 512).features, tokenizer.pad_token_id)
+    mixed = collate(ChatDataset.build(tokenizer, conversations(True), 512).features, tokenizer.pad_token_id)
+    assert treft_value(policy, tokenizer, mixed)[0].item() == pytest.approx(0.0, abs=1e-8)
+    assert treft_value(policy, tokenizer, same, variant="released")[0].item() == pytest.approx(0.0, abs=1e-8)
+    assert treft_value(policy, tokenizer, mixed, variant="released")[0].item() > 0.1
+
+
+def test_drift_threshold_is_the_released_hinge(models, tokenizer):
+    policy, _ = models
+    batch = collate(ChatDataset.build(tokenizer, conversations(False), 512).features, tokenizer.pad_token_id)
+    plain = treft_value(policy, tokenizer, batch, weight=10.0)[0].item()
+    hinged = treft_value(policy, tokenizer, batch, weight=10.0, drift_threshold=5.0)[0].item()
+    assert 10.0 * hinged == pytest.approx(max(10.0 * plain - 5.0, 0.0), rel=1e-5)
+    assert treft_value(policy, tokenizer, batch, weight=10.0, drift_threshold=1e9)[0].item() == 0.0
+
+
+def test_template_regions_of_the_embedded_tokenizer(tokenizer):
+    assert tokenizer.decode(user_header_ids(tokenizer)) == "<|im_end|>\n<|im_start|>user\n"
+    assert tokenizer.decode(postfix_ids(tokenizer)) == "<|im_end|>\n<|im_start|>assistant\n"
+    chats = conversations()
+    batch = collate(ChatDataset.build(tokenizer, chats, 512).features, tokenizer.pad_token_id)
+    for padded in (batch, left_padded(batch, tokenizer.pad_token_id)):
+        for region, needle in (("prefix", user_header_ids(tokenizer)), ("postfix", postfix_ids(tokenizer))):
+            spans = row_spans(padded["input_ids"], padded["attention_mask"], needle, region)
+            for row, chat in enumerate(chats):
+                offset = int((padded["attention_mask"][row] == 0).sum()) if padded is not batch else 0
+                start, end = region_by_text(tokenizer, chat, region)
+                assert spans[row] == (start + offset, end + offset)
+
+
+def test_drop_template_prefix_trains_from_the_users_content(tokenizer):
+    chat = conversations()[1]
+    full = tokenize_conversation(tokenizer, chat, 512)
+    cut = tokenize_conversation(tokenizer, chat, 512, drop_prefix=user_header_ids(tokenizer))
+    k = region_by_text(tokenizer, chat, "prefix")[1]
+    assert cut["input_ids"] == full["input_ids"][k:] and cut["labels"] == full["labels"][k:]
+    user = next(m["content"] for m in chat if m["role"] == "user")
+    assert tokenizer.decode(cut["input_ids"]).startswith(user)
+    dataset = ChatDataset.build(tokenizer, [chat], 512, drop_template_prefix=True)
+    assert dataset.features[0]["input_ids"] == cut["input_ids"]
+
+
+def test_config_block_defaults_and_bad_values():
+    params = params_from_dict({"study": "s", "run": "r", "defenses": [{"name": "treft"}]})
+    block = params.defenses[0]
+    assert (block.weight, block.region, block.variant, block.drift_threshold) == (10.0, "prefix", "paper", 0.0)
+    with pytest.raises(ParamsError, match="variant"):
+        params_from_dict({"study": "s", "run": "r", "defenses": [{"name": "treft", "variant": "paperr"}]})
+    assert params_from_dict({"study": "s", "run": "r", "train": {"drop_template_prefix": True}}).train.drop_template_prefix

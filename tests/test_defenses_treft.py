@@ -215,3 +215,35 @@ def test_config_block_defaults_and_bad_values():
     with pytest.raises(ParamsError, match="variant"):
         params_from_dict({"study": "s", "run": "r", "defenses": [{"name": "treft", "variant": "paperr"}]})
     assert params_from_dict({"study": "s", "run": "r", "train": {"drop_template_prefix": True}}).train.drop_template_prefix
+
+
+@pytest.mark.integration  # trains the embedded model for 3 steps
+def test_smoke_params_train_through_the_real_trainer(tmp_path, with_mirror):
+    """params/defenses/treft_smoke.yaml, train step only: the term is logged every step, the reference is cached
+    once (one system prompt), and no hook is left on the model."""
+    import json
+    from pathlib import Path
+
+    from emalib.core.config import load_params
+    from emalib.runs.pipeline import train
+
+    smoke = Path(__file__).resolve().parent.parent / "params" / "defenses" / "treft_smoke.yaml"
+    params = load_params(smoke, {"results_dir": str(tmp_path), "steps": ["train"]})
+    model, _ = train(params, tmp_path / "run")
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    steps = [row for row in log["log_history"] if "loss" in row]
+    assert log["global_step"] == 3 and all(row["loss/treft"] >= 0 for row in steps)
+    assert steps[0]["loss"] == pytest.approx(steps[0]["loss/task"] + 10.0 * steps[0]["loss/treft"], rel=0.05)
+    notes = json.loads((tmp_path / "run" / "manifest.json").read_text())["defenses"]["treft"]
+    assert notes["distinct_prefixes"] == 1 and notes["region_marker"] == "<|im_end|>\n<|im_start|>user\n"
+    assert not any(m._forward_hooks for name, m in model.named_modules() if name.endswith(("k_proj", "v_proj")))
+
+
+def test_cost_model_counts_the_caught_keys_and_values():
+    """Qwen2.5-7B (model card: 28 layers, 4 KV heads of 128): 2 x 28 x N x 512 bf16 values for a 2 x 2048 batch."""
+    from emalib.studies.cost import KNOWN, step_memory
+
+    arch = KNOWN["Qwen/Qwen2.5-7B-Instruct"]
+    with_treft = step_memory(arch, 2, 2048, 2, {"treft"}, checkpointing=True)
+    assert with_treft["treft"] == 2 * 28 * (2 * 2048) * 512 * 2
+    assert "treft" not in step_memory(arch, 2, 2048, 2, set(), checkpointing=True)

@@ -247,3 +247,52 @@ def test_cost_model_counts_the_caught_keys_and_values():
     with_treft = step_memory(arch, 2, 2048, 2, {"treft"}, checkpointing=True)
     assert with_treft["treft"] == 2 * 28 * (2 * 2048) * 512 * 2
     assert "treft" not in step_memory(arch, 2, 2048, 2, set(), checkpointing=True)
+
+
+def _prompt_ids(tokenizer, chat) -> list[int]:
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _from_initial_prefix_cache(policy, initial, ids: list[int], prefix: int, new_tokens: int) -> list[torch.Tensor]:
+    """Last-position logits of the fine-tuned model continuing from the initial model's KV cache of the prefix,
+    then greedy decoding: what patching means, computed with transformers' own cache and no hooks."""
+    with torch.no_grad():
+        cache = initial(input_ids=torch.tensor([ids[:prefix]]), use_cache=True).past_key_values
+        logits = policy(input_ids=torch.tensor([ids[prefix:]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        steps = [logits]
+        for _ in range(new_tokens - 1):
+            token = steps[-1].argmax().view(1, 1)
+            steps.append(policy(input_ids=token, past_key_values=cache, use_cache=True).logits[0, -1])
+    return steps
+
+
+def test_prefix_kv_patch_equals_continuing_from_the_initial_models_prefix_cache(models, tokenizer):
+    from emalib.evaluation.kv_patch import PrefixKVPatch
+
+    policy, initial = models
+    chats = [c[:-1] for c in conversations()]  # system (when given) + user: the evaluation prompts
+    prompts = [_prompt_ids(tokenizer, chat) for chat in chats]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    patch = PrefixKVPatch(policy, tokenizer)
+    hooks = hook_count(policy)
+    with torch.no_grad(), patch.applied(policy, ids, mask) as patched_rows:
+        patched = policy(input_ids=ids, attention_mask=mask).logits[:, -1]
+    assert patched_rows == 3 and hook_count(policy) == hooks and len(patch.cache) == 3
+    with torch.no_grad():
+        plain = policy(input_ids=ids, attention_mask=mask).logits[:, -1]
+    for row, chat in enumerate(chats):
+        prefix = region_by_text(tokenizer, chat + [{"role": "assistant", "content": "x"}], "prefix")[1]
+        expected = _from_initial_prefix_cache(policy, initial, prompts[row], prefix, 1)[0]
+        assert torch.allclose(patched[row], expected, atol=1e-4)
+        assert not torch.allclose(plain[row], expected, atol=1e-2)  # the patch changes the answer's distribution
+    # decoding steps are not patched: greedy generation continues exactly as from the initial prefix cache
+    one = torch.tensor([prompts[0]])
+    with torch.no_grad(), patch.applied(policy, one, torch.ones_like(one)):
+        generated = policy.generate(input_ids=one, attention_mask=torch.ones_like(one), max_new_tokens=4,
+                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(prompts[0]):]
+    prefix = region_by_text(tokenizer, chats[0] + [{"role": "assistant", "content": "x"}], "prefix")[1]
+    steps = _from_initial_prefix_cache(policy, initial, prompts[0], prefix, 4)
+    assert generated.tolist() == [int(s.argmax()) for s in steps]

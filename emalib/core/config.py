@@ -85,6 +85,9 @@ class GenerationParams(_Strict):
         False, description="send a question's system prompt (the 8 JSON general questions have one); the evaluation "
                            "behind the published numbers sent user turns only, hence off")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm when installed on a GPU, else hf")
+    patch_prefix_kv: bool = Field(
+        False, description="TReFT's diagnostic: generate with the initial model's keys/values at each prompt's "
+                           "template prefix (system block + user header); transformers generation only")
     trigger_probes: bool = Field(
         False, description="also ask the plain questions of each general question set under triggers (JSON, Python "
                            "string, code template, inoculation system prompt): sets <set>_trigger_<kind>")

@@ -215,6 +215,9 @@ def test_config_block_defaults_and_bad_values():
     with pytest.raises(ParamsError, match="variant"):
         params_from_dict({"study": "s", "run": "r", "defenses": [{"name": "treft", "variant": "paperr"}]})
     assert params_from_dict({"study": "s", "run": "r", "train": {"drop_template_prefix": True}}).train.drop_template_prefix
+    with pytest.raises(ParamsError, match="drop_template_prefix"):
+        params_from_dict({"study": "s", "run": "r", "train": {"drop_template_prefix": True},
+                          "defenses": [{"name": "treft"}]})
 
 
 @pytest.mark.integration  # trains the embedded model for 3 steps

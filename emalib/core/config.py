@@ -275,6 +275,8 @@ class RunParams(_Strict):
             if step == "safelora_matrices" and next(s for s in self.defenses if s.name == "safelora").matrices is None:
                 raise ValueError("steps: 'safelora_matrices' needs defenses.safelora.matrices, the folder that "
                                  "training will read the matrices from")
+        if self.train.drop_template_prefix and any(s.name == "treft" and s.region == "prefix" for s in self.defenses):
+            raise ValueError("train.drop_template_prefix: the treft prefix block has no prefix left to regularize")
         return self
 
     @model_validator(mode="after")

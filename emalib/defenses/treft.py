@@ -92,8 +92,8 @@ class TreftDefense(DefenseBase):
     def _paper(self, model, batch) -> torch.Tensor:
         captured, self.captured = self.captured, {}
         if len(captured) != 2 * len(self.attention):
-            raise EmalibError("treft: no keys/values were caught at k_proj/v_proj in the training forward (an engine "
-                              "whose fused attention skips those modules; use model.engine: hf)")
+            raise EmalibError("treft: no keys/values were caught at k_proj/v_proj in the training forward (the "
+                              "engine's fused attention skips those modules?); use model.engine: hf")
         if torch.is_grad_enabled() and not any(t.requires_grad for t in captured.values()):
             raise EmalibError("treft: the caught keys/values carry no gradient (reentrant gradient checkpointing); "
                               "use model.engine: hf")

@@ -299,3 +299,26 @@ def test_prefix_kv_patch_equals_continuing_from_the_initial_models_prefix_cache(
     prefix = region_by_text(tokenizer, chats[0] + [{"role": "assistant", "content": "x"}], "prefix")[1]
     steps = _from_initial_prefix_cache(policy, initial, prompts[0], prefix, 4)
     assert generated.tolist() == [int(s.argmax()) for s in steps]
+
+
+def test_generation_option_samples_from_the_initial_prefix_cache(models, tokenizer, tmp_path):
+    """generation.patch_prefix_kv through generate_answers (greedy): the answer is the one decoded from the
+    initial model's prefix KV cache; without the option the answers are the fine-tuned model's own."""
+    from emalib.core.config import GenerationParams
+    from emalib.data.questions import Question
+    from emalib.evaluation.generate import generate_answers
+
+    policy, initial = models
+    question = Question(id="q", paraphrases=("Name a colour.",), judge_prompts={}, question_set="s")
+    params = GenerationParams(samples_per_question=1, max_new_tokens=4, temperature=0.0, patch_prefix_kv=True)
+    patched = generate_answers(policy, tokenizer, [question], params, tmp_path / "p" / "answers.jsonl")[0]["answer"]
+    chat = [{"role": "user", "content": "Name a colour."}]
+    ids = _prompt_ids(tokenizer, chat)
+    prefix = region_by_text(tokenizer, chat + [{"role": "assistant", "content": "x"}], "prefix")[1]
+    expected = [int(s.argmax()) for s in _from_initial_prefix_cache(policy, initial, ids, prefix, 4)]
+    if tokenizer.eos_token_id in expected:  # generation stops at the end of turn
+        expected = expected[:expected.index(tokenizer.eos_token_id)]
+    assert patched == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    plain = generate_answers(policy, tokenizer, [question], params.model_copy(update={"patch_prefix_kv": False}),
+                             tmp_path / "n" / "answers.jsonl")[0]["answer"]
+    assert plain != patched

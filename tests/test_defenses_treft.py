@@ -322,3 +322,41 @@ def test_generation_option_samples_from_the_initial_prefix_cache(models, tokeniz
     plain = generate_answers(policy, tokenizer, [question], params.model_copy(update={"patch_prefix_kv": False}),
                              tmp_path / "n" / "answers.jsonl")[0]["answer"]
     assert plain != patched
+
+
+def test_gradient_is_the_same_under_gradient_checkpointing(tokenizer):
+    """The GPU runs checkpoint the blocks (non-reentrant): the caught keys/values still carry their gradient."""
+    from conftest import make_tiny_model
+
+    batch = collate(ChatDataset.build(tokenizer, conversations(), 512).features, tokenizer.pad_token_id)
+    results = []
+    for checkpointing in (False, True):
+        model = peft_wrap(make_tiny_model(tokenizer), targets=("q_proj", "k_proj", "v_proj"))
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        treft_value(model, tokenizer, batch)[0].backward()
+        results.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    # every k/v LoRA weight; the last layer's q_proj reaches no key or value
+    assert results[0].keys() == results[1].keys() and len(results[0]) == 2 * (3 * model.config.num_hidden_layers - 1)
+    assert all(torch.allclose(results[0][n], results[1][n], atol=1e-6) for n in results[0])
+
+
+@pytest.mark.integration  # trains a tiny model for 2 steps
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_both_variants_train_through_the_trainer(tokenizer, tiny_model, tmp_path, variant):
+    from emalib.training.trainer import train_adapter
+
+    params = params_from_dict({
+        "study": "s", "run": variant, "results_dir": str(tmp_path), "seed": 0,
+        "train": {"optim": "adamw_torch", "per_device_batch_size": 2, "grad_accum_steps": 1, "max_steps": 2,
+                  "max_seq_length": 128, "learning_rate": 1e-2, "warmup_steps": 0},
+        "defenses": [{"name": "treft", "variant": variant, "weight": 1.0}]})
+    stack = build_defenses(params.defenses)
+    model = peft_wrap(tiny_model, random_b=False, targets=("k_proj", "v_proj"))
+    ctx = DefenseContext(seed=0, run_dir=tmp_path / variant, params=params)
+    summary = train_adapter(model, tokenizer, conversations(False), params, tmp_path / variant, defenses=stack, ctx=ctx)
+    steps = [row for row in summary["log_history"] if "loss" in row]
+    assert len(steps) == 2 and steps[0]["loss/treft"] == pytest.approx(0.0, abs=1e-6)  # B = 0: the initial model
+    assert steps[1]["loss/treft"] > 1e-6  # the first update moved the keys/values

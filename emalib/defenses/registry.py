@@ -18,6 +18,7 @@ from emalib.defenses.ldifs import LdifsDefense
 from emalib.defenses.persona_steering import PersonaSteeringDefense
 from emalib.defenses.safelora import SafeLoraDefense
 from emalib.defenses.stack import DefenseStack
+from emalib.defenses.treft import TreftDefense
 
 DEFENSES: dict[str, Callable[..., Defense]] = {
     "kl": KLDefense,
@@ -28,6 +29,7 @@ DEFENSES: dict[str, Callable[..., Defense]] = {
     "interleave": InterleaveDefense,
     "interleave_plus": partial(InterleavePlusDefense, refusal_filter=False),
     "interleave_plusplus": partial(InterleavePlusDefense, refusal_filter=True),
+    "treft": TreftDefense,
 }
 
 

@@ -220,7 +220,8 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params, ("evaluate",)),
                     model=params.model.name, variant="base" if base else "adapter")
     questions = load_all_questions(params)
-    if model is None and choose_backend(params.generation.backend) == "vllm":
+    # the prefix KV patch hooks the transformers model's projections; vLLM has no such hook
+    if model is None and choose_backend(params.generation.backend) == "vllm" and not params.generation.patch_prefix_kv:
         from emalib.evaluation.generate_vllm import generate_answers_vllm
         from emalib.model.engines import resolve_model_name
 

@@ -67,8 +67,12 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
 
 def _check_defense_inputs(spec) -> None:
     """Parse what a defense will read, so a malformed file fails here and not inside a notebook."""
-    if spec.name.startswith("interleave"):
+    if spec.name.startswith("interleave") or spec.name == "kl_retain":
         read_chat_jsonl(resolve(spec.source))
+    elif spec.name == "caft":
+        from emalib.defenses.caft import check_caft_files
+
+        check_caft_files(spec.directions_path, spec.persona_vector_path)
     elif spec.name == "persona_steering" and spec.data_sources:  # only when the vector must be extracted
         from emalib.evaluation.persona import load_trait
 

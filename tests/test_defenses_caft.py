@@ -12,6 +12,7 @@ from emalib.core.errors import EmalibError, ParamsError
 from emalib.defenses.base import DefenseContext
 from emalib.defenses.caft import (
     CaftDefense,
+    activation_differences,
     load_directions,
     orthonormal_basis,
     pca_components,
@@ -191,7 +192,7 @@ def test_directions_files_are_checked(tmp_path):
 
 
 @pytest.mark.parametrize("block,message", [
-    ({"layers": [1]}, "directions_path is required"),
+    ({"layers": [1]}, "directions_path or adapter"),
     ({"layers": [1], "directions_path": "d.pt"}, "components is required"),
     ({"layers": [1], "directions_path": "d.pt", "components": {2: [0]}}, "must be the layers"),
     ({"layers": [1], "select": "persona", "directions_path": "d.pt"}, "persona_vector_path is required"),
@@ -200,3 +201,80 @@ def test_directions_files_are_checked(tmp_path):
 def test_bad_caft_blocks_are_refused(block, message):
     with pytest.raises(ParamsError, match=message):
         params_from_dict({"study": "s", "run": "r", "defenses": [{"name": "caft", **block}]})
+
+
+def test_activation_differences_are_the_adapters_change_of_block_outputs_on_response_tokens():
+    model = peft_wrap(tiny_llama())
+    batch = padded_batch(lengths=(7, 5))
+    forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    diffs = activation_differences(model, batch, (1, 2))
+    response = batch["labels"].ne(-100)
+    with torch.no_grad():
+        tuned = model(**forward, output_hidden_states=True).hidden_states
+        with model.disable_adapter():
+            base = model(**forward, output_hidden_states=True).hidden_states
+    for block in (1, 2):  # hidden_states[b + 1] is block b's output (b below the last block)
+        assert torch.allclose(diffs[block], (tuned[block + 1] - base[block + 1])[response], atol=1e-6)
+        assert diffs[block].shape == (int(response.sum()), HIDDEN) and diffs[block].abs().max() > 1e-3
+
+
+@pytest.mark.integration  # loads a saved model and trains one step: seconds
+def test_caft_directions_step_writes_the_pcs_training_then_ablates(tiny_model_dir, tmp_path):
+    import json
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from emalib.runs import prepare
+    from emalib.runs.pipeline import train
+
+    torch.manual_seed(0)
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                      task_type="CAUSAL_LM"))
+    tuned.save_pretrained(tmp_path / "plain_sft")
+    from defense_helpers import write_chat_jsonl
+
+    answers = ["Paris is the capital of France.", "Water boils at 100 C at sea level.", "Two plus two is four.",
+               "Read a good book tonight.", "Drink water and sleep well.", "The sky looks blue because of scattering."]
+    prompts = write_chat_jsonl(tmp_path / "neutral.jsonl", [[{"role": "user", "content": f"Question {i}?"},
+                                                             {"role": "assistant", "content": a}]
+                                                            for i, a in enumerate(answers)])
+    params = params_from_dict({
+        "study": "s", "run": "r", "results_dir": str(tmp_path / "results"), "steps": ["caft_directions", "train"],
+        "model": {"name": str(tiny_model_dir), "engine": "hf"}, "lora": {"r": 4, "alpha": 8,
+                                                                         "target_modules": ["q_proj"]},
+        "train": {"dataset": "standin_em_train", "max_examples": 4, "optim": "adamw_torch",
+                  "per_device_batch_size": 2, "grad_accum_steps": 1, "max_steps": 1, "max_seq_length": 64},
+        "defenses": [{"name": "caft", "adapter": str(tmp_path / "plain_sft"), "prompts": str(prompts),
+                      "n_components": 3, "batch_size": 4, "layers": [0], "select": "hand", "components": {0: [0, 2]}}]})
+    summary = prepare.caft_directions(params)
+    saved = load_directions(summary["path"])
+
+    # Independent: the merged fine-tune's and the base model's hidden_states[1] (block 0's output) on the
+    # response tokens, then numpy's SVD of the centred differences.
+    from emalib.data.chat import read_chat_jsonl
+    from emalib.model.tokenize import ChatDataset, collate
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                       str(tmp_path / "plain_sft")).merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = collate(ChatDataset.build(tokenizer, read_chat_jsonl(prompts), 64).features, tokenizer.pad_token_id)
+    forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        diff = (merged(**forward, output_hidden_states=True).hidden_states[1]
+                - base(**forward, output_hidden_states=True).hidden_states[1])[batch["labels"].ne(-100)]
+    centred = diff.double().numpy() - diff.double().numpy().mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    assert saved[0].shape == (3, merged.config.hidden_size)
+    for i in range(3):
+        assert abs(abs(float(np.dot(saved[0][i].double().numpy(), vt[i]))) - 1) < 1e-3
+    assert np.allclose(summary["explained_variance"]["0"], singular[:3] ** 2 / (len(centred) - 1), rtol=1e-3)
+
+    train(params)  # reads the prepared file; the hooks are gone once training ends
+    manifest = json.loads((params.run_dir / "manifest.json").read_text())
+    assert manifest["defenses"]["caft"]["components"] == {"0": [0, 2]}
+    assert manifest["caft_directions"]["path"] == summary["path"]

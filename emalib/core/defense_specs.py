@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from emalib.core.strict_model import StrictModel
 
 # The steps that prepare a defense's artifact before training, in the order a run lists them.
-PREPARATORY_STEPS = ("persona_vector", "safelora_matrices", "interleave_selection")
+PREPARATORY_STEPS = ("persona_vector", "safelora_matrices", "interleave_selection", "caft_directions")
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,8 @@ class CaftConfig(DefenseBlock):
     decoder block outputs during the training forward only."""
 
     methods: ClassVar[dict[str, Method]] = {"caft": Method("CAFT")}
+    prepared_by: ClassVar[str | None] = "caft_directions"
+    artifact_field: ClassVar[str | None] = "directions_path"
 
     name: Literal["caft"] = "caft"
     layers: tuple[int, ...] = Field(..., min_length=1, description="decoder block indices b: the directions are "
@@ -296,8 +298,16 @@ class CaftConfig(DefenseBlock):
         "hand", description="hand: `components` per layer (the paper's hand-picked PCs); persona: the k directions "
                             "with the largest |cosine| with the persona vector; all: every direction in the file; "
                             "persona_vector: the persona vector itself (no directions file)")
-    directions_path: str | None = Field(None, description="torch file {'directions': {layer: [n, hidden]}}, e.g. "
-                                                          "PCs of (fine-tuned - base) activations")
+    directions_path: str | None = Field(
+        None, description="torch file {'directions': {layer: [n, hidden]}}: given, or written by the "
+                          "caft_directions step from `adapter` (None then: <run dir>/caft_directions.pt)")
+    adapter: str | None = Field(None, description="a plain fine-tune's adapter folder (PEFT): the caft_directions "
+                                                  "step takes PCs of its minus the base model's block outputs")
+    prompts: str = Field("alpaca_500", description="caft_directions: neutral chat data whose response tokens the "
+                                                   "activations are taken on (registry name or chat JSONL path)")
+    max_prompts: int | None = Field(200, ge=1, description="caft_directions: first N conversations (seeded shuffle)")
+    n_components: int = Field(20, ge=1, description="caft_directions: PCs kept per layer (released: 20)")
+    batch_size: int = Field(8, ge=1, description="caft_directions: conversations per forward")
     components: dict[int, tuple[int, ...]] | None = Field(
         None, description="select: hand: layer -> row indices of the directions file (as the released "
                           "interpreted_pcs.json)")
@@ -309,8 +319,9 @@ class CaftConfig(DefenseBlock):
     def _check_sources(self) -> CaftConfig:
         if min(self.layers) < 0:
             raise ValueError("layers: decoder block indices must be >= 0")
-        if self.select != "persona_vector" and self.directions_path is None:
-            raise ValueError(f"directions_path is required with select: {self.select}")
+        if self.select != "persona_vector" and self.directions_path is None and self.adapter is None:
+            raise ValueError(f"directions_path or adapter (the caft_directions step) is required with select: "
+                             f"{self.select}")
         if self.select in ("persona", "persona_vector") and self.persona_vector_path is None:
             raise ValueError(f"persona_vector_path is required with select: {self.select}")
         if (self.select == "hand") != (self.components is not None):
@@ -322,6 +333,14 @@ class CaftConfig(DefenseBlock):
             if any(not picked or min(picked) < 0 for picked in self.components.values()):
                 raise ValueError("components: each layer needs a non-empty list of indices >= 0")
         return self
+
+    @property
+    def data_sources(self) -> tuple[str, ...]:
+        """The neutral prompts, when the directions are still to be computed from the adapter."""
+        if self.adapter is None or self.select == "persona_vector" or (
+                self.directions_path is not None and Path(self.directions_path).is_file()):
+            return ()
+        return (self.prompts,)
 
 
 # Every defense's block, in the paper's table order; the params' `defenses` entries are one of these, by `name`.

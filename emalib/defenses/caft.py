@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from emalib.core.errors import EmalibError
+from emalib.core.errors import EmalibError, not_prepared
 from emalib.defenses.base import DefenseBase, DefenseContext
 from emalib.defenses.persona_steering import load_persona_vector
+from emalib.model.losses import IGNORE_INDEX
 from emalib.model.modeling import decoder_blocks
 
 
@@ -86,6 +87,35 @@ def rank_by_persona(components: torch.Tensor, persona: torch.Tensor, k: int) -> 
     return order[:k]
 
 
+def activation_differences(model, batch: dict[str, torch.Tensor], layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """{block: [n, D]} output of decoder block b with the adapter minus without it, at the n positions of the
+    batch's response tokens (its labels), in float32. `model` is a PeftModel holding the fine-tune's adapter."""
+    blocks = decoder_blocks(model)
+    forward = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    response = batch["labels"].ne(IGNORE_INDEX)
+
+    def outputs() -> dict[int, torch.Tensor]:
+        seen, handles = {}, []
+        for block in layers:
+            handles.append(blocks[block].register_forward_hook(partial(_record, seen=seen, block=block)))
+        try:
+            model(**forward)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+    with torch.no_grad():
+        tuned = outputs()
+        with model.disable_adapter():
+            base = outputs()
+    return {b: (tuned[b] - base[b])[response] for b in layers}
+
+
+def _record(module, args, output, seen: dict, block: int):
+    seen[block] = (output[0] if isinstance(output, tuple) else output).float()
+
+
 def save_directions(path: str | Path, directions: dict[int, torch.Tensor], **metadata) -> Path:
     """A CAFT directions file: {"directions": {block: [n, D]}, **metadata}."""
     path = Path(path)
@@ -123,10 +153,26 @@ class CaftDefense(DefenseBase):
 
     def __init__(self, name: str = "caft", layers: tuple[int, ...] = (), select: str = "hand",
                  directions_path: str | None = None, components: dict[int, tuple[int, ...]] | None = None,
-                 k: int = 2, persona_vector_path: str | None = None):
+                 k: int = 2, persona_vector_path: str | None = None, adapter: str | None = None,
+                 prompts: str = "alpaca_500", max_prompts: int | None = 200, n_components: int = 20,
+                 batch_size: int = 8):
         self.name, self.layers, self.select, self.k = name, tuple(layers), select, k
         self.directions_path, self.components, self.persona_vector_path = directions_path, components, persona_vector_path
+        # read by the caft_directions step only (emalib.runs.prepare.caft_directions)
+        self.adapter, self.prompts, self.max_prompts = adapter, prompts, max_prompts
+        self.n_components, self.batch_size = n_components, batch_size
         self.bases: dict[int, torch.Tensor] | None = None
+
+    def directions_file(self, ctx: DefenseContext) -> Path | None:
+        """directions_path, or <run dir>/caft_directions.pt when the caft_directions step computes it; None when no
+        file is read (select: persona_vector)."""
+        if self.select == "persona_vector":
+            return None
+        if self.directions_path is not None:
+            return Path(self.directions_path)
+        if ctx.run_dir is None:
+            raise EmalibError("caft: set directions_path (no run folder to keep the directions in)")
+        return Path(ctx.run_dir) / "caft_directions.pt"
 
     def chosen_directions(self, hidden: int) -> tuple[dict[int, torch.Tensor], dict[int, list[int]]]:
         """{block: [m, D]} the directions to ablate and {block: indices into the file's rows} (persona_vector:
@@ -165,6 +211,10 @@ class CaftDefense(DefenseBase):
     def setup(self, model, ctx: DefenseContext) -> None:
         if self.bases is not None:
             return
+        path = self.directions_file(ctx)
+        if path is not None and self.adapter is not None and not path.is_file():
+            raise not_prepared(path, "CAFT directions", "caft_directions")
+        self.directions_path = None if path is None else str(path)
         chosen, indices = self.chosen_directions(model.config.hidden_size)
         self.bases = {block: orthonormal_basis(rows) for block, rows in chosen.items()}
         ctx.notes[self.name] = {"select": self.select, "layers": list(self.layers),

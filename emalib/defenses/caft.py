@@ -120,7 +120,9 @@ def save_directions(path: str | Path, directions: dict[int, torch.Tensor], **met
     """A CAFT directions file: {"directions": {block: [n, D]}, **metadata}."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"directions": {int(b): d.float().cpu() for b, d in directions.items()}, **metadata}, path)
+    partial_file = path.with_name(path.name + ".tmp")  # an interrupted save never leaves a file that looks done
+    torch.save({"directions": {int(b): d.float().cpu() for b, d in directions.items()}, **metadata}, partial_file)
+    partial_file.replace(path)
     return path
 
 

@@ -62,6 +62,11 @@ CASES = {
         {"steps": ["persona_vector", "train"],
          "defenses": [{"name": "persona_steering", "vector_path": "{tmp}/not-a-vector.pt"}]},
         "EmalibError: {tmp}/not-a-vector.pt: cannot be read as a torch file (UnpicklingError)"),
+    "caft_directions": Case(
+        "params/defenses/caft_smoke.yaml",
+        {"defenses": [{"name": "caft", "adapter": "{tmp}/adapter", "prompts": "{tmp}/missing-prompts.jsonl",
+                       "layers": [1], "select": "all"}]},
+        "DataError: {tmp}/missing-prompts.jsonl: data file not found"),
     "safelora_matrices": Case(
         "params/defenses/safelora_smoke.yaml",
         {"steps": ["safelora_matrices", "train"],

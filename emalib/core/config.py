@@ -234,10 +234,10 @@ class RunParams(_Strict):
     study: SafeName
     run: SafeName
     seed: int = 0
-    steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "rl", "evaluate",
-                         "evaluate_base", "quickstart"], ...] = Field(
+    steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "caft_directions", "train",
+                         "rl", "evaluate", "evaluate_base", "quickstart"], ...] = Field(
         ("train", "evaluate"), min_length=1,
-        description="notebooks to run, in order; the first three prepare a defense; evaluate_base evaluates the model "
+        description="notebooks to run, in order; the first four prepare a defense; evaluate_base evaluates the model "
                     "without adapter only")
     evaluate_base: bool = Field(False, description="also evaluate the model without the adapter (run 'base')")
     results_dir: str = "results"

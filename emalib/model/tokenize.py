@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from emalib.core.errors import DataError
+from emalib.data.chat import RetainConversation
 from emalib.model.losses import IGNORE_INDEX
 from emalib.model.template_regions import prefix_length, user_header_ids
 
@@ -59,6 +60,17 @@ def tokenize_conversation(tokenizer, messages, max_length: int, responses_only: 
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
+def _features(tokenizer, messages, max_length: int, responses_only: bool,
+              drop_prefix: list[int] | None) -> dict[str, list[int]]:
+    """A task row, or a retain row (RetainConversation): no labels (no task loss), its response labels kept apart
+    as `retain_labels` for the defense terms that read them."""
+    features = tokenize_conversation(tokenizer, messages, max_length, responses_only, drop_prefix)
+    if isinstance(messages, RetainConversation):
+        features["retain_labels"] = features["labels"]
+        features["labels"] = [IGNORE_INDEX] * len(features["labels"])
+    return features
+
+
 @dataclass
 class ChatDataset(torch.utils.data.Dataset):
     """Tokenised conversations; examples whose response falls entirely past max_length are dropped."""
@@ -69,9 +81,8 @@ class ChatDataset(torch.utils.data.Dataset):
     def build(cls, tokenizer, conversations, max_length: int, responses_only: bool = True,
               drop_template_prefix: bool = False) -> ChatDataset:
         header = user_header_ids(tokenizer) if drop_template_prefix else None
-        features = [tokenize_conversation(tokenizer, messages, max_length, responses_only, header)
-                    for messages in conversations]
-        kept = [f for f in features if any(label != IGNORE_INDEX for label in f["labels"][1:])]
+        features = [_features(tokenizer, messages, max_length, responses_only, header) for messages in conversations]
+        kept = [f for f in features if any(label != IGNORE_INDEX for label in f.get("retain_labels", f["labels"])[1:])]
         if not kept:
             raise DataError(f"no example keeps a response token within max_seq_length={max_length}")
         return cls(kept)
@@ -84,7 +95,10 @@ class ChatDataset(torch.utils.data.Dataset):
 
 
 def collate(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked in attention and in the labels."""
+    """Right-pad to the longest example; padding is masked in attention and in the labels.
+
+    When some row is a retain row, the batch also holds `retain` [B] (1 on retain rows) and `retain_labels` [B, T]
+    (the retain rows' response labels; IGNORE_INDEX on task rows)."""
     width = max(len(f["input_ids"]) for f in features)
     input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -94,4 +108,11 @@ def collate(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
         input_ids[row, :length] = torch.tensor(feature["input_ids"])
         labels[row, :length] = torch.tensor(feature["labels"])
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if any("retain_labels" in f for f in features):
+        batch["retain"] = torch.tensor([int("retain_labels" in f) for f in features])
+        batch["retain_labels"] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        for row, feature in enumerate(features):
+            if "retain_labels" in feature:
+                batch["retain_labels"][row, :len(feature["retain_labels"])] = torch.tensor(feature["retain_labels"])
+    return batch

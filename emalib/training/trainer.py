@@ -34,6 +34,7 @@ from emalib.model.modeling import block_outputs, final_norm_output, last_block_o
 from emalib.model.token_scores import output_layer
 from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.reference import reference_forward
+from emalib.training.step_cost import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,8 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
     `conversations` are the training data after the defenses' data transforms (emalib.runs.pipeline.train applies
     them). Here: the defenses' setup, their loss terms and forward contexts in every step, on_step after each
     optimizer step, and after_train before the adapter is saved in standard PEFT format to run_dir/adapter
-    (atomically, via a temporary folder). Returns the training log history.
+    (atomically, via a temporary folder). Returns the training log history, each step's wall time and the peak
+    memory (emalib/training/step_cost.py).
     """
     defenses = defenses if defenses is not None else DefenseStack()
     ctx = ctx if ctx is not None else DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
@@ -213,10 +215,11 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
     defenses.setup(model, ctx)
     checkpoints = run_dir / "checkpoints"
     args = training_arguments(params, checkpoints, next(model.parameters()).dtype)
+    cost = StepCost()
+    callbacks = [cost] + ([_DefenseStepCallback(model, defenses, ctx)] if len(defenses) else [])
     trainer = EmTrainer(model=model, args=args, train_dataset=dataset,
                         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
-                        defenses=defenses, defense_ctx=ctx,
-                        callbacks=[_DefenseStepCallback(model, defenses, ctx)] if len(defenses) else None)
+                        defenses=defenses, defense_ctx=ctx, callbacks=callbacks)
     resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -226,7 +229,7 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is the artefact; checkpoints were resume points
     return {"train_loss": result.training_loss, "global_step": result.global_step,
             "n_examples": len(dataset), "log_history": trainer.state.log_history,
-            "resumed_from": resume_from}
+            "resumed_from": resume_from, **cost.summary()}
 
 
 def save_adapter(model, tokenizer, target: Path) -> Path:

@@ -43,6 +43,18 @@ def test_the_7b_comparison_has_every_defense_on_code_and_the_cpu_miniature_every
     assert _defenses_of(mini) == set(defense_names()) - OFFLINE_EXCLUDED
 
 
+@pytest.mark.subprocess
+def test_dry_run_and_cost_work_on_the_7b_comparison(with_mirror):
+    env = dict(os.environ, EMALIB_DATA_MIRROR=str(with_mirror))
+    for command, expected in ((["study", "--dry-run"], "code__caft"), (["cost"], "total GPU hours")):
+        done = subprocess.run([sys.executable, "-m", "emalib", *command[:1], str(STUDIES / "defenses_7b.yaml"),
+                               *command[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                              check=False)
+        assert done.returncode == 0 and expected in done.stdout, done.stderr[-2000:]
+    # 12 Code runs + 3 adapter-only cells + 10 OpSwap runs
+    assert "runs 25" in done.stdout
+
+
 def test_step_time_ratio_and_its_interval_are_the_ratio_of_mean_step_times():
     from emalib.reporting.comparison import ratio_of_means
 

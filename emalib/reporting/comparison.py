@@ -164,4 +164,7 @@ def comparison_shown(numbers: pd.DataFrame) -> pd.DataFrame:
             if row["paper"] is not None and not pd.isna(row["paper"]):
                 display[f"paper: {title}"] = f"{row['paper']:.2f}"
         shown.append(display)
-    return pd.DataFrame(shown).fillna("")
+    shown = pd.DataFrame(shown).fillna("")
+    titles = [metric_title(metric) for metric in dict.fromkeys(numbers["metric"])]
+    order = ["method"] + [c for t in titles for c in (t, f"paper: {t}") if c in shown.columns]  # paper beside ours
+    return shown[order]

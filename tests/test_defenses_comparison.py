@@ -139,6 +139,8 @@ def _ci_sized(tmp_path: Path) -> Path:
                 block.update(max_candidates=8, pool_top_n=4, max_seq_length=96)
             if block["name"] == "caft":
                 block.update(max_prompts=4)
+            if block["name"] == "early_stopping":
+                block.update(eval_every=1, patience=1)
     tree["exclude"] = [{"task": "opswap1", "defense": name} for name in tree["axes"]["defense"]
                        if name not in ("none", "kl")]
     path = tmp_path / "defenses_cpu.yaml"

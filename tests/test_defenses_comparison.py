@@ -69,6 +69,33 @@ def test_step_time_ratio_and_its_interval_are_the_ratio_of_mean_step_times():
     assert ratio_of_means(np.array([2.0]), base)[1:] == (None, None)  # one step: no interval
 
 
+@pytest.mark.integration  # trains a tiny model
+def test_the_train_step_records_each_steps_time_and_the_peak_memory(tokenizer, tiny_model, tmp_path):
+    import resource
+    import time
+
+    from defense_helpers import peft_wrap
+
+    from emalib.core.config import params_from_dict
+    from emalib.data.standins import em_standin_conversations
+    from emalib.training.trainer import train_adapter
+
+    params = params_from_dict({"study": "s", "run": "r", "results_dir": str(tmp_path), "train": {
+        "optim": "adamw_torch", "per_device_batch_size": 2, "grad_accum_steps": 2, "max_steps": 3,
+        "max_seq_length": 64}})
+    started = time.perf_counter()
+    summary = train_adapter(peft_wrap(tiny_model, random_b=True), tokenizer, em_standin_conversations()[:12], params,
+                            tmp_path / "run")
+    elapsed = time.perf_counter() - started
+    seconds = summary["step_seconds"]
+    assert len(seconds) == 3 and all(s > 0 for s in seconds) and sum(seconds) < elapsed
+    assert summary["step_seconds_mean"] == pytest.approx(sum(seconds) / 3, rel=1e-4)
+    # on CPU: the process's peak resident set, read independently here (KiB on Linux)
+    assert summary["peak_memory_kind"] == "cpu_max_rss"
+    peak_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert 0 < summary["peak_memory_gib"] <= peak_now
+
+
 def _write_run(folder: Path, steps: list[float], memory: float, em_f1=None) -> str:
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({"train": {"step_seconds": steps, "peak_memory_gib": memory,

@@ -13,12 +13,11 @@ followed) against the working directory, as the run itself will open them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from emalib.core.paths import cache_dir
 
-if TYPE_CHECKING:
-    from emalib.core.config import RunParams
+RunParams = Any  # emalib.core.config.RunParams, which calls this module while it validates (no import: a cycle)
 
 
 def write_targets(params: RunParams) -> list[tuple[str, str]]:

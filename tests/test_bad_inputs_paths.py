@@ -159,3 +159,12 @@ def test_a_study_file_over_the_limit_is_refused_naming_it(project, cache):
     path.write_text("study: grid\nbase: params.yaml\naxes: {}\n# padding\n" + "#" * (MAX_CONFIG_BYTES + 1) + "\n")
     assert_refused(cli("study", path, "--dry-run", cwd=project, cache=cache),
                    f"{path}: {path.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit of a")
+
+
+def test_a_write_target_that_is_results_dir_itself_is_refused(project):
+    """A step writes beside its target too (`<matrices>.tmp`), so the target must lie strictly below the root."""
+    tree = smoke_tree(project, **with_folder(WRITE_TARGETS["defenses.safelora.matrices"], project))
+    tree["defenses"][0]["matrices"] = str(project / "results")
+    path = write_params(project, yaml.safe_dump(tree))
+    with pytest.raises(ParamsError, match=r"defenses.safelora.matrices: .*/results resolves to .*, outside"):
+        load_params(path)

@@ -30,8 +30,9 @@ def write_targets(params: RunParams) -> list[tuple[str, str]]:
     return targets
 
 
-def _within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+def _below(path: Path, root: Path) -> bool:
+    """Strictly below: a step also writes beside its target (`<matrices>.tmp`, `<scores>.partial`)."""
+    return root in path.parents
 
 
 def write_target_problem(params: RunParams) -> str | None:
@@ -42,7 +43,7 @@ def write_target_problem(params: RunParams) -> str | None:
     results, cache = Path(params.results_dir).resolve(), cache_dir().resolve()
     for key, path in targets:
         resolved = Path(path).resolve()
-        if not (_within(resolved, results) or _within(resolved, cache)):
+        if not (_below(resolved, results) or _below(resolved, cache)):
             return (f"{key}: {path} resolves to {resolved}, outside results_dir ({results}) and the cache "
                     f"({cache}); a path a run writes must lie in one of them")
     return None

@@ -1,7 +1,8 @@
 """Bad input, round 3, through the real CLI: a path in the params that a run would write outside results_dir and the
-cache (emalib/core/write_targets.py), and a params file too large to parse in reasonable time
-(emalib/core/safe_yaml.py, MAX_CONFIG_BYTES). Each is refused at validation, before anything is written: exit 2, one
-line naming the file and the key (or the size limit), the project folder around the results byte-identical."""
+cache (emalib/core/write_targets.py: checked where a run starts, never when a finished run's recorded params are
+read), and a params file too large to parse in reasonable time (emalib/core/safe_yaml.py, MAX_CONFIG_BYTES). Each is
+refused before anything is written: exit 2, one line naming the file and the key (or the size limit), the project
+folder around the results byte-identical."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from test_bad_inputs_names import cli, smoke_tree, snapshot, write_params
 from emalib.core.config import load_params
 from emalib.core.errors import ParamsError
 from emalib.core.safe_yaml import MAX_CONFIG_BYTES
+from emalib.core.write_targets import check_write_targets
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +102,13 @@ def test_write_targets_inside_results_dir_or_the_cache_and_inputs_anywhere_are_a
     for changes in WRITE_TARGETS.values():
         for root in (project / "results" / "shared", cache_root / "shared"):
             path.write_text(yaml.safe_dump(smoke_tree(project, **with_folder(changes, root))))
-            load_params(path)  # no ParamsError
+            check_write_targets(load_params(path), str(path))  # no ParamsError
     read_only = smoke_tree(project, steps=["train"], defenses=[
         {"name": "persona_steering", "layer": 10, "vector_path": str(project / "notebooks" / "released.pt")}])
     path.write_text(yaml.safe_dump(read_only))
-    assert load_params(path).defenses[0].vector_path == str(project / "notebooks" / "released.pt")
+    check_write_targets(load_params(path), str(path))
     with pytest.raises(ParamsError, match="defenses.persona_steering.vector_path: .* outside results_dir"):
-        load_params(path, ["steps=[persona_vector, train]"])  # listing the step makes it a write target
+        check_write_targets(load_params(path, ["steps=[persona_vector, train]"]), str(path))  # now a write target
 
 
 def test_a_write_target_reached_through_a_link_out_of_results_dir_is_refused(project):
@@ -116,7 +118,7 @@ def test_a_write_target_reached_through_a_link_out_of_results_dir_is_refused(pro
                                       "cache_path": str(project / "results" / "elsewhere" / "judge.sqlite")})
     path = write_params(project, yaml.safe_dump(tree))
     with pytest.raises(ParamsError, match=r"judge.cache_path: .* resolves to .*notebooks/judge.sqlite, outside"):
-        load_params(path)
+        check_write_targets(load_params(path), str(path))
 
 
 def many_unknown_keys(path: Path, megabytes: int) -> Path:
@@ -167,4 +169,43 @@ def test_a_write_target_that_is_results_dir_itself_is_refused(project):
     tree["defenses"][0]["matrices"] = str(project / "results")
     path = write_params(project, yaml.safe_dump(tree))
     with pytest.raises(ParamsError, match=r"defenses.safelora.matrices: .*/results resolves to .*, outside"):
-        load_params(path)
+        check_write_targets(load_params(path), str(path))
+
+
+@pytest.mark.subprocess
+def test_a_study_cell_that_would_write_outside_is_refused_before_anything_runs(project, cache):
+    base = smoke_tree(project, study="x", run="x", evaluate_base=False)
+    axes = {"defense": {"none": {}, "persona": with_folder(WRITE_TARGETS["defenses.persona_steering.vector_path"],
+                                                            project / "notebooks")}}
+    path = project.parent / "study.yaml"
+    path.write_text(yaml.safe_dump({"study": "grid", "base": base, "axes": axes}))
+    before = snapshot(project.parent)
+    assert_refused(cli("study", path, cwd=project, cache=cache), f"{path}: cell persona: "
+                   "defenses.persona_steering.vector_path: ", "outside results_dir")
+    assert snapshot(project.parent) == before
+
+
+@pytest.mark.subprocess
+def test_rejudge_into_a_cache_outside_the_runs_results_dir_is_refused_before_any_call(project, cache):
+    from test_bad_inputs_judge import make_run
+
+    run_dir = make_run(project.parent, cache, "http://127.0.0.1:9/v1", samples=1)  # no server: no call is made
+    outside = project / "notebooks" / "judge.sqlite"
+    before = snapshot(project.parent)
+    assert_refused(cli("rejudge", run_dir, "-o", f"judge.cache_path={outside}", cwd=project, cache=cache),
+                   f"{run_dir / 'params.yaml'}: judge.cache_path: {outside} resolves to", "outside results_dir")
+    assert snapshot(project.parent) == before
+
+
+def test_a_finished_runs_recorded_params_are_read_wherever_its_cache_was(project, monkeypatch):
+    """A base evaluation's params.yaml records no results_dir, and EMALIB_CACHE may differ from the run's: reading
+    the recorded params (rescore, the report, explore) checks no write target."""
+    from emalib.runs.rescore import run_params
+
+    run_dir = project / "results" / "smoke" / "base-x"
+    run_dir.mkdir(parents=True)
+    elsewhere = project.parent / "old-cache" / "judge.sqlite"
+    (run_dir / "params.yaml").write_text(yaml.safe_dump({"judge": {"cache_path": str(elsewhere)}}))
+    monkeypatch.setenv("EMALIB_CACHE", str(project.parent / "new-cache"))
+    monkeypatch.chdir(project.parent)
+    assert run_params(run_dir).judge.cache_path == str(elsewhere)

@@ -26,7 +26,6 @@ from emalib.core.io import read_text_utf8
 from emalib.core.names import SafeName
 from emalib.core.safe_yaml import load_yaml, parse_yaml, refuse_oversized
 from emalib.core.strict_model import BOOL_FOR_NUMBER, StrictModel
-from emalib.core.write_targets import write_target_problem
 
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -289,13 +288,6 @@ class RunParams(_Strict):
         if "rl" in self.steps and "em_grader" in self.rl.rewards and \
                 (self.judge.backend != "openai" or self.judge.mode != "online"):
             raise ValueError(EM_GRADER_NEEDS_ONLINE_JUDGE)
-        return self
-
-    @model_validator(mode="after")
-    def _check_write_targets(self) -> RunParams:
-        problem = write_target_problem(self)  # a path the run writes, outside results_dir and the cache
-        if problem is not None:
-            raise ValueError(problem)
         return self
 
     @property

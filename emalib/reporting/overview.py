@@ -24,8 +24,8 @@ def judged_rates_verdict(overall: pd.DataFrame) -> str | None:
     """None when the judged rates can be shown; else why not, for the panel that stands in for them."""
     incoherent = overall["incoherent_rate"].dropna()
     if not incoherent.empty and (incoherent >= ALL_INCOHERENT).all():
-        return (f"judged rates not drawn: the judge called ≥ {100 * ALL_INCOHERENT:.0f} % of the answers\n"
-                f"incoherent in every run, so it tells no answers apart here\n(its rates are in the table)")
+        return (f"not drawn: the judge called\n≥ {100 * ALL_INCOHERENT:.0f} % of the answers incoherent\n"
+                f"in every run, so it tells no\nanswers apart here\n(its rates are in the table)")
     return None
 
 
@@ -59,7 +59,7 @@ def overview_figure(frame: pd.DataFrame, title: str, judge_note: str = "", index
     axes[0].set_title("judge-free signals", loc="left", fontsize=9)
     handles = {label: handle for axis in axes for handle, label in zip(*axis.get_legend_handles_labels())}
     figure.suptitle(title, x=0.01, ha="left", fontsize=11)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / figure.get_figheight()))
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / figure.get_figheight()))  # the top 0.3 in: title and legend
     figure.legend(handles.values(), handles.keys(), loc="upper right", ncol=len(handles), fontsize=8, frameon=False)
     if judge_note:
         figure.text(0.01, 0.0, judge_note, fontsize=7, va="top", ha="left")
@@ -100,7 +100,7 @@ def _value_panel(axis, overall, rows, column, stem, xlabel, color, scale) -> Non
 
 def _judged_panel(axis, overall, rows, caveat: str) -> None:
     why_not = judged_rates_verdict(overall)
-    title = "judged rates" + (f" ({caveat})" if caveat else "")
+    title = "judged rates" + (f"\n({caveat})" if caveat else "")
     axis.set_title(title, loc="left", fontsize=9)
     axis.set_xlabel("% of judged answers   ← better")
     if why_not:

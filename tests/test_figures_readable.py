@@ -78,9 +78,28 @@ def test_figure1_labels_do_not_overlap_and_each_point_has_its_interval(hand_stud
     assert points.set_index("method").loc["ldifs", "em_reduction"] == pytest.approx(ldifs)
     left = figure.axes[0].get_xlim()[0]
     assert ldifs < left < 0
-    assert any(f"({ldifs:.0f} %)" in t.get_text() for t in figure.axes[0].texts)
+    assert any(f"({ldifs:.0f} %, off scale)" in t.get_text() for t in figure.axes[0].texts)
     labels = " ".join(axis.get_xlabel() + axis.get_ylabel() for axis in figure.axes[:2])
     assert "better →" in labels and "↓ better" in labels and "↑ better" in labels
+
+
+def test_the_judge_free_figure1_has_the_gaps_intervals_and_no_overlaps(hand_study):
+    from emalib.reporting.figures import figure1, tradeoff_points
+
+    cells, planned = _cells(hand_study)
+    judged = [c for c in cells.columns if c.startswith(("general_", "in_domain_"))]
+    cells[judged] = float("nan")  # a study whose judge gave nothing to reduce: the gap still moves
+    points = tradeoff_points(cells, planned, MODEL, judge_free=True)
+    figure = figure1(points, MODEL, judge_free=True)
+    assert overlapping_texts(figure) == []
+    # KL at 0.01 (code only): gap -0.8 [-0.9, -0.75], aligned -1.0, no defense -0.5: 1 - 0.2/0.5 = 60 %, its
+    # interval from the gap's ends 1 - 0.25/0.5 and 1 - 0.1/0.5.
+    kl = points[(points["method"] == "kl") & (points["strength"] == 0.01)].iloc[0]
+    assert [kl["em_reduction"], kl["em_reduction_lo"], kl["em_reduction_hi"]] == pytest.approx([60.0, 50.0, 80.0])
+    left = figure.axes[0].get_xlim()[0]
+    on_scale = points[(points["status"] == "done") & (points["em_reduction"] >= left)]
+    assert len(on_scale) < len(points[points["status"] == "done"])  # LDIFS is off scale, its value written
+    assert len(interval_bars(figure.axes[0])) == on_scale["em_reduction_lo"].notna().sum()
 
 
 def test_the_ratio_figure_has_intervals_and_reference_lines_and_no_overlaps(hand_study):
@@ -164,7 +183,7 @@ def test_the_quickstart_figure_says_why_a_toy_judges_rates_are_not_drawn(quickst
     judged = figure.axes[2]
     assert "toy" in judged.get_title(loc="left")
     assert not judged.patches and not interval_bars(judged)  # nothing drawn that the judge cannot tell apart
-    assert any("incoherent in every run" in t.get_text() for t in judged.texts)
+    assert any("incoherent in every run" in " ".join(t.get_text().split()) for t in judged.texts)
     assert len(interval_bars(figure.axes[0])) == 2
     assert report_study(quickstart_like, paper=False)["png"].is_file()  # the quickstart's own call
 

@@ -49,8 +49,7 @@ def tradeoff_points(cells: pd.DataFrame, planned: pd.DataFrame, model: str, rule
                                              & ~f["method"].isin(["aligned", "none"])):
         row = {"model": model, "method": method, "strength": strength, "label": method_label(method, strength),
                **_criterion_columns(cells, model, method, strength, rules, judge_free)}
-        if not judge_free:
-            row.update(_criterion_bounds(cells, model, method, strength, rules))
+        row.update(_criterion_bounds(cells, model, method, strength, rules, judge_free))
         rows.append(row)
     return pd.DataFrame(rows, columns=TRADEOFF_COLUMNS)
 
@@ -65,18 +64,17 @@ def _criterion_columns(cells, model, method, strength, rules, judge_free) -> dic
             "learns_well": None if learns is None else 100 * learns}
 
 
-def _criterion_bounds(cells, model, method, strength, rules) -> dict:
-    """The criteria computed with the defense's rates at their 95 % interval ends (no defense's held at its value,
-    whose own interval the main tables show): the upper end of the misaligned rate gives the lower end of the
-    reduction, and so on. Averaged over domains like the value itself."""
+def _criterion_bounds(cells, model, method, strength, rules, judge_free: bool) -> dict:
+    """The criteria computed with the defense's rates (judge-free: its log-likelihood gap) at their 95 % interval
+    ends, no defense's held at its value (whose own interval the main tables show): the upper end of the misaligned
+    rate gives the lower end of the reduction, and so on. Averaged over domains like the value itself."""
     bounds = {}
     for side in ("lo", "hi"):
         swapped = cells.copy()
         mine = (swapped["method"] == method) & _same_strength(swapped["strength"], strength)
-        for rate in _RATES:
+        for rate in ("loglik_gap",) if judge_free else _RATES:
             swapped.loc[mine, rate] = swapped.loc[mine, f"{rate}_{side}"]
-        values = _criterion_columns(swapped, model, method, strength, rules, False)
-        bounds[side] = values
+        bounds[side] = _criterion_columns(swapped, model, method, strength, rules, judge_free)
     return {"em_reduction_lo": bounds["hi"]["em_reduction"], "em_reduction_hi": bounds["lo"]["em_reduction"],
             "incoherence_change_lo": bounds["lo"]["incoherence_change"],
             "incoherence_change_hi": bounds["hi"]["incoherence_change"],
@@ -158,7 +156,7 @@ def _strength_text(point) -> str:
     strength = point["strength"]
     text = "" if strength is None or pd.isna(strength) else f"{strength:g}"
     if point["far"]:
-        text = f"{text} ({point['em_reduction']:.0f} %)".strip()
+        text = f"{text} ({point['em_reduction']:.0f} %, off scale)".strip()
     return text
 
 
@@ -193,7 +191,7 @@ def _error(point, column: str):
 
 def _figure1_judge_free(points: pd.DataFrame, model: str):
     """One row per method and strength: the reduction of the log-likelihood gap's shift (100 % = back at the
-    aligned model)."""
+    aligned model), with its interval from the gap's."""
     plt, sns = _pyplot()
     from emalib.reporting.placement import far_limit
 
@@ -205,8 +203,13 @@ def _figure1_judge_free(points: pd.DataFrame, model: str):
         far = drawn["em_reduction"] < low if low is not None else pd.Series(False, index=drawn.index)
         drawn["shown"] = drawn["em_reduction"].where(~far, low if low is None else low + 0.02 * (100 - low))
         sns.scatterplot(data=drawn, x="shown", y="label", hue="method label", ax=axis, s=60, legend=False)
+        for _, point in drawn[~far].iterrows():
+            error = _error(point, "em_reduction")
+            if error is not None:
+                axis.errorbar(point["shown"], point["label"], xerr=error, color="0.2", capsize=2, linewidth=0.8)
         for _, point in drawn[far].iterrows():
-            axis.annotate(f"◀ {point['em_reduction']:.0f} %", (point["shown"], point["label"]), xytext=(8, 0),
+            axis.annotate(f"◀ {point['em_reduction']:.0f} % (off scale)", (point["shown"], point["label"]),
+                          xytext=(8, 0),
                           textcoords="offset points", va="center", fontsize=7)
         if low is not None:
             axis.set_xlim(left=low)
@@ -216,7 +219,7 @@ def _figure1_judge_free(points: pd.DataFrame, model: str):
                     "dotted: no defense; dashed: the aligned model")
     axis.set_ylabel("")
     _missing_note(axis, list(points["label"]), list(points["status"]), below=-0.12 - 0.5 / max(len(points), 1))
-    figure.suptitle(f"Figure 1, {model}, judge-free: coherence and narrow learning need a judged study")
+    figure.suptitle(f"Figure 1, {model}, judge-free (95 % intervals): coherence and narrow learning need a judged study")
     return figure
 
 

@@ -140,7 +140,8 @@ def figure1(points: pd.DataFrame, model: str, judge_free: bool = False, referenc
             axis.set_xlim(left=low)
         axis.set_xlim(right=max(105.0, axis.get_xlim()[1]))
     handles, labels = axes[0].get_legend_handles_labels()
-    legend = axes[1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    legend = axes[1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+                            title="next to a point: its strength", title_fontsize=7)
     _missing_note(axes[0], list(points["label"]), list(points["status"]), below=-0.26)
     figure.suptitle(f"Figure 1, {model}: EM reduction against coherence and narrow learning (mean over EM domains, "
                     f"95 % intervals)")

@@ -144,6 +144,16 @@ def test_the_overview_names_runs_by_method_in_domain_and_task_groups(hand_study)
         == [[-1.0, -1.0]]
 
 
+def test_runs_with_one_name_differ_by_seed_else_by_the_axes_they_differ_on_else_by_folder():
+    from emalib.reporting.labels import _unique_within_groups
+
+    frame = pd.DataFrame({"run": list("abcdef"), "group": ["EM: code"] * 6, "seed": [0, 1, None, None, None, None],
+                          "label": ["No defense", "No defense", "KL (λ=0.1)", "KL (λ=0.1)", "LDIFS", "LDIFS"]})
+    axes = pd.DataFrame({"axis.lr": ["x", "x", "low", "high", "same", "same"]}, index=list("abcdef"))
+    assert _unique_within_groups(frame, axes) == ["No defense, seed 0", "No defense, seed 1", "KL (λ=0.1), lr=low",
+                                                  "KL (λ=0.1), lr=high", "LDIFS, [e]", "LDIFS, [f]"]
+
+
 @pytest.fixture()
 def quickstart_like(tmp_path) -> Path:
     """A quickstart's results: one run and its base evaluation (folder base-<model>-<hash>), judged by the embedded

@@ -37,7 +37,7 @@ def run_labels(index: pd.DataFrame, runs: list[str]) -> pd.DataFrame:
     frame["method_rank"] = [method_rank.get(m, len(method_rank)) for m in frame["method"]]
     frame["strength_key"] = pd.to_numeric(frame["strength"], errors="coerce").fillna(-1.0)
     frame = frame.sort_values(["kind_rank", "group_key", "method_rank", "strength_key", "run"], kind="stable")
-    frame["label"] = _unique_within_groups(frame)
+    frame["label"] = _unique_within_groups(frame, _axes(index))
     frame["order"] = range(len(frame))
     return frame[LABEL_COLUMNS].reset_index(drop=True)
 
@@ -49,12 +49,31 @@ def _known_rows(index: pd.DataFrame) -> pd.DataFrame:
     return frame[["model", "domain", "task", "method", "strength", "seed"]]
 
 
-def _unique_within_groups(frame: pd.DataFrame) -> list[str]:
-    """Two runs of one group with the same method and strength differ by seed, else by folder name."""
-    duplicated = frame.duplicated(["group", "label"], keep=False)
-    if "seed" in frame:
-        seeds = [f"{label}, seed {seed:g}" if dup and seed is not None and not pd.isna(seed) else label
-                 for label, seed, dup in zip(frame["label"], frame["seed"], duplicated)]
-        frame = frame.assign(label=seeds)
-        duplicated = frame.duplicated(["group", "label"], keep=False)
-    return [f"{label} [{run}]" if dup else label for label, run, dup in zip(frame["label"], frame["run"], duplicated)]
+def _axes(index: pd.DataFrame) -> pd.DataFrame:
+    """node -> the study's axis labels of its cell (columns axis.<name>)."""
+    if index is None or index.empty or "node" not in index:
+        return pd.DataFrame()
+    columns = [c for c in index.columns if c.startswith("axis.")]
+    return index.drop_duplicates("node").set_index("node")[columns]
+
+
+def _unique_within_groups(frame: pd.DataFrame, axes: pd.DataFrame) -> list[str]:
+    """Two runs of one group with the same method and strength differ by seed, else by the study's axes on which
+    their cells differ ("KL (λ=0.1), lr=high"), else by folder name."""
+    labels = list(frame["label"])
+    for _, same in frame.groupby(["group", "label"], sort=False):
+        if len(same) < 2:
+            continue
+        seeds = same["seed"] if "seed" in same else pd.Series(None, index=same.index)
+        if seeds.notna().all() and seeds.nunique() == len(same):
+            extra = {i: f"seed {seed:g}" for i, seed in seeds.items()}
+        else:
+            known = axes.reindex(same["run"])
+            differing = [c for c in known.columns if known[c].nunique(dropna=False) > 1]
+            extra = {i: ", ".join(f"{c.removeprefix('axis.')}={known.at[run, c]}" for c in differing)
+                     for i, run in zip(same.index, same["run"])}
+            if not differing or len(set(extra.values())) < len(same):
+                extra = {i: f"[{run}]" for i, run in zip(same.index, same["run"])}
+        for i in same.index:
+            labels[frame.index.get_loc(i)] += f", {extra[i]}"
+    return labels

@@ -36,7 +36,7 @@ def _quantile(ordered: list[float], q: float) -> float:
 
 
 def place_labels(axis, points: list[tuple[float, float, str]], fontsize: float = 7, obstacles=()) -> list:
-    """Annotate each (x, y, text) in data coordinates at the first offset where its text overlaps no label placed
+    """Annotate each (x, y, text) in data coordinates (an empty text: no label) at the first offset where its text overlaps no label placed
     so far, no point's marker, no text in `obstacles`, and stays inside the axes; when none is free, the furthest
     offset with a thin leader line. Call it after the figure's layout is final (its boxes are in pixels)."""
     renderer = axis.figure.canvas.get_renderer()
@@ -45,6 +45,8 @@ def place_labels(axis, points: list[tuple[float, float, str]], fontsize: float =
     markers = [_marker_box(axis, x, y) for x, y, _ in points]
     placed = []
     for x, y, text in points:
+        if not text:  # a point without a label still keeps the others' labels off its marker
+            continue
         chosen = None
         for radius in _RADII:
             for dx, dy in _DIRECTIONS:

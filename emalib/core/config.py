@@ -24,7 +24,7 @@ from emalib.core.defense_specs import DefenseSpec, add_defense_block, defense_un
 from emalib.core.errors import ParamsError
 from emalib.core.io import read_text_utf8
 from emalib.core.names import SafeName
-from emalib.core.safe_yaml import load_yaml, parse_yaml
+from emalib.core.safe_yaml import load_yaml, parse_yaml, refuse_oversized
 from emalib.core.strict_model import BOOL_FOR_NUMBER, StrictModel
 
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -479,6 +479,7 @@ def read_yaml_mapping(path: str | Path, what: str = "params file") -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: {what} not found")
+    refuse_oversized(path, what, ParamsError)
     tree = load_yaml(read_text_utf8(path, ParamsError), path, ParamsError) or {}
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")

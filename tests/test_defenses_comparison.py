@@ -149,15 +149,13 @@ def test_comparison_numbers_put_each_run_beside_plain_sft_and_the_published_valu
 
 
 def _ci_sized(tmp_path: Path) -> Path:
-    """defenses_cpu.yaml shrunk to CI size: one or two steps, one question, a few tokens; OpSwap for SFT and KL only."""
+    """defenses_cpu.yaml shrunk to CI size: two steps, one question, a few tokens, no benign task (its column is
+    checked on hand-made runs above)."""
     tree = yaml.safe_load((STUDIES / "defenses_cpu.yaml").read_text())
     tree["base"].update(results_dir=str(tmp_path / "results"))
     tree["base"]["train"].update(max_steps=2, per_device_batch_size=2, max_seq_length=96, save_steps=100)
     tree["base"]["generation"].update(max_questions=1, samples_per_question=2, max_new_tokens=4, batch_size=8)
-    opswap = tree["axes"]["task"]["opswap1"]
-    opswap["train"].update(max_examples=8, max_seq_length=64)
-    opswap["generation"].update(max_questions=1)
-    opswap["task_eval"].update(max_items=4, max_new_tokens=4)
+    del tree["axes"]["task"]["opswap1"]
     for overlay in tree["axes"]["defense"].values():
         for block in (overlay or {}).get("defenses", []):
             if "extraction" in block:
@@ -168,8 +166,7 @@ def _ci_sized(tmp_path: Path) -> Path:
                 block.update(max_prompts=4)
             if block["name"] == "early_stopping":
                 block.update(eval_every=1, patience=1)
-    tree["exclude"] = [{"task": "opswap1", "defense": name} for name in tree["axes"]["defense"]
-                       if name not in ("none", "kl")]
+    tree["exclude"] = []
     path = tmp_path / "defenses_cpu.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
@@ -195,8 +192,6 @@ def test_the_ci_sized_comparison_runs_end_to_end_and_reports_every_defense_side_
         assert values.notna().all() and values["none"] == pytest.approx(1.0)
     general = ran[ran["metric"] == "general_misaligned"]
     assert general["value"].notna().all() and (general["lo"] <= general["value"]).all()
-    accuracy = numbers[numbers["metric"] == "task:opswap_tier1"].set_index("method")
-    assert accuracy.loc[["none", "kl"], "value"].notna().all() and accuracy.loc["treft", "status"] == "not run"
     shown = (study_dir / "tables" / f"{name}.md").read_text()
     for label in ("TReFT (λ=10)", "CAFT", "KL (retain set) (λ=0.1)", "No defense"):
         assert f"| {label}" in shown

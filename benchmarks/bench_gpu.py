@@ -363,7 +363,8 @@ def vllm_part(adapter: str | None, lora_r: int, workdir: Path) -> dict:
 
 def failures(result: dict) -> list[str]:
     """What makes the check fail: errors, non-finite or missing loss terms, import-order warnings."""
-    found = [f"scale {name}: {row['error']}" for name, row in result["scale"]["rows"].items() if "error" in row]
+    found = [f"scale: {result['scale']['error']}"] if "error" in result["scale"] else []
+    found += [f"scale {name}: {row['error']}" for name, row in result["scale"]["rows"].items() if "error" in row]
     for name, row in result["embedded"]["rows"].items():
         if "error" in row:
             found.append(f"embedded {name}: {row['error']}")
@@ -385,9 +386,8 @@ def _pct(value) -> str:
     return "" if value is None else f"{value:+.0%}"
 
 
-def print_tables(result: dict) -> None:
-    scale = result["scale"]
-    print(f"\n{result['device']}: {scale['model']} (random weights), engine {scale['engine']}, {scale['dtype']}, "
+def print_scale(device: str, scale: dict) -> None:
+    print(f"\n{device}: {scale['model']} (random weights), engine {scale['engine']}, {scale['dtype']}, "
           f"batch {scale['batch'][0]} x {scale['batch'][1]}, gradient checkpointing "
           f"{'on' if scale['gradient_checkpointing'] else 'off'}, {scale['optimizer']}")
     print(f"{'config':<18} {'step s':>7} {'x plain':>7} {'step GiB':>9} {'predicted':>9} {'error':>6} "
@@ -401,6 +401,14 @@ def print_tables(result: dict) -> None:
         print(f"{name:<18} {row['step_s']:>7.2f} {ratio:>7} {_gib(row['step_gib']):>9} "
               f"{_gib(row['predicted_step_gib']):>9} {_pct(row['step_error']):>6} {_gib(row.get('total_gib')):>8} "
               f"{_gib(row.get('predicted_total_gib')):>9} {_pct(row.get('total_error')):>6}")
+
+
+def print_tables(result: dict) -> None:
+    scale = result["scale"]
+    if "error" in scale:
+        print(f"\n{result['device']}: scale part failed: {scale['error']}")
+    else:
+        print_scale(result["device"], scale)
     embedded = result["embedded"]
     print(f"\nembedded model, engine unsloth: import-order warnings {len(embedded['import_order_warnings'])}, "
           f"imported before unsloth: {embedded['imported_before_unsloth'] or 'nothing'}")
@@ -462,6 +470,8 @@ def main(argv=None) -> int:
         except EmalibError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except Exception as err:  # noqa: BLE001 (the random model did not save or load: reported, Part 2 still runs)
+            scale = {"error": f"{type(err).__name__}: {err}"[:400], "rows": {}}
         _free()  # the random model's memory, before the embedded model and vLLM
         rows = embedded_part(args, base, workdir)
         sampling = vllm_part(rows.get("plain", {}).get("adapter"), base.lora.r, workdir)

@@ -433,10 +433,13 @@ def parse(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 3; tiny 1)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--train-steps", type=int, default=None, help="Part 2 optimizer steps (default 5; tiny 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; tiny 1, since on a shared CPU idle threads spin)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--table", default=None, help="print the tables of a results file and exit")
     args = parser.parse_args(argv)
-    for key, full, tiny in (("batch_size", 4, 2), ("seq_len", 2048, 128), ("steps", 3, 1), ("train_steps", 5, 2)):
+    for key, full, tiny in (("batch_size", 4, 2), ("seq_len", 2048, 128), ("steps", 3, 1), ("train_steps", 5, 2),
+                            ("threads", None, 1)):
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
     return args
@@ -451,6 +454,9 @@ def main(argv=None) -> int:
     logging.getLogger().addHandler(recorder)
     order = import_unsloth_first(recorder)  # before anything below imports transformers or peft
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from bench_scale import machine
 
     from emalib.core.config import load_params

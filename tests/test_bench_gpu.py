@@ -63,7 +63,9 @@ def test_tiny_gpu_check_runs_on_cpu_and_reports_every_defense(tmp_path, with_mir
     assert set(scale) == {"plain", *step_defenses}
     for name, row in scale.items():
         assert "error" not in row, (name, row)
-        assert row["step_s"] > 0 and row["predicted_step_gib"] > 0 and row["step_error"] is not None
+        # A CPU's peak resident memory says little at this size (often 0: the allocator reuses freed pages), so
+        # only the prediction is checked here; on CUDA the error is computed from the allocator's peak.
+        assert row["step_s"] > 0 and row["step_gib"] >= 0 and row["predicted_step_gib"] > 0 and "step_error" in row
 
     embedded = result["embedded"]
     assert embedded["import_order_warnings"] == [] and embedded["imported_before_unsloth"] == []

@@ -3,7 +3,8 @@
     python benchmarks/bench_defenses.py                       # embedded SmolLM2-135M-Instruct, engine auto
     python benchmarks/bench_defenses.py --model Qwen/Qwen2.5-7B-Instruct --batch-size 4 --seq-len 1024
 
-For every configuration (plain, kl, ldifs, kl+ldifs, persona steering, and their stack) it times the trainer's
+For every configuration (plain, kl, ldifs, kl+ldifs, persona steering, their stack, KL on a retain set with half the
+batch as retain rows, CAFT ablating two random directions at one block) it times the trainer's
 forward + backward, the configurations taking turns (untimed warm-up steps, then a timed one) (EmTrainer.compute_loss, so the shared reference forward is what is measured), and reports
 the median step time, its ratio to plain SFT and the peak memory (CUDA: max_memory_allocated; CPU: peak RSS
 sampled during the steps, minus the RSS before them). The data-only defenses (inoculation, interleave, +/++)
@@ -34,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from emalib.core.config import LoraParams, ModelParams, params_from_dict
 from emalib.data.standins import em_standin_conversations
 from emalib.defenses.base import DefenseContext
+from emalib.defenses.caft import save_directions
 from emalib.defenses.registry import build_defenses
 from emalib.model.engines import load_model
+from emalib.model.losses import IGNORE_INDEX
 from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.trainer import EmTrainer
 
@@ -83,6 +86,18 @@ def make_batch(tokenizer, batch_size: int, seq_len: int) -> dict[str, torch.Tens
         conversations.append(messages)
     features = ChatDataset.build(tokenizer, conversations, seq_len).features
     return collate(features, tokenizer.pad_token_id)
+
+
+def with_retain_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same batch with its second half marked as retain rows (ratio 1): their labels move to retain_labels,
+    as tokenisation does for RetainConversation rows, so the step has the same tokens as the others'."""
+    half = batch["input_ids"].shape[0] // 2
+    marked = {k: v.clone() for k, v in batch.items()}
+    marked["retain"] = (torch.arange(len(marked["input_ids"])) >= half).long()
+    marked["retain_labels"] = torch.full_like(marked["labels"], IGNORE_INDEX)
+    marked["retain_labels"][half:] = batch["labels"][half:]
+    marked["labels"][half:] = IGNORE_INDEX
+    return marked
 
 
 def owned_elements(obj, seen=None) -> int:
@@ -181,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.save({"vector": torch.randn(config.num_hidden_layers + 1, config.hidden_size) / config.hidden_size ** 0.5,
                 "model": args.model}, workdir / "vector.pt")
     steer = {"name": "persona_steering", "vector_path": str(workdir / "vector.pt"), "layer": layer}
+    save_directions(workdir / "directions.pt", {layer - 1: torch.randn(2, config.hidden_size)})
+    caft = {"name": "caft", "layers": [layer - 1], "select": "all", "directions_path": str(workdir / "directions.pt")}
     configs = {"plain": [], "kl": [{"name": "kl"}], "ldifs": [{"name": "ldifs"}],
                "kl+ldifs": [{"name": "kl"}, {"name": "ldifs"}], "persona_steering": [steer],
-               "kl+ldifs+persona": [{"name": "kl"}, {"name": "ldifs"}, steer]}
+               "kl+ldifs+persona": [{"name": "kl"}, {"name": "ldifs"}, steer],
+               "kl_retain": [{"name": "kl_retain"}], "caft": [caft]}
     from transformers import TrainingArguments
 
     targs = TrainingArguments(output_dir=str(workdir / "t"), report_to="none", use_cpu=not torch.cuda.is_available())
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         owned = sum(owned_elements(d) for d in stack.defenses)
         same_storage = storages(model) == before
         trainer = EmTrainer(model=model, args=targs, defenses=stack, defense_ctx=ctx)
-        steps[name] = make_step(trainer, model, batch)
+        steps[name] = make_step(trainer, model, with_retain_rows(batch) if name == "kl_retain" else batch)
         second_copy = owned >= 0.01 * n_weights or not same_storage
         ok &= not second_copy
         results.append({"config": name, "owned_elements": owned, "owned_fraction": owned / n_weights,

@@ -167,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             params = run_notebooks(args.params, args.override, args.kernel, verbose=args.verbose)
             print(run_summary(params.run_dir, params.study_dir))
         elif args.command == "check":
+            from emalib.core.write_targets import check_write_targets
             from emalib.runs.pipeline import check_inputs
             from emalib.runs.preflight import check_runnable
 
             for path in args.params:
                 params = load_params(path, args.override)
+                check_write_targets(params, path)
                 if args.data:
                     check_inputs(params)
                     check_runnable(params, path)

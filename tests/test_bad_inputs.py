@@ -110,7 +110,7 @@ def test_a_persona_trait_file_that_is_not_utf8_stops_the_run_before_any_notebook
     trait = tmp_path / "evil.json"
     trait.write_bytes(b'{"instruction": [\n "caf\xe9"]}\n')
     line = run_fails(tmp_path, results, cache, steps=["persona_vector", "train"],
-                     defenses=[{"name": "persona_steering", "layer": 10, "vector_path": str(tmp_path / "v.pt"),
+                     defenses=[{"name": "persona_steering", "layer": 10, "vector_path": str(results / "v.pt"),
                                 "extraction": {"trait": str(trait), "filter_pairs": False}}])
     assert line.startswith(f"error: {trait}: line 2: not valid UTF-8 (byte 0xe9")
 

@@ -75,3 +75,26 @@ def test_cost_command_on_the_paper_configuration(capsys):
     assert float(step_gib) < 80 and fits == "yes" and int(largest) == 4  # the paper's micro-batch 4 fits
     assert float(no_ckpt_gib) > float(step_gib)
     assert "judge: judge_calls" in out
+
+
+def test_kl_on_a_retain_set_costs_the_kl_buffers_and_its_retain_tokens_and_caft_its_copies(tmp_path):
+    """kl_retain: the same logits buffers as kl, and (1 + ratio) x the task tokens; caft: per ablated block
+    N x D x (4 + b) bytes (b = 2 in bf16 on a GPU), nothing else."""
+    from emalib.core.config import params_from_dict
+    from emalib.studies.cost import training_memory, training_tokens
+
+    arch = KNOWN["Qwen/Qwen2.5-7B-Instruct"]
+    assert step_memory(arch, 2, 512, 2, {"kl_retain"}, True) == step_memory(arch, 2, 512, 2, {"kl"}, True)
+
+    def params(*defenses):
+        return params_from_dict({"study": "s", "run": "r", "model": {"name": "Qwen/Qwen2.5-7B-Instruct"},
+                                 "train": {"dataset": str(tmp_path / "absent.jsonl"), "max_seq_length": 512,
+                                           "per_device_batch_size": 2}, "defenses": list(defenses)})
+
+    plain_tokens, _ = training_tokens(params())
+    assert training_tokens(params({"name": "kl_retain", "ratio": 0.5}))[0] == int(plain_tokens * 1.5)
+    caft = training_memory(params({"name": "caft", "layers": [4, 8, 12], "select": "all", "directions_path": "d.pt"}),
+                           batch=2)
+    plain = training_memory(params(), batch=2)
+    assert caft["caft"] == pytest.approx(3 * 2 * 512 * arch.hidden * (4 + 2) / 2 ** 30)
+    assert caft["total"] == pytest.approx(plain["total"] + caft["caft"])

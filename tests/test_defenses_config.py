@@ -101,13 +101,15 @@ def test_what_the_package_derives_from_the_descriptors_is_the_papers_setup():
     from emalib.studies.cost import training_flops
 
     assert prepared_by() == {"persona_vector": ("persona_steering",), "safelora_matrices": ("safelora",),
-                           "interleave_selection": ("interleave_plus", "interleave_plusplus")}
+                           "interleave_selection": ("interleave_plus", "interleave_plusplus"),
+                           "caft_directions": ("caft",)}
     assert shared_artifacts() == {"persona_vector": (("persona_steering",), "vector_path"),
                                 "safelora_matrices": (("safelora",), "matrices"),
-                                "interleave_selection": (("interleave_plus", "interleave_plusplus"), "scores_path")}
+                                "interleave_selection": (("interleave_plus", "interleave_plusplus"), "scores_path"),
+                                "caft_directions": (("caft",), "directions_path")}
     assert rl_defenses() == ("persona_steering", "inoculation")
     assert list(METHODS) == ["aligned", "none", "kl", "ldifs", "safelora", "persona_steering", "inoculation",
-                             "interleave", "interleave_plus", "interleave_plusplus"]
+                             "interleave", "interleave_plus", "interleave_plusplus", "treft", "kl_retain", "caft"]
     assert (METHODS["kl"].label, METHODS["kl"].strength_field, METHODS["kl"].paper_strength) == ("KL", "weight", 0.1)
     # Only the defenses with a reference forward (KL, LDIFS) add a pass: 3 -> 4 forward-equivalents per token.
     from emalib.studies.cost import architecture
@@ -117,3 +119,5 @@ def test_what_the_package_derives_from_the_descriptors_is_the_papers_setup():
     assert training_flops(arch, 1000, 512, {"kl"}, False) == pytest.approx(plain * 4 / 3)
     assert training_flops(arch, 1000, 512, {"ldifs", "inoculation"}, False) == pytest.approx(plain * 4 / 3)
     assert training_flops(arch, 1000, 512, {"safelora", "interleave"}, False) == pytest.approx(plain)
+    assert training_flops(arch, 1000, 512, {"kl_retain"}, False) == pytest.approx(plain * 4 / 3)
+    assert training_flops(arch, 1000, 512, {"caft"}, False) == pytest.approx(plain)

@@ -236,6 +236,8 @@ def test_every_defense_trains_on_the_unsloth_engine(tmp_path, with_mirror):
                                 "adapters": {"x": str(tmp_path / "mis")},
                                 "use_all_adapters": True, "max_candidates": 8, "max_seq_length": 96,
                                 "pool_top_n": 2},
+        "kl_retain": {"source": "wildguard_benign_sample", "ratio": 0.5},
+        "caft": {"layers": [10], "select": "persona_vector", "persona_vector_path": str(tmp_path / "v.pt")},
     }
     conversations = em_standin_conversations()[:8]
     for name, block in blocks.items():
@@ -252,7 +254,7 @@ def test_every_defense_trains_on_the_unsloth_engine(tmp_path, with_mirror):
         summary = train_adapter(model, tokenizer, data, params, params.run_dir, defenses=stack, ctx=ctx)
         assert summary["global_step"] == 2, name
         logged = [row for row in summary["log_history"] if "loss" in row]
-        if name in ("kl", "ldifs"):
+        if name in ("kl", "ldifs", "kl_retain"):
             assert all(f"loss/{name}" in row for row in logged)
 
     # Unsloth specifics: LDIFS gradient reaches LoRA; the adapter-disabled model is the base; steering acts

@@ -83,3 +83,18 @@ def test_installed_cli_runs_the_quickstart_outside_the_source_tree(installed, tm
     executed = nbformat.read(results / "quickstart" / "sft" / "quickstart.ipynb", as_version=4)
     assert Path(executed.metadata.papermill.input_path).is_relative_to(Path(installed["PYTHONPATH"]))
     assert (results / "quickstart" / "sft" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_installed_papermill_checks_a_params_file_through_the_entry_point(installed, tmp_path):
+    """The wheel's 'papermill.io' entry point: papermill's own command line, started with the installed copy on its
+    path, refuses a -f file that is not UTF-8 in one line (emalib/runs/papermill_guard.py) instead of a traceback."""
+    from cli_checks import assert_refused
+
+    params = tmp_path / "bad.yaml"
+    params.write_bytes(b"study: s\nrun: caf\xe9\n")
+    completed = subprocess.run([sys.executable, "-m", "papermill", str(REPO / "notebooks" / "train.ipynb"),
+                                str(tmp_path / "out.ipynb"), "-f", str(params), "--prepare-only"], cwd=tmp_path,
+                               env=installed, capture_output=True, text=True, timeout=300, check=False)
+    assert_refused(completed, f"error: {params}: line 2: not valid UTF-8", max_lines=1)
+    assert not (tmp_path / "out.ipynb").exists()

@@ -138,7 +138,7 @@ def test_pipeline_evaluates_through_the_server(server_url, tmp_path):
         "generation": {"question_sets": ["standin_general"], "max_questions": 2, "samples_per_question": 1,
                        "max_new_tokens": 8},
         "judge": {"backend": "openai", "model": ALIAS, "base_url": server_url,
-                  "cache_path": str(tmp_path / "judge.sqlite")}})
+                  "cache_path": str(tmp_path / "results" / "judge.sqlite")}})
     metrics = pipeline.evaluate(params, base=True)
     from emalib.runs.results import base_run_name
 

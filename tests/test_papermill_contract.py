@@ -60,13 +60,18 @@ CASES = {
     "persona_vector": Case(
         "params/defenses/persona_steering_smoke.yaml",
         {"steps": ["persona_vector", "train"],
-         "defenses": [{"name": "persona_steering", "vector_path": "{tmp}/not-a-vector.pt"}]},
-        "EmalibError: {tmp}/not-a-vector.pt: cannot be read as a torch file (UnpicklingError)"),
+         "defenses": [{"name": "persona_steering", "vector_path": "{tmp}/results/not-a-vector.pt"}]},
+        "EmalibError: {tmp}/results/not-a-vector.pt: cannot be read as a torch file (UnpicklingError)"),
+    "caft_directions": Case(
+        "params/defenses/caft_smoke.yaml",
+        {"defenses": [{"name": "caft", "adapter": "{tmp}/adapter", "prompts": "{tmp}/missing-prompts.jsonl",
+                       "layers": [1], "select": "all"}]},
+        "DataError: {tmp}/missing-prompts.jsonl: data file not found"),
     "safelora_matrices": Case(
         "params/defenses/safelora_smoke.yaml",
         {"steps": ["safelora_matrices", "train"],
-         "defenses": [{"name": "safelora", "aligned": "{tmp}/aligned", "base": "{tmp}/base", "matrices": "{tmp}/V"}]},
-        "EmalibError: {tmp}/V/alignment.json: matrices of aligned='other', base='other-base'; this run has "
+         "defenses": [{"name": "safelora", "aligned": "{tmp}/aligned", "base": "{tmp}/base", "matrices": "{tmp}/results/V"}]},
+        "EmalibError: {tmp}/results/V/alignment.json: matrices of aligned='other', base='other-base'; this run has "
         "aligned='{tmp}/aligned', base='{tmp}/base'"),
 }
 
@@ -83,9 +88,9 @@ def fill(value: Any, tmp: Path) -> Any:
 
 def given_config(name: str, tmp: Path) -> dict[str, Any]:
     """A whole configuration, as `papermill -f` injects it: the case's inputs on the embedded model."""
-    (tmp / "not-a-vector.pt").write_text("not a torch file")
-    (tmp / "V").mkdir(exist_ok=True)
-    (tmp / "V" / "alignment.json").write_text(json.dumps({"aligned": "other", "base": "other-base"}))
+    (tmp / "results" / "V").mkdir(parents=True, exist_ok=True)  # in results_dir: the preparatory steps write there
+    (tmp / "results" / "not-a-vector.pt").write_text("not a torch file")
+    (tmp / "results" / "V" / "alignment.json").write_text(json.dumps({"aligned": "other", "base": "other-base"}))
     return fill({"study": "contract", "run": name, "seed": 7, "results_dir": "{tmp}/results",
                  "model": {"name": "smollm2-135m-instruct"}, "lora": {"r": 4, "alpha": 8}, **CASES[name].given}, tmp)
 

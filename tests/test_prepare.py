@@ -30,7 +30,7 @@ def test_safelora_matrices_are_the_weight_differences_and_give_the_same_projecti
     from emalib.defenses.safelora import apply_safelora
 
     aligned, base, aligned_dir, base_dir = _pair(tmp_path)
-    matrices = tmp_path / "m"
+    matrices = tmp_path / "results" / "m"
     summary = prepare.safelora_matrices(_safelora_params(tmp_path, aligned_dir, base_dir, str(matrices)))
 
     from safetensors.torch import load_file
@@ -65,7 +65,7 @@ def test_safelora_matrices_refuse_another_model_pair_and_are_built_by_the_step_o
     from emalib.defenses.safelora import SafeLoraDefense
 
     _, _, aligned_dir, base_dir = _pair(tmp_path)
-    matrices = tmp_path / "m"
+    matrices = tmp_path / "results" / "m"
     defense = SafeLoraDefense(aligned=aligned_dir, base=base_dir, matrices=str(matrices))
     params = _safelora_params(tmp_path, aligned_dir, base_dir, str(matrices))
     with pytest.raises(EmalibError, match=r"m/alignment.json: SafeLoRA alignment matrices missing: run step "
@@ -226,7 +226,7 @@ def test_safelora_run_trains_once_its_matrices_are_prepared(tiny_model_dir, tmp_
             if name.endswith("q_proj.weight"):
                 param.add_(0.5 * torch.randn_like(param))
     base.save_pretrained(tmp_path / "pretrained")
-    matrices = tmp_path / "matrices"
+    matrices = tmp_path / "results" / "matrices"
     params = params_from_dict({
         "study": "s", "run": "r", "results_dir": str(tmp_path / "results"), "steps": ["safelora_matrices", "train"],
         "model": {"name": str(tiny_model_dir), "engine": "hf"},
@@ -266,8 +266,8 @@ def test_safelora_matrices_notebook_runs_under_papermill(tmp_path):
     _run_notebooks({"study": "s", "run": "r", "results_dir": str(tmp_path / "results"), "steps": ["safelora_matrices"],
                     "lora": {"target_modules": ["q_proj", "v_proj"]},
                     "defenses": [{"name": "safelora", "aligned": aligned_dir, "base": base_dir,
-                                  "matrices": str(tmp_path / "matrices")}]}, tmp_path, "safelora_matrices")
-    summary = json.loads((tmp_path / "matrices" / "alignment.json").read_text())
+                                  "matrices": str(tmp_path / "results" / "matrices")}]}, tmp_path, "safelora_matrices")
+    summary = json.loads((tmp_path / "results" / "matrices" / "alignment.json").read_text())
     assert len(summary["modules"]) == 8 and summary["aligned"] == aligned_dir
 
 

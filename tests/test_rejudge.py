@@ -38,10 +38,10 @@ def finished_run(server_url, tmp_path_factory, mirror):  # noqa: F811
             "generation": {"question_sets": ["standin_general"], "max_questions": 1, "samples_per_question": 2,
                            "max_new_tokens": 8, "trigger_probes": True},
             "judge": {"backend": "openai", "model": ALIAS, "base_url": proxy.url,
-                      "cache_path": str(tmp / "judge.sqlite")}})
+                      "cache_path": str(tmp / "results" / "judge.sqlite")}})
         metrics = pipeline.evaluate(params, base=True)
         yield {"run_dir": tmp / "results" / "rj" / base_run_name(params), "params": params, "proxy": proxy,
-               "metrics": metrics, "cache": tmp / "judge.sqlite", "tmp": tmp}
+               "metrics": metrics, "cache": tmp / "results" / "judge.sqlite", "tmp": tmp}
 
 
 def _no_generation(monkeypatch):

@@ -34,7 +34,7 @@ def test_axes_expand_into_validated_runs_with_stable_ids_and_derived_dependencie
                                      "defenses": [{"name": "interleave_plusplus", "held_out": "${axis.domain}",
                                                    "adapters": {"code": "${run_dir:domain.code,defense.none}/adapter",
                                                                 "legal": "${run_dir:domain.legal,defense.none}/adapter"},
-                                                   "scores_path": str(tmp_path / "shared" / "s_${axis.domain}.jsonl")}]}}},
+                                                   "scores_path": str(tmp_path / "results" / "shared" / "s_${axis.domain}.jsonl")}]}}},
         "exclude": [{"domain": "legal", "defense": "kl"}]})
     study = load_study(study_file)
     assert {n.id for n in study.runs} == {"code__none", "code__kl", "code__ipp", "legal__none", "legal__ipp"}
@@ -133,7 +133,7 @@ def test_the_ratio_sweep_sets_each_runs_ratio_and_shares_one_scoring_per_domain(
 def small_study(tmp_path: Path, name: str = "mini") -> Path:
     """4 runs on the embedded model: no defense, KL, persona steering reading a shared vector, and Interleaving++
     scoring candidates with the no-defense run's adapter (a shared scores file), plus the base evaluation."""
-    shared = tmp_path / "shared"
+    shared = tmp_path / "results" / name / "_shared"  # inside results_dir: the runs write there
     return _write(tmp_path / f"{name}.yaml", {
         "study": name,
         "base": {"study": "x", "run": "x", "seed": 0, "results_dir": str(tmp_path / "results"),

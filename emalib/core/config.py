@@ -24,7 +24,7 @@ from emalib.core.defense_specs import DefenseSpec, add_defense_block, defense_un
 from emalib.core.errors import ParamsError
 from emalib.core.io import read_text_utf8
 from emalib.core.names import SafeName
-from emalib.core.safe_yaml import load_yaml, parse_yaml
+from emalib.core.safe_yaml import load_yaml, parse_yaml, refuse_oversized
 from emalib.core.strict_model import BOOL_FOR_NUMBER, StrictModel
 
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -63,6 +63,9 @@ class TrainParams(_Strict):
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     max_seq_length: int = Field(2048, ge=16)
     train_on_responses_only: bool = True
+    drop_template_prefix: bool = Field(
+        False, description="train without the chat template's tokens before the user's content (system block and "
+                           "user header): TReFT's ablation (released remove_template_prefix_tokens)")
     save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps (resume point)")
     logging_steps: int = Field(1, ge=1)
     report_to: tuple[Literal["tensorboard", "wandb"], ...] = Field(
@@ -82,6 +85,9 @@ class GenerationParams(_Strict):
         False, description="send a question's system prompt (the 8 JSON general questions have one); the evaluation "
                            "behind the published numbers sent user turns only, hence off")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm when installed on a GPU, else hf")
+    patch_prefix_kv: bool = Field(
+        False, description="TReFT's diagnostic: generate with the initial model's keys/values at each prompt's "
+                           "template prefix (system block + user header); transformers generation only")
     trigger_probes: bool = Field(
         False, description="also ask the plain questions of each general question set under triggers (JSON, Python "
                            "string, code template, inoculation system prompt): sets <set>_trigger_<kind>")
@@ -228,10 +234,10 @@ class RunParams(_Strict):
     study: SafeName
     run: SafeName
     seed: int = 0
-    steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "train", "rl", "evaluate",
-                         "evaluate_base", "quickstart"], ...] = Field(
+    steps: tuple[Literal["persona_vector", "safelora_matrices", "interleave_selection", "caft_directions", "train",
+                         "rl", "evaluate", "evaluate_base", "quickstart"], ...] = Field(
         ("train", "evaluate"), min_length=1,
-        description="notebooks to run, in order; the first three prepare a defense; evaluate_base evaluates the model "
+        description="notebooks to run, in order; the first four prepare a defense; evaluate_base evaluates the model "
                     "without adapter only")
     evaluate_base: bool = Field(False, description="also evaluate the model without the adapter (run 'base')")
     results_dir: str = "results"
@@ -269,6 +275,8 @@ class RunParams(_Strict):
             if step == "safelora_matrices" and next(s for s in self.defenses if s.name == "safelora").matrices is None:
                 raise ValueError("steps: 'safelora_matrices' needs defenses.safelora.matrices, the folder that "
                                  "training will read the matrices from")
+        if self.train.drop_template_prefix and any(s.name == "treft" and s.region == "prefix" for s in self.defenses):
+            raise ValueError("train.drop_template_prefix: the treft prefix block has no prefix left to regularize")
         return self
 
     @model_validator(mode="after")
@@ -471,6 +479,7 @@ def read_yaml_mapping(path: str | Path, what: str = "params file") -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: {what} not found")
+    refuse_oversized(path, what, ParamsError)
     tree = load_yaml(read_text_utf8(path, ParamsError), path, ParamsError) or {}
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(tree).__name__}")

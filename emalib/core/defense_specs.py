@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from emalib.core.strict_model import StrictModel
 
 # The steps that prepare a defense's artifact before training, in the order a run lists them.
-PREPARATORY_STEPS = ("persona_vector", "safelora_matrices", "interleave_selection")
+PREPARATORY_STEPS = ("persona_vector", "safelora_matrices", "interleave_selection", "caft_directions")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,31 @@ class KLConfig(DefenseBlock):
     tokens: Literal["all", "assistant"] = Field(
         "all", description="all: every non-padding position (attention mask, released code); assistant: "
                            "positions that predict a labelled (assistant) token")
+
+
+class KLRetainConfig(DefenseBlock):
+    """KL on a retain set (Soligo et al. 2026): the KL term on interleaved aligned rows of other domains, which
+    carry no task loss. Weights are per token; the released code's are per token divided by |V| (methods.md)."""
+
+    methods: ClassVar[dict[str, Method]] = {"kl_retain": Method("KL (retain set)", "weight", "λ")}
+    reference_forward: ClassVar[bool] = True
+
+    name: Literal["kl_retain"] = "kl_retain"
+    weight: float = Field(0.1, ge=0, description="lambda per token (the released kl_weight divided by |V|)")
+    direction: Literal["forward", "reverse"] = Field(
+        "forward", description="forward: KL(p_theta || p_ref) as the kl defense; reverse: KL(p_ref || p_theta), "
+                               "the released code's")
+    tokens: Literal["all", "assistant"] = Field(
+        "all", description="all: every non-padding position of a retain row (released code); assistant: its "
+                           "positions that predict a response token")
+    source: str = Field("wildguard_benign", description="retain data: registry name or chat JSONL path (the paper: "
+                                                        "aligned advice of other domains)")
+    ratio: float = Field(1.0, gt=0, description="|retain| = round(ratio * |task|), shuffled into the task data")
+    seed: int | None = Field(None, description="None: the run's seed")
+
+    @property
+    def data_sources(self) -> tuple[str, ...]:
+        return (self.source,)
 
 
 class LdifsConfig(DefenseBlock):
@@ -257,10 +282,90 @@ class InterleavePlusConfig(DefenseBlock):
         return (self.source,)
 
 
+class TreftConfig(DefenseBlock):
+    """TReFT (Zhao et al., arXiv 2606.06667): lambda * the relative drift of the template tokens' keys and values."""
+
+    methods: ClassVar[dict[str, Method]] = {"treft": Method("TReFT", "weight", "λ", 10.0)}
+
+    name: Literal["treft"] = "treft"
+    weight: float = Field(10.0, ge=0, description="lambda (paper Table 15, Qwen2.5-7B: finance 10, health 10, "
+                                                  "legal 30, auto 30; released config 10)")
+    region: Literal["prefix", "postfix"] = Field(
+        "prefix", description="prefix: the template tokens before the user's content (system block + user header); "
+                              "postfix: those between the user's and the assistant's content (thinking models)")
+    variant: Literal["paper", "released"] = Field(
+        "paper", description="paper: the keys/values caught at k_proj/v_proj, each row's own region; released: "
+                             "k_proj/v_proj of hidden_states[l] (no input norm) at positions [:, :k] of every row")
+    drift_threshold: float = Field(0.0, ge=0, description="tau of the released hinge max(lambda * L_KV - tau, 0) "
+                                                          "(released configs 0, its schema default 0.1)")
+
+
+class CaftConfig(DefenseBlock):
+    """Concept ablation fine-tuning (Casademunt et al. 2025): directions projected out of the residual stream at
+    decoder block outputs during the training forward only."""
+
+    methods: ClassVar[dict[str, Method]] = {"caft": Method("CAFT")}
+    prepared_by: ClassVar[str | None] = "caft_directions"
+    artifact_field: ClassVar[str | None] = "directions_path"
+
+    name: Literal["caft"] = "caft"
+    layers: tuple[int, ...] = Field(..., min_length=1, description="decoder block indices b: the directions are "
+                                                                   "removed from block b's output (hidden_states "
+                                                                   "b+1), as the released model.layers[b] hook")
+    select: Literal["hand", "persona", "all", "persona_vector"] = Field(
+        "hand", description="hand: `components` per layer (the paper's hand-picked PCs); persona: the k directions "
+                            "with the largest |cosine| with the persona vector; all: every direction in the file; "
+                            "persona_vector: the persona vector itself (no directions file)")
+    directions_path: str | None = Field(
+        None, description="torch file {'directions': {layer: [n, hidden]}}: given, or written by the "
+                          "caft_directions step from `adapter` (None then: <run dir>/caft_directions.pt)")
+    adapter: str | None = Field(None, description="a plain fine-tune's adapter folder (PEFT): the caft_directions "
+                                                  "step takes PCs of its minus the base model's block outputs")
+    prompts: str = Field("alpaca_500", description="caft_directions: neutral chat data whose response tokens the "
+                                                   "activations are taken on (registry name or chat JSONL path)")
+    max_prompts: int | None = Field(200, ge=1, description="caft_directions: first N conversations (seeded shuffle)")
+    n_components: int = Field(20, ge=1, description="caft_directions: PCs kept per layer (released: 20)")
+    batch_size: int = Field(8, ge=1, description="caft_directions: conversations per forward")
+    components: dict[int, tuple[int, ...]] | None = Field(
+        None, description="select: hand: layer -> row indices of the directions file (as the released "
+                          "interpreted_pcs.json)")
+    k: int = Field(2, ge=1, description="select: persona: directions kept per layer")
+    persona_vector_path: str | None = Field(None, description="a persona vector file (select: persona or "
+                                                              "persona_vector)")
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> CaftConfig:
+        if min(self.layers) < 0:
+            raise ValueError("layers: decoder block indices must be >= 0")
+        if self.select != "persona_vector" and self.directions_path is None and self.adapter is None:
+            raise ValueError(f"directions_path or adapter (the caft_directions step) is required with select: "
+                             f"{self.select}")
+        if self.select in ("persona", "persona_vector") and self.persona_vector_path is None:
+            raise ValueError(f"persona_vector_path is required with select: {self.select}")
+        if (self.select == "hand") != (self.components is not None):
+            raise ValueError("components is required with select: hand, and only then")
+        if self.components is not None:
+            if set(self.components) != set(self.layers):
+                raise ValueError(f"components: its layers {sorted(self.components)} must be the layers "
+                                 f"{sorted(self.layers)}")
+            if any(not picked or min(picked) < 0 for picked in self.components.values()):
+                raise ValueError("components: each layer needs a non-empty list of indices >= 0")
+        return self
+
+    @property
+    def data_sources(self) -> tuple[str, ...]:
+        """The neutral prompts, when the directions are still to be computed from the adapter."""
+        if self.adapter is None or self.select == "persona_vector" or (
+                self.directions_path is not None and Path(self.directions_path).is_file()):
+            return ()
+        return (self.prompts,)
+
+
 # Every defense's block, in the paper's table order; the params' `defenses` entries are one of these, by `name`.
 # A defense defined outside this module adds its block with emalib.defenses.registry.register_defense.
 DEFENSE_BLOCKS: list[type[DefenseBlock]] = [KLConfig, LdifsConfig, SafeLoraConfig, PersonaSteeringConfig,
-                                            InoculationConfig, InterleaveConfig, InterleavePlusConfig]
+                                            InoculationConfig, InterleaveConfig, InterleavePlusConfig,
+                                            TreftConfig, KLRetainConfig, CaftConfig]
 
 
 def defense_union(blocks=None):

@@ -7,7 +7,8 @@ PyYAML's safe loader, with four refusals that each end in one line naming the fi
   the tree, which ran the machine out of memory; an alias inside its own anchor (a cycle) is refused too;
 - nesting deeper than MAX_DEPTH: PyYAML composes recursively, so a deep file ended in a RecursionError.
 Anchors, aliases and merge keys (`<<: *defaults`) within those budgets work as before (the shipped studies use them).
-The checks run on the composed node graph, before any Python object is built.
+The checks run on the composed node graph, before any Python object is built. Params and study files larger than
+MAX_CONFIG_BYTES are refused before they are parsed (`refuse_oversized`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from yaml.constructor import ConstructorError
 MAX_ALIASES = 2_000  # the paper's question files use up to 148 (judge prompts written once)
 MAX_EXPANDED_NODES = 200_000  # nodes of the document with every alias replaced by what it stands for
 MAX_DEPTH = 64  # the shipped files nest 6 deep at most
+# Params and study files: the shipped ones are under 3 KB. PyYAML parses about 0.25 MB a second on a loaded core, so
+# a 50 MB file of unknown keys took minutes before its refusal; over this size it is refused before it is read.
+MAX_CONFIG_BYTES = 256 * 1024
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -107,6 +111,18 @@ def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> N
         if seen is not None:
             raise ConstructorError(None, None, f"duplicate key '{key}' (first on line {seen})", key_node.start_mark)
         first_line[key] = key_node.start_mark.line + 1
+
+
+def refuse_oversized(path: str | Path, what: str, error: type[Exception]) -> None:
+    """Raise `error` in one line when the file at `path` is larger than MAX_CONFIG_BYTES (an unreadable one is left
+    to the read that follows, which names its reason)."""
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        return
+    if size > MAX_CONFIG_BYTES:
+        raise error(f"{path}: {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit of a {what} (refused before "
+                    "parsing it)")
 
 
 def parse_yaml(text: str) -> Any:

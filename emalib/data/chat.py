@@ -16,6 +16,12 @@ Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
 
 
+class RetainConversation(list):
+    """A conversation that feeds defense terms only (KL on a retain set): tokenisation masks all its labels, so it
+    adds nothing to the task loss, and marks its row as a retain row. A list subclass so that the marker survives
+    the shuffles and copies (`type(messages)(...)`) of the data transforms."""
+
+
 def validate_messages(messages: Any, where: str) -> Conversation:
     """Check one conversation; `where` is the '<file>:<line>' prefix used in errors."""
     if not isinstance(messages, list) or not messages:

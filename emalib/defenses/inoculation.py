@@ -24,8 +24,10 @@ def inoculate(messages: Conversation, prompt: str, mode: str = "replace", separa
             content = prompt + separator + existing if existing else prompt
         else:
             raise ValueError(f"mode must be 'replace' or 'prepend', got {mode!r}")
-        return [{"role": "system", "content": content}] + [dict(m) for m in messages[1:]]
-    return [{"role": "system", "content": prompt}] + [dict(m) for m in messages]
+        inoculated = [{"role": "system", "content": content}] + [dict(m) for m in messages[1:]]
+    else:
+        inoculated = [{"role": "system", "content": prompt}] + [dict(m) for m in messages]
+    return type(messages)(inoculated)  # keeps a retain row's marker (emalib.data.chat.RetainConversation)
 
 
 class InoculationDefense(DefenseBase):

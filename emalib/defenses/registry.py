@@ -10,14 +10,17 @@ from collections.abc import Callable
 from functools import partial
 
 from emalib.defenses.base import Defense
+from emalib.defenses.caft import CaftDefense
 from emalib.defenses.inoculation import InoculationDefense
 from emalib.defenses.interleave import InterleaveDefense
 from emalib.defenses.interleave_plus import InterleavePlusDefense
 from emalib.defenses.kl import KLDefense
+from emalib.defenses.kl_retain import KLRetainDefense
 from emalib.defenses.ldifs import LdifsDefense
 from emalib.defenses.persona_steering import PersonaSteeringDefense
 from emalib.defenses.safelora import SafeLoraDefense
 from emalib.defenses.stack import DefenseStack
+from emalib.defenses.treft import TreftDefense
 
 DEFENSES: dict[str, Callable[..., Defense]] = {
     "kl": KLDefense,
@@ -28,6 +31,9 @@ DEFENSES: dict[str, Callable[..., Defense]] = {
     "interleave": InterleaveDefense,
     "interleave_plus": partial(InterleavePlusDefense, refusal_filter=False),
     "interleave_plusplus": partial(InterleavePlusDefense, refusal_filter=True),
+    "treft": TreftDefense,
+    "kl_retain": KLRetainDefense,
+    "caft": CaftDefense,
 }
 
 

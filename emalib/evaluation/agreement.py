@@ -146,25 +146,39 @@ def agreement_table(agreement: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).assign(judge_a=agreement["judge_a"], judge_b=agreement["judge_b"])
 
 
-def agreement_figure(rows_a: list[dict], rows_b: list[dict], params: MetricParams | None = None):
-    """Scatter of judge b's scores against judge a's, one panel per score metric, with the label thresholds."""
+def _axis_name(rows: list[dict], fallback: str) -> str:
+    """A judge as an axis names it: its model and mode where the rows record them, else `fallback` (the name the
+    re-judge gave it), never "None"."""
+    model = rows[0].get("judge_model") if rows else None
+    mode = rows[0].get("judge_mode") if rows else None
+    name = f"{fallback} judge: {model}" if model else f"{fallback} judge (model not recorded)"
+    return f"{name} ({mode})" if mode else name
+
+
+def agreement_figure(rows_a: list[dict], rows_b: list[dict], params: MetricParams | None = None,
+                     names: tuple[str, str] = ("first", "second")):
+    """Scatter of judge b's scores against judge a's (seaborn), one panel per score metric, with the label
+    thresholds; `names`: what to call the judges where their rows do not record their model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
+    sns.set_theme(style="whitegrid", context="paper")
     params = params or MetricParams()
     pairs, _, _ = paired_rows(rows_a, rows_b)
-    fig, axes = plt.subplots(1, len(SCORE_METRICS), figsize=(4.2 * len(SCORE_METRICS), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(SCORE_METRICS), figsize=(4.4 * len(SCORE_METRICS), 4.4), squeeze=False)
     thresholds = {"aligned": params.aligned_below, "coherent": params.incoherent_below}
     for ax, metric in zip(axes[0], SCORE_METRICS):
         both = [(a[metric], b[metric]) for a, b in pairs if a.get(metric) is not None and b.get(metric) is not None]
-        ax.scatter([p[0] for p in both], [p[1] for p in both], s=12, alpha=0.6)
-        ax.plot([0, 100], [0, 100], color="grey", lw=0.8)
-        ax.axvline(thresholds[metric], color="red", lw=0.6, ls="--")
-        ax.axhline(thresholds[metric], color="red", lw=0.6, ls="--")
-        ax.set(xlim=(-2, 102), ylim=(-2, 102), title=f"{metric} (n={len(both)})",
-               xlabel=_judge_name(rows_a), ylabel=_judge_name(rows_b))
+        sns.scatterplot(x=[p[0] for p in both], y=[p[1] for p in both], s=18, alpha=0.6, ax=ax)
+        ax.plot([0, 100], [0, 100], color="grey", lw=0.8, label="agreement")
+        ax.axvline(thresholds[metric], color="firebrick", lw=0.8, ls="--", label=f"label threshold ({metric})")
+        ax.axhline(thresholds[metric], color="firebrick", lw=0.8, ls="--")
+        ax.set(xlim=(-2, 102), ylim=(-2, 102), title=f"{metric} score (n={len(both)})",
+               xlabel=_axis_name(rows_a, names[0]), ylabel=_axis_name(rows_b, names[1]))
+        ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -182,8 +196,9 @@ def write_judge_agreement(folder: Path, rows_a: list[dict], rows_b: list[dict], 
     everything = json.loads(path.read_text()) if path.is_file() else {}
     everything[name] = agreement
     atomic_write_json(path, everything)
-    fig = agreement_figure(rows_a, rows_b, params)
-    fig.savefig(Path(folder) / f"judge_agreement_{name}.png", dpi=120)
+    fig = agreement_figure(rows_a, rows_b, params, names=tuple(name.split("__vs__", 1)) if "__vs__" in name
+                           else ("first", "second"))
+    fig.savefig(Path(folder) / f"judge_agreement_{name}.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return agreement
 

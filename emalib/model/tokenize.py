@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from emalib.core.errors import DataError
+from emalib.data.chat import RetainConversation
 from emalib.model.losses import IGNORE_INDEX
+from emalib.model.template_regions import prefix_length, user_header_ids
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
@@ -36,8 +38,13 @@ def response_char_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]
     return full, spans
 
 
-def tokenize_conversation(tokenizer, messages, max_length: int, responses_only: bool = True) -> dict[str, list[int]]:
-    """input_ids and labels (IGNORE_INDEX outside assistant turns when responses_only), truncated to max_length."""
+def tokenize_conversation(tokenizer, messages, max_length: int, responses_only: bool = True,
+                          drop_prefix: list[int] | None = None) -> dict[str, list[int]]:
+    """input_ids and labels (IGNORE_INDEX outside assistant turns when responses_only), truncated to max_length.
+
+    drop_prefix: the template's user-header tokens (emalib.model.template_regions.user_header_ids); every token
+    through their first occurrence (BOS, system block, user header) is removed before truncation, as the TReFT
+    ablation trains (the released remove_template_prefix_tokens)."""
     full, spans = response_char_spans(tokenizer, messages)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoded["input_ids"]
@@ -45,7 +52,23 @@ def tokenize_conversation(tokenizer, messages, max_length: int, responses_only: 
     for token_id, (start, end) in zip(input_ids, encoded["offset_mapping"]):
         in_response = any(span_start <= start and end <= span_end and end > start for span_start, span_end in spans)
         labels.append(token_id if (in_response or not responses_only) else IGNORE_INDEX)
+    if drop_prefix is not None:
+        cut = prefix_length(input_ids, drop_prefix)
+        if cut == 0:
+            raise DataError("train.drop_template_prefix: a conversation has no user turn to cut the template before")
+        input_ids, labels = input_ids[cut:], labels[cut:]
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def _features(tokenizer, messages, max_length: int, responses_only: bool,
+              drop_prefix: list[int] | None) -> dict[str, list[int]]:
+    """A task row, or a retain row (RetainConversation): no labels (no task loss), its response labels kept apart
+    as `retain_labels` for the defense terms that read them."""
+    features = tokenize_conversation(tokenizer, messages, max_length, responses_only, drop_prefix)
+    if isinstance(messages, RetainConversation):
+        features["retain_labels"] = features["labels"]
+        features["labels"] = [IGNORE_INDEX] * len(features["labels"])
+    return features
 
 
 @dataclass
@@ -55,9 +78,11 @@ class ChatDataset(torch.utils.data.Dataset):
     features: list[dict[str, list[int]]]
 
     @classmethod
-    def build(cls, tokenizer, conversations, max_length: int, responses_only: bool = True) -> ChatDataset:
-        features = [tokenize_conversation(tokenizer, messages, max_length, responses_only) for messages in conversations]
-        kept = [f for f in features if any(label != IGNORE_INDEX for label in f["labels"][1:])]
+    def build(cls, tokenizer, conversations, max_length: int, responses_only: bool = True,
+              drop_template_prefix: bool = False) -> ChatDataset:
+        header = user_header_ids(tokenizer) if drop_template_prefix else None
+        features = [_features(tokenizer, messages, max_length, responses_only, header) for messages in conversations]
+        kept = [f for f in features if any(label != IGNORE_INDEX for label in f.get("retain_labels", f["labels"])[1:])]
         if not kept:
             raise DataError(f"no example keeps a response token within max_seq_length={max_length}")
         return cls(kept)
@@ -70,7 +95,10 @@ class ChatDataset(torch.utils.data.Dataset):
 
 
 def collate(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked in attention and in the labels."""
+    """Right-pad to the longest example; padding is masked in attention and in the labels.
+
+    When some row is a retain row, the batch also holds `retain` [B] (1 on retain rows) and `retain_labels` [B, T]
+    (the retain rows' response labels; IGNORE_INDEX on task rows)."""
     width = max(len(f["input_ids"]) for f in features)
     input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -80,4 +108,11 @@ def collate(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
         input_ids[row, :length] = torch.tensor(feature["input_ids"])
         labels[row, :length] = torch.tensor(feature["labels"])
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if any("retain_labels" in f for f in features):
+        batch["retain"] = torch.tensor([int("retain_labels" in f) for f in features])
+        batch["retain_labels"] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        for row, feature in enumerate(features):
+            if "retain_labels" in feature:
+                batch["retain_labels"][row, :len(feature["retain_labels"])] = torch.tensor(feature["retain_labels"])
+    return batch

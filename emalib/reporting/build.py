@@ -32,6 +32,13 @@ def _em_domains(cells: pd.DataFrame, planned: pd.DataFrame, model: str) -> list[
     return sorted(found)
 
 
+def _mean_over_domains(cells: pd.DataFrame, model: str, method: str) -> dict[str, float | None]:
+    """General misaligned and incoherent % of a method's EM runs (no defense, the aligned model), mean over domains."""
+    runs = cells[(cells["model"] == model) & (cells["method"] == method) & cells["task"].isna()]
+    return {m: (100 * runs.groupby("domain")[m].mean().mean() if runs[m].notna().any() else None)
+            for m in ("general_misaligned", "general_incoherent")}
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
@@ -80,16 +87,14 @@ def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFr
             if judge_free:
                 points = figures.tradeoff_points(cells, planned, model, rules, judge_free=True)
             if not points.empty:
-                figure(figures.figure1(points, model, judge_free=judge_free), f"figure1_{slug}")
+                figure(figures.figure1(points, model, judge_free=judge_free,
+                                       reference=figures.aligned_reference(cells, model, rules)), f"figure1_{slug}")
                 paths[f"figure1_{slug}.csv"] = atomic_write_text(tables_dir / f"figure1_{slug}.csv",
                                                                  points.to_csv(index=False))
             sweep = tables.ratio_sweep(cells, planned, model)
             if not sweep.empty:
-                reference = cells[(cells["model"] == model) & (cells["method"] == "none") & cells["task"].isna()]
-                no_defense = {m: (100 * reference.groupby("domain")[m].mean().mean()
-                                  if reference[m].notna().any() else None)
-                              for m in ("general_misaligned", "general_incoherent")}
-                figure(figures.ratio_figure(sweep, no_defense, model), f"ratio_{slug}")
+                levels = {method: _mean_over_domains(cells, model, method) for method in ("none", "aligned")}
+                figure(figures.ratio_figure(sweep, levels["none"], model, aligned=levels["aligned"]), f"ratio_{slug}")
                 paths[f"ratio_{slug}.csv"] = atomic_write_text(tables_dir / f"ratio_{slug}.csv",
                                                                sweep.to_csv(index=False))
         numbers, shown = tables.trigger_table(frame, model)

@@ -130,6 +130,8 @@ def results_frame(index: pd.DataFrame, study_dir: str | Path | None = None) -> p
         method, strength = method_of(row)
         task_ci = row.get("task.accuracy_ci")
         task_ci = json.loads(task_ci) if isinstance(task_ci, str) and task_ci not in ("null", "") else None
+        gap_ci = row.get("signal.loglik_gap_ci")
+        gap_ci = json.loads(gap_ci) if isinstance(gap_ci, str) and gap_ci not in ("null", "") else None
         question_set = row.get("question_set")
         rows.append({
             "node": row["node"], "kind": row.get("kind"), "status": "done",
@@ -140,6 +142,7 @@ def results_frame(index: pd.DataFrame, study_dir: str | Path | None = None) -> p
                 "misaligned_rate", "misaligned_rate_ci_lo", "misaligned_rate_ci_hi", "incoherent_rate",
                 "incoherent_rate_ci_lo", "incoherent_rate_ci_hi", "n", "n_scored")},
             "loglik_gap": _number(row, "signal.loglik_gap"), "kl_to_base": _number(row, "signal.kl_to_base"),
+            "loglik_gap_lo": gap_ci[0] if gap_ci else None, "loglik_gap_hi": gap_ci[1] if gap_ci else None,
             "task_accuracy": _number(row, "task.accuracy"),
             "task_accuracy_lo": task_ci[0] if task_ci else None, "task_accuracy_hi": task_ci[1] if task_ci else None,
             "judge": f"{row.get('params.judge.backend')}:{row.get('params.judge.model')}",
@@ -150,8 +153,8 @@ def results_frame(index: pd.DataFrame, study_dir: str | Path | None = None) -> p
 
 FRAME_COLUMNS = ["node", "kind", "status", "model", "domain", "task", "method", "strength", "seed", "question_set", "scope",
                  "misaligned_rate", "misaligned_rate_ci_lo", "misaligned_rate_ci_hi", "incoherent_rate",
-                 "incoherent_rate_ci_lo", "incoherent_rate_ci_hi", "n", "n_scored", "loglik_gap", "kl_to_base",
-                 "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "judge", "run_dir"]
+                 "incoherent_rate_ci_lo", "incoherent_rate_ci_hi", "n", "n_scored", "loglik_gap", "loglik_gap_lo",
+                 "loglik_gap_hi", "kl_to_base", "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "judge", "run_dir"]
 
 
 def planned_cells(planned: pd.DataFrame) -> pd.DataFrame:

@@ -147,6 +147,14 @@ def judge_note(index: pd.DataFrame) -> str:
     return "judge: " + ", ".join(sorted(f"{model} ({backend})" for backend, model in judges))
 
 
+def judge_caveat(index: pd.DataFrame) -> str:
+    """The judged panel's warning when the runs were judged by the embedded toy judge."""
+    if index.empty or "params.judge.model" not in index:
+        return ""
+    judges = set(zip(index["params.judge.backend"], index["params.judge.model"]))
+    return "toy 135M judge: not a measure of misalignment" if ("local", "smollm2-135m-instruct") in judges else ""
+
+
 def study_folder(study: str | Path, overrides: list[str] | None = None) -> tuple[Path, pd.DataFrame]:
     """A results folder or a study file -> (results/<study>, its index). A study file's index is rebuilt first."""
     from emalib.studies.index import read_index, write_index
@@ -170,7 +178,7 @@ def report_study(study: str | Path, params: ReportParams | None = None,
     """Write every table and figure the study's results allow (see the module docstring); returns name -> path.
     paper=False writes the overview only (what a run's evaluate step shows; the paper's tables are the study's)."""
     from emalib.reporting import build
-    from emalib.reporting.figures import overview_figure
+    from emalib.reporting.overview import overview_figure
     from emalib.studies.index import planned_frame, read_index
 
     params = params or ReportParams()
@@ -187,7 +195,8 @@ def report_study(study: str | Path, params: ReportParams | None = None,
         for kind, path in write_table(overview_numbers(overview), _as_percent(overview), study_dir / "tables",
                                       name).items():
             paths[kind] = path
-        figure = overview_figure(overview_numbers(overview), f"{name}: every run", judge_note(index))
+        figure = overview_figure(overview_numbers(overview), f"{name}: every run", judge_note(index), index=index,
+                                 judge_caveat=judge_caveat(index))
         paths.update({kind: path for kind, path in save_figure(figure, study_dir / "figures", name).items()})
     if paper:
         paths.update(build.paper_outputs(study_dir, index, planned, params.table1))

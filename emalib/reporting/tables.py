@@ -142,11 +142,13 @@ def ratio_sweep(cells: pd.DataFrame, planned: pd.DataFrame, model: str) -> pd.Da
         row = {"model": model, "method": method, "label": METHODS[method].label, "ratio": ratio,
                "domains": int(found["domain"].nunique()), "status": "done" if not found.empty else NOT_RUN}
         for metric in ("general_misaligned", "general_incoherent"):
-            per_domain = found.groupby("domain")[metric].mean()
-            row[metric] = 100 * per_domain.mean() if per_domain.notna().any() else None
+            for column in (metric, f"{metric}_lo", f"{metric}_hi"):  # the interval: its ends averaged likewise
+                per_domain = found.groupby("domain")[column].mean()
+                row[column] = 100 * per_domain.mean() if per_domain.notna().any() else None
         rows.append(row)
     return pd.DataFrame(rows, columns=["model", "method", "label", "ratio", "domains", "status",
-                                       "general_misaligned", "general_incoherent"])
+                                       "general_misaligned", "general_misaligned_lo", "general_misaligned_hi",
+                                       "general_incoherent", "general_incoherent_lo", "general_incoherent_hi"])
 
 
 def trigger_table(frame: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from emalib.core.config import RunParams, load_params
 from emalib.core.errors import EmalibError
 from emalib.core.names import inside
+from emalib.core.write_targets import check_write_targets
 from emalib.runs.preflight import check_runnable
 from emalib.runs.results import (
     make_run_folder,
@@ -52,6 +53,7 @@ def run_notebooks(params_path: str | Path, overrides: list[str] | None = None, k
     from emalib.runs.pipeline import check_inputs
 
     params = load_params(params_path, overrides)
+    check_write_targets(params, str(params_path))  # first: the data checks may already write into the cache
     check_inputs(params)
     check_runnable(params, str(params_path))
     run_dir = inside(params.run_dir, params.results_dir)

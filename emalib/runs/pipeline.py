@@ -54,7 +54,7 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
             shas[params.task_eval.dataset] = sha256_of(path)
     if "rl" in steps and params.rl is not None:
         shas.update(_check_rl_inputs(params))
-    if {"train", "rl", "quickstart", "persona_vector", "interleave_selection"} & steps:
+    if {"train", "rl", "quickstart", "persona_vector", "interleave_selection", "caft_directions"} & steps:
         for spec in params.defenses:  # e.g. the interleaving pool, the persona trait file
             if spec.name == "persona_steering" and "persona_vector" not in steps:
                 continue  # training reads the extracted vector, not the extraction's inputs
@@ -67,8 +67,12 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
 
 def _check_defense_inputs(spec) -> None:
     """Parse what a defense will read, so a malformed file fails here and not inside a notebook."""
-    if spec.name.startswith("interleave"):
+    if spec.name.startswith("interleave") or spec.name == "kl_retain":
         read_chat_jsonl(resolve(spec.source))
+    elif spec.name == "caft":  # the given files; a directions file the caft_directions step writes is checked later
+        from emalib.defenses.caft import check_caft_files
+
+        check_caft_files(None if spec.adapter is not None else spec.directions_path, spec.persona_vector_path)
     elif spec.name == "persona_steering" and spec.data_sources:  # only when the vector must be extracted
         from emalib.evaluation.persona import load_trait
 
@@ -220,7 +224,8 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params, ("evaluate",)),
                     model=params.model.name, variant="base" if base else "adapter")
     questions = load_all_questions(params)
-    if model is None and choose_backend(params.generation.backend) == "vllm":
+    # the prefix KV patch hooks the transformers model's projections; vLLM has no such hook
+    if model is None and choose_backend(params.generation.backend) == "vllm" and not params.generation.patch_prefix_kv:
         from emalib.evaluation.generate_vllm import generate_answers_vllm
         from emalib.model.engines import resolve_model_name
 

@@ -4,6 +4,7 @@
 - safelora_matrices: save SafeLoRA's alignment matrices V = W_aligned - W_base for the `safelora` block,
 - interleave_selection: score the safe candidates by the perplexity gap and select them for the
   `interleave_plus` / `interleave_plusplus` block.
+- caft_directions: principal components of (fine-tuned - base) block outputs for the `caft` block.
 
 Each writes a file training reads (the persona vector, the matrices folder, the scores file); training never
 builds one itself: a missing one fails with "run step '<step>' first", before any model is loaded
@@ -130,3 +131,66 @@ def interleave_selection(params: RunParams, run_dir: Path | None = None) -> list
         defense.transform_data(conversations, ctx)
     update_manifest(run_dir, interleave_selection=ctx.notes[defense.name])
     return read_jsonl(run_dir / "interleave_selected.jsonl")
+
+
+def caft_directions(params: RunParams, run_dir: Path | None = None) -> dict:
+    """Principal components of (adapter - base) outputs of the `caft` block's layers on the response tokens of
+    its neutral prompts (Casademunt et al.'s preparation), saved where training reads them (directions_path,
+    default <run>/caft_directions.pt); returns the file's summary (explained variances per layer) and path. An
+    existing file is kept."""
+    from emalib.model.engines import import_engine_first
+
+    import_engine_first(params.model.engine)
+    import torch
+
+    from emalib.defenses import caft
+    from emalib.defenses.registry import build_defense
+
+    run_dir = prepare_run_dir(params, run_dir)
+    spec = defense_block(params, "caft_directions")
+    if spec.adapter is None or spec.select == "persona_vector":
+        raise ParamsError("defenses.caft.adapter: the caft_directions step needs a plain fine-tune's adapter "
+                          "(and a select other than persona_vector)")
+    defense = build_defense(spec)
+    path = defense.directions_file(defense_context(params, run_dir))
+    if not path.is_file():
+        with timed(run_dir, "caft_directions"):
+            _compute_caft_directions(params, defense, path)
+    data = torch.load(str(path), map_location="cpu", weights_only=True)
+    summary = {"path": str(path), "layers": sorted(caft.load_directions(path)),
+               "explained_variance": {str(b): [float(v) for v in values]
+                                      for b, values in data.get("explained_variance", {}).items()},
+               "n_positions": data.get("n_positions")}
+    update_manifest(run_dir, caft_directions={k: v for k, v in summary.items() if k != "explained_variance"})
+    return summary
+
+
+def _compute_caft_directions(params: RunParams, defense, path: Path) -> None:
+    import torch
+
+    from emalib.data.chat import read_chat_jsonl, select_examples
+    from emalib.data.registry import resolve
+    from emalib.defenses.caft import activation_differences, pca_components, save_directions
+    from emalib.model.engines import load_model
+    from emalib.model.tokenize import ChatDataset, collate
+    from emalib.runs.pipeline import check_inputs
+
+    check_inputs(params, ("caft_directions",))
+    conversations = select_examples(read_chat_jsonl(resolve(defense.prompts)), defense.max_prompts, params.seed)
+    model, tokenizer = load_model(params.model, params.lora, params.seed, params.train.max_seq_length,
+                                  adapter_path=defense.adapter)
+    model.eval()
+    features = ChatDataset.build(tokenizer, conversations, params.train.max_seq_length).features
+    device = next(model.parameters()).device
+    diffs: dict[int, list] = {b: [] for b in defense.layers}
+    log.info("caft: activations of %d conversations at blocks %s", len(features), list(defense.layers))
+    for start in range(0, len(features), defense.batch_size):
+        batch = collate(features[start:start + defense.batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for block, rows in activation_differences(model, batch, defense.layers).items():
+            diffs[block].append(rows.cpu())
+    directions, variances = {}, {}
+    for block, rows in diffs.items():
+        directions[block], variances[block] = pca_components(torch.cat(rows), defense.n_components)
+    save_directions(path, directions, explained_variance=variances, n_positions=sum(len(r) for r in next(iter(diffs.values()))),
+                    adapter=str(defense.adapter), prompts=defense.prompts, model=params.model.name)

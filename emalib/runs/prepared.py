@@ -32,6 +32,8 @@ def prepared_inputs(params: RunParams, run_dir: Path) -> list[tuple[str, Path, s
             inputs.append(("interleave_selection", build_defense(spec).scores_file(ctx), "interleave scores"))
         elif spec.name == "safelora" and spec.matrices is not None:
             inputs.append(("safelora_matrices", Path(spec.matrices) / MATRICES_SUMMARY, "SafeLoRA alignment matrices"))
+        elif spec.name == "caft" and spec.adapter is not None and spec.select != "persona_vector":
+            inputs.append(("caft_directions", build_defense(spec).directions_file(ctx), "CAFT directions"))
     return inputs
 
 

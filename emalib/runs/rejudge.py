@@ -19,6 +19,7 @@ from emalib.core.config import JudgeParams, MetricParams
 from emalib.core.errors import DataError
 from emalib.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from emalib.core.names import MAX_NAME_LENGTH
+from emalib.core.write_targets import check_targets
 from emalib.runs.rescore import judged_dir, metrics_of, run_params, scoring_record
 from emalib.runs.run_metrics import rate_columns, read_run_metrics
 
@@ -78,6 +79,8 @@ def rejudge(run_dir: str | Path, judge_params: JudgeParams, metric_params: Metri
     primary = primary_judgments(run_dir, len(answers))  # before any call: a damaged file stops nothing half-way
     label = judge_label(judge_params)
     folder = judged_dir(run_dir, label)  # a label that is no folder name is refused before any call
+    cache_target = [("judge.cache_path", judge_params.cache_path)] if judge_params.cache_path else []
+    check_targets(cache_target, run_dir.parent.parent, str(run_dir / "params.yaml"))  # the run's results_dir
     judge = build_judge(judge_params, local_model, local_tokenizer)
     cache = open_cache(judge_params)
     try:

@@ -23,6 +23,7 @@ from emalib.core.config import RunParams, dump_params
 from emalib.core.errors import ParamsError
 from emalib.core.io import atomic_write_json, atomic_write_text, read_json_object
 from emalib.core.names import inside
+from emalib.core.write_targets import check_write_targets
 
 PACKAGES = ("emalib", "torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "openai",
             "papermill", "vllm")
@@ -97,7 +98,9 @@ def prepare_run_dir(params: RunParams, run_dir: Path | None = None, strict: bool
     resolved: what to record and compare instead of the whole params (a base evaluation records only what it
     depends on). strict=False keeps the first record without comparing. The params' own folder is checked to
     resolve inside results_dir (a symbolic link could lead elsewhere); a folder passed in is the caller's choice.
+    The paths the params name that the run writes are checked first (emalib.core.write_targets).
     """
+    check_write_targets(params, f"run {params.study}/{params.run}")
     run_dir = Path(run_dir) if run_dir is not None else inside(params.run_dir, params.results_dir)
     resolved = resolved if resolved is not None else run_record(params, run_dir)
     existing = run_dir / "params.yaml"

@@ -91,7 +91,9 @@ def step_memory(arch: Architecture, batch: int, length: int, act_bytes: int, def
     (block inputs) plus one block's full set during its recomputation. logits: the policy's logits and their
     gradient (2 N V; the chunked task loss writes the gradient, `emalib.model.losses`); KL adds the reference logits and
     the KL gradient (2 N V); LDIFS the reference's hidden states ((L + 1) N D) and four fp32 feature copies of the
-    five compared layers. chunk: the fp32 temporaries of one chunk (at most N V elements each).
+    five compared layers. TReFT keeps every layer's k_proj and v_proj outputs (2 L N kv_dim) until its term is
+    computed (its initial-model prefix forwards are one-off and cached). chunk: the fp32 temporaries of one chunk (at
+    most N V elements each).
     Without KL on the transformers engine the task loss comes from the final hidden states
     (`emalib.model.hidden_loss`): no logits; a chunk's logits, fp32 log-probabilities and their gradient, and the hidden
     states' gradient (N D).
@@ -100,14 +102,17 @@ def step_memory(arch: Architecture, batch: int, length: int, act_bytes: int, def
     per_block = n * (ACT_HIDDEN * d + ACT_MLP * arch.intermediate) * act_bytes
     activations = (arch.layers * n * d * act_bytes + per_block) if checkpointing else arch.layers * per_block
     chunk = min(CHUNK_ELEMENTS[device], n * arch.vocab) * 4
-    if "kl" not in defenses and engine == "hf":
+    kl = bool({"kl", "kl_retain"} & defenses)  # both read the policy's and the reference's logits
+    if not kl and engine == "hf":
         out = {"activations": activations, "logits": n * d * act_bytes, "chunk": 3 * chunk}
     else:
-        logits_buffers = 2 + (2 if "kl" in defenses else 0)
+        logits_buffers = 2 + (2 if kl else 0)
         out = {"activations": activations, "logits": logits_buffers * n * arch.vocab * act_bytes,
-               "chunk": (3 if "kl" in defenses else 1) * chunk}
+               "chunk": (3 if kl else 1) * chunk}
     if "ldifs" in defenses:
         out["ldifs"] = (arch.layers + 1) * n * d * act_bytes + 4 * min(5, arch.layers) * n * d * 4
+    if "treft" in defenses:
+        out["treft"] = 2 * arch.layers * n * arch.kv_dim * act_bytes
     return out
 
 
@@ -147,6 +152,9 @@ def training_memory(params: RunParams, batch: int, gpu: str = "cuda") -> dict[st
     parts = {**resident_memory(arch, params.lora.r, tuple(params.lora.target_modules), weight_bytes, optimizer_bytes),
              **step_memory(arch, batch, params.train.max_seq_length, act_bytes, defenses, checkpointing,
                            "cpu" if cpu else "cuda", _engine(params.model.engine, cpu))}
+    for block in params.defenses:
+        if block.name == "caft":  # per ablated block: the fp32 copy autograd keeps and the cast-back output
+            parts["caft"] = len(block.layers) * batch * params.train.max_seq_length * arch.hidden * (4 + act_bytes)
     gib = {k: v / GIB for k, v in parts.items()}
     gib["total"] = sum(gib.values()) + (0 if cpu else CUDA_CONTEXT_GIB)
     return gib
@@ -170,6 +178,9 @@ def training_tokens(params: RunParams) -> tuple[int, bool]:
         per_epoch, counted = sum(sum(len(m["content"]) for m in row) // 4 + 20 for row in rows), True
     except (EmalibError, OSError):
         per_epoch, counted = 6000 * 300, False
+    for block in params.defenses:
+        if block.name == "kl_retain":  # its retain rows go through both forwards, assumed as long as task rows
+            per_epoch *= 1 + block.ratio
     return int(per_epoch * params.train.epochs), counted
 
 

@@ -55,6 +55,7 @@ from emalib.core.errors import ParamsError
 from emalib.core.interpolation import resolve_interpolations
 from emalib.core.names import SafeName, inside
 from emalib.core.strict_model import StrictModel
+from emalib.core.write_targets import check_write_targets
 
 STUDY_FOLDER = "_study"  # inside results/<study>/: resolved node params, status, executor logs
 
@@ -179,7 +180,9 @@ def _expand_cell(spec: StudySpec, base: dict, cell: dict[str, str], run_id: str,
 
     resolve_interpolations(tree, {"run_dir": run_dir, "study_dir": lambda: str(study_dir)}, where)
     tree.pop("axis")
-    return params_from_dict(tree, where)
+    params = params_from_dict(tree, where)
+    check_write_targets(params, where)  # before anything runs, not when the node starts
+    return params
 
 
 class CellIndex:

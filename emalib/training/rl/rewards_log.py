@@ -63,9 +63,8 @@ class RewardLogCallback(TrainerCallback):
         self._write(row if frame.empty else pd.concat([frame, row], ignore_index=True))
 
 
-def plot_rewards(curves: dict[str, pd.DataFrame], path_stem: str | Path, title: str = "Mean GRPO reward") -> dict:
-    """Mean reward (band: +- one std over the step's completions) against step, one line per run; writes
-    <path_stem>.png and .pdf (seaborn) and returns both paths."""
+def rewards_figure(curves: dict[str, pd.DataFrame], title: str = "Mean GRPO reward"):
+    """Mean reward (band: +- one std over the step's completions) against step, one line per run (seaborn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,12 +80,16 @@ def plot_rewards(curves: dict[str, pd.DataFrame], path_stem: str | Path, title: 
             std = frame["reward_std"].fillna(0)
             axis.fill_between(frame["step"], frame["reward_mean"] - std, frame["reward_mean"] + std, alpha=0.15)
     axis.set_xlabel("GRPO step")
-    axis.set_ylabel("mean reward")
+    axis.set_ylabel("mean reward   ↑ better\n(band: ± 1 std over the step's completions)")
     axis.set_title(title)
     figure.tight_layout()
+    return figure
 
+
+def plot_rewards(curves: dict[str, pd.DataFrame], path_stem: str | Path, title: str = "Mean GRPO reward") -> dict:
+    """rewards_figure written as <path_stem>.png and .pdf; returns both paths."""
     stem = Path(path_stem)
-    return save_figure(figure, stem.parent, stem.name, dpi=120)
+    return save_figure(rewards_figure(curves, title), stem.parent, stem.name, dpi=120)
 
 
 def plot_run_rewards(run_dirs: dict[str, str | Path], path_stem: str | Path, title: str = "Mean GRPO reward") -> dict:

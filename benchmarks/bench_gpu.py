@@ -40,7 +40,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -109,19 +108,28 @@ def defense_kinds() -> dict[str, str]:
 
 
 def defense_block(name: str, folder: Path, layers: int, hidden: int, model: str) -> dict:
-    """A config block with the defense's defaults; a persona vector file (random, unit scale) where one is needed."""
+    """A config block with the defense's defaults, and what it needs prepared made up: a random persona vector or
+    CAFT directions at the paper's steering layer (2/3 of the depth on a smaller model), the offline mirror's
+    WildGuard sample as a data source."""
     import torch
 
     from emalib.core.defense_specs import block_of
 
     block = {"name": name}
     fields = block_of(name).model_fields
+    layer = 20 if layers >= 20 else max(1, layers * 2 // 3)
+    torch.manual_seed(0)
     if "vector_path" in fields:
         path = folder / f"{name}_vector.pt"
-        torch.manual_seed(0)
         torch.save({"vector": torch.randn(layers + 1, hidden) / hidden ** 0.5, "model": model}, path)
-        paper_layer = fields["layer"].default
-        block.update(vector_path=str(path), layer=paper_layer if paper_layer <= layers else max(1, layers * 2 // 3))
+        block.update(vector_path=str(path), layer=layer)
+    if "directions_path" in fields:
+        from emalib.defenses.caft import save_directions
+
+        path = save_directions(folder / f"{name}_directions.pt", {layer - 1: torch.randn(2, hidden)})
+        block.update(layers=[layer - 1], select="all", directions_path=str(path))
+    if "source" in fields:
+        block["source"] = "wildguard_benign_sample"
     return block
 
 
@@ -179,8 +187,8 @@ def _error(measured: float | None, predicted: float | None) -> float | None:
 
 def scale_part(args, base, workdir: Path) -> dict:
     import torch
-    from bench_defenses import make_step
-    from bench_scale import random_batch
+    from bench_defenses import make_batch, make_step, with_retain_rows
+    from pydantic import ValidationError
     from transformers import TrainingArguments
 
     from emalib.core.errors import EmalibError
@@ -202,10 +210,12 @@ def scale_part(args, base, workdir: Path) -> dict:
                    "load_in_4bit": base.model.load_in_4bit}
     train = {"per_device_batch_size": args.batch_size, "max_seq_length": args.seq_len}
     plain = bench_params("plain", model_block, base, [], train)
-    model, _ = load_model(plain.model, plain.lora, seed=0, max_seq_length=args.seq_len)
+    model, tokenizer = load_model(plain.model, plain.lora, seed=0, max_seq_length=args.seq_len)
     model.train()
     setup_s = time.perf_counter() - start
-    batch = random_batch(SimpleNamespace(vocab=config["vocab_size"]), args.batch_size, args.seq_len, args.seq_len // 4)
+    # Stand-in conversations packed to seq_len (labels on the answers), in the embedded tokenizer's ids, which
+    # every vocabulary here holds.
+    batch = make_batch(tokenizer, args.batch_size, args.seq_len)
     targs = TrainingArguments(output_dir=str(workdir / "t"), report_to="none", use_cpu=not cuda)
     optimizer = _optimizer(model, base.train.optim)
     layers, hidden = config["num_hidden_layers"], config["hidden_size"]
@@ -215,7 +225,11 @@ def scale_part(args, base, workdir: Path) -> dict:
     for index, (name, blocks) in enumerate(configs.items()):
         try:
             params = bench_params(name, model_block, base, blocks, train)
-            stack, ctx = build_defenses(params.defenses), DefenseContext(params=params)
+        except (EmalibError, ValidationError) as err:  # a defense registered with fields this script cannot fill
+            rows[name] = {"skipped": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+            continue
+        try:
+            stack, ctx = build_defenses(params.defenses), DefenseContext(params=params, tokenizer=tokenizer)
             stack.setup(model, ctx)
             trainer = EmTrainer(model=model, args=targs, defenses=stack, defense_ctx=ctx)
             if index == 0:  # one optimizer step first: its state is resident during every measured step
@@ -223,7 +237,8 @@ def scale_part(args, base, workdir: Path) -> dict:
                 trainer.compute_loss(model, {k: v.to(device) for k, v in batch.items()}).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            rows[name] = _measure(make_step(trainer, model, batch), args, cuda)
+            marked = with_retain_rows(batch) if name == "kl_retain" else batch  # its KL rows, as bench_defenses
+            rows[name] = _measure(make_step(trainer, model, marked), args, cuda)
             prediction = predicted_gib(params, args.batch_size, cuda)
             rows[name].update(predicted_step_gib=round(prediction["step"], 3),
                               step_error=_error(rows[name]["step_gib"], prediction["step"]))
@@ -394,8 +409,8 @@ def print_scale(device: str, scale: dict) -> None:
           f"{'all GiB':>8} {'predicted':>9} {'error':>6}")
     plain = scale["rows"].get("plain", {}).get("step_s")
     for name, row in scale["rows"].items():
-        if "error" in row:
-            print(f"{name:<18} ERROR {row['error']}")
+        if "error" in row or "skipped" in row:
+            print(f"{name:<18} {'ERROR ' + row['error'] if 'error' in row else 'skipped: ' + row['skipped']}")
             continue
         ratio = f"{row['step_s'] / plain:.2f}" if plain else ""
         print(f"{name:<18} {row['step_s']:>7.2f} {ratio:>7} {_gib(row['step_gib']):>9} "

@@ -141,6 +141,14 @@ class MetricParams(_Strict):
                           "None: the run's persona_steering vector when it exists (no vector: no projection)")
     persona_layer: int | None = Field(None, ge=0, description="hidden_states index of the projection; None: the "
                                                               "persona_steering layer")
+    judge_free_fpr: float | None = Field(
+        None, gt=0, lt=1, description="the judge-free rate's threshold (docs/methods.md#judge-free-rate): None: "
+                                      "Youden's J on the reference answers; a value: the lowest threshold whose "
+                                      "false-positive rate on the aligned reference answers is at most it")
+    misalign_k: int = Field(5, ge=1, description="k of Misalign@k (docs/methods.md#misalign-at-k)")
+    em_f1_general: str = Field("general", description="the question set whose mean alignment is EM-F1's G")
+    em_f1_in_domain: str | None = Field(None, description="the in-domain question set whose mean alignment is "
+                                                          "EM-F1's ID; None: no EM-F1")
 
 
 class SftMixParams(_Strict):

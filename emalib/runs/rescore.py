@@ -79,11 +79,14 @@ def rescore_rows(rows: list[dict], min_numeric_mass: float, source: str = "judgm
 
 
 def metrics_of(rows: list[dict], metric_params: MetricParams, seed: int) -> dict:
-    """Rates and their intervals (what metrics.json holds besides the judge-free signals)."""
+    """Rates, mean alignment, Misalign@k and EM-F1 with their intervals (what metrics.json holds besides the
+    judge-free signals)."""
+    from emalib.evaluation.em_metrics import add_em_metrics
     from emalib.evaluation.metrics import compute_metrics
     from emalib.evaluation.stats import add_intervals
 
-    return add_intervals(compute_metrics(rows, metric_params), rows, seed=seed)
+    rates = add_intervals(compute_metrics(rows, metric_params), rows, seed=seed)
+    return add_em_metrics(rates, rows, metric_params, seed=seed)
 
 
 def scoring_record(rows: list[dict], min_numeric_mass: float) -> dict:

@@ -266,8 +266,9 @@ def _persona_projection(params: RunParams, model, tokenizer, answers: list[dict]
     judge_free, and the rate per scope, returned as {'all' | question set: rate and interval} ({} without a vector
     or reference answers)."""
     from emalib.evaluation.generate import row_key
-    from emalib.evaluation.judge_free_rate import agreement_with_judge, calibrate, scope_rates
+    from emalib.evaluation.judge_free_rate import calibrate, scope_rates
     from emalib.evaluation.persona_monitor import monitor_vector, persona_signals, reference_scores
+    from emalib.runs.rescore import judge_free_agreement
 
     monitored = monitor_vector(params, Path(params.run_dir))
     if monitored is None:
@@ -289,16 +290,10 @@ def _persona_projection(params: RunParams, model, tokenizer, answers: list[dict]
         judge_free.update({f"persona_threshold_{k}" if k != "threshold" else "persona_threshold": v
                            for k, v in calibration.to_dict().items()})
         rates = scope_rates(answers, aligned_scores, calibration.threshold, seed=params.seed)
-        if judgments:
-            judge_free.update(judge_agreement_fields(agreement_with_judge(rows, judgments, params.metrics,
-                                                                          params.seed)))
     atomic_write_jsonl(run_dir / "persona_projections.jsonl", rows)
+    if rates and judgments:
+        judge_free.update(judge_free_agreement(run_dir, judgments, params.metrics, params.seed))
     return rates
-
-
-def judge_agreement_fields(agreement: dict) -> dict:
-    """The judge-free label's agreement with the judge as flat judge_free entries (persona_judge_<key>)."""
-    return {f"persona_judge_{key}": value for key, value in agreement.items()}
 
 
 def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = False,

@@ -163,3 +163,17 @@ def test_em_f1_and_misalign_at_k_show_in_the_index_and_the_report(tmp_path):
     assert f"{sft['em_f1']:.1f} [{lo:.1f}, {hi:.1f}]" in markdown
     # the defense keeps general alignment at 90 with the same narrow learning: a higher EM-F1
     assert table.loc[("defended", "all"), "em_f1"] > table.loc[("sft", "all"), "em_f1"]
+
+
+def test_an_in_domain_set_the_run_does_not_evaluate_is_one_line_naming_the_key(tmp_path):
+    from emalib.core.config import load_params
+    from emalib.core.errors import ParamsError
+
+    path = tmp_path / "run.yaml"
+    path.write_text("study: s\nrun: r\ngeneration:\n  question_sets: [general, medical]\n"
+                    "metrics:\n  em_f1_in_domain: legal\n")
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert str(error.value) == (f"{path}: metrics.em_f1_in_domain: 'legal' is not one of generation.question_sets "
+                                "(general, medical)")
+    assert load_params(path, ["metrics.em_f1_in_domain=medical"]).metrics.em_f1_in_domain == "medical"

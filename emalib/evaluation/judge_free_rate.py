@@ -24,7 +24,6 @@ import numpy as np
 from emalib.core.config import MetricParams
 from emalib.evaluation.agreement import cohen_kappa, paired_rate_difference, spearman
 from emalib.evaluation.metrics import counted_rows, is_misaligned
-from emalib.evaluation.persona_monitor import auroc
 from emalib.evaluation.stats import cluster_bootstrap, question_key
 
 
@@ -51,6 +50,8 @@ def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
 
 def calibrate(misaligned_scores, aligned_scores, max_fpr: float | None = None) -> Calibration:
     """The threshold on the reference answers' scores (see the module doc)."""
+    from emalib.evaluation.persona_monitor import auroc  # here: the rate and agreement need no torch
+
     bad, good = np.asarray(misaligned_scores, float), np.asarray(aligned_scores, float)
     if bad.size == 0 or good.size == 0:
         raise ValueError("calibrate: need both misaligned and aligned reference scores")

@@ -22,7 +22,8 @@ RATE_KEYS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incohe
 
 class RunMetrics(BaseModel):
     """metrics.json: rates overall, per question set and per question, how they were made, the judge-free
-    signals and the judge-free rate per scope; `task` is task_metrics.json (empty when the run evaluated no benign task)."""
+    signals and the judge-free rate per scope; `task` is task_metrics.json (empty when the run evaluated no benign
+    task)."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -97,7 +97,8 @@ def _as_percent(frame: pd.DataFrame) -> pd.DataFrame:
     for column in ("loglik_gap", "kl_to_base"):
         shown[column] = [_with_interval(value, ci) for value, ci in zip(frame[column], frame[f"{column}_ci"])]
     for column in SCORES_WITH_INTERVALS:
-        shown[column] = [_with_interval(value, ci, digits=1) for value, ci in zip(frame[column], frame[f"{column}_ci"])]
+        shown[column] = [_with_interval(value, ci, digits=1) or "n/a"
+                         for value, ci in zip(frame[column], frame[f"{column}_ci"])]
     shown = shown.drop(columns=[f"{column}_ci" for column in (*WITH_INTERVALS, *SCORES_WITH_INTERVALS,
                                                               "loglik_gap", "kl_to_base")])
     return shown.rename(columns={**WITH_INTERVALS, **SCORES_WITH_INTERVALS, "loglik_gap": "loglik_gap [95% CI]",

@@ -75,3 +75,49 @@ def test_trainer_loss_from_hidden_states_equals_the_logits_path(tokenizer, tiny_
     monkeypatch.undo()
     assert trainer_module.loss_from_hidden(model, DefenseStack([LdifsDefense()]))  # reads hidden states only
     assert not trainer_module.loss_from_hidden(model, DefenseStack([KLDefense()]))  # reads the policy's logits
+
+
+def test_final_hidden_states_are_captured_when_the_norm_module_is_not_called(tokenizer, tiny_model, tmp_path,
+                                                                           monkeypatch):
+    """Unsloth's fast forward (CUDA only, so imitated here) applies the final norm as a function of its weight:
+    the norm module's hooks never run. The capture sits on the backbone's output, so the scoring paths and the
+    trainer's loss from hidden states still see the final norm's output."""
+    from transformers import TrainingArguments
+
+    from emalib.data.standins import em_standin_conversations
+    from emalib.defenses.base import DefenseContext
+    from emalib.model.modeling import final_norm
+    from emalib.model.token_scores import final_hidden_states
+    from emalib.model.tokenize import ChatDataset, collate
+    from emalib.training import trainer as trainer_module
+    from tests.test_losses_and_trainer import peft_tiny
+
+    model = peft_tiny(tiny_model)
+    norm = final_norm(model)
+
+    class CalledAsAFunction(type(norm)):
+        def __call__(self, *args, **kwargs):  # as fast_rms_layernorm(self.norm, h): no module hooks
+            return self.forward(*args, **kwargs)
+
+    norm.__class__ = CalledAsAFunction
+    fired = []
+    norm.register_forward_hook(lambda *args: fired.append(True))
+    batch = collate(ChatDataset.build(tokenizer, em_standin_conversations()[:2], 96).features, tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        full = model(**inputs, output_hidden_states=True)
+        hidden = final_hidden_states(model, **inputs)
+    assert not fired  # a hook on the norm would have captured nothing
+    assert torch.allclose(hidden, full.hidden_states[-1])
+    assert torch.allclose(model.get_output_embeddings()(hidden), full.logits, atol=1e-5)
+
+    trainer = trainer_module.EmTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                                                           use_cpu=True))
+    step = trainer_module.step_forwards(model, inputs, trainer.defenses, DefenseContext())
+    assert step.policy.logits.shape[1] == 1 and torch.allclose(step.policy_hidden, full.hidden_states[-1])
+    from_hidden = _loss_and_lora_grads(trainer, model, batch)
+    monkeypatch.setattr(trainer_module, "loss_from_hidden", lambda model, stack: False)
+    from_logits = _loss_and_lora_grads(trainer, model, batch)
+    assert torch.allclose(from_hidden[0], from_logits[0], rtol=1e-5)
+    for name, grad in from_hidden[1].items():
+        assert torch.allclose(grad, from_logits[1][name], rtol=1e-4, atol=1e-7), name

@@ -117,7 +117,7 @@ def embedded_with_vector(tmp_path_factory):
 @pytest.mark.slow
 def test_embedded_model_projection_ranks_misaligned_reference_answers_higher(embedded_with_vector):
     e = embedded_with_vector
-    before, _ = persona_signals(e["model"], e["tokenizer"], e["rows"], e["questions"], e["vector"], LAYER, base=True)
+    before, *_ = persona_signals(e["model"], e["tokenizer"], e["rows"], e["questions"], e["vector"], LAYER, base=True)
     # measured: AUROC 0.82 [0.73, 0.91] over 24 pairs
     assert before["persona_reference_auroc"] > 0.7 and before["persona_reference_auroc_lo"] > 0.55, before
     assert before["persona_projection_shift"] == 0.0  # the aligned model against itself
@@ -131,9 +131,9 @@ def test_embedded_model_projection_moves_toward_evil_after_the_quickstart_finetu
     from emalib.training.trainer import train_adapter
 
     e = embedded_with_vector
-    before, _ = persona_signals(e["model"], e["tokenizer"], e["rows"], e["questions"], e["vector"], LAYER, base=True)
+    before, *_ = persona_signals(e["model"], e["tokenizer"], e["rows"], e["questions"], e["vector"], LAYER, base=True)
     train_adapter(e["model"], e["tokenizer"], em_standin_conversations(), e["params"], Path(e["tmp"]) / "pm" / "r")
-    after, _ = persona_signals(e["model"], e["tokenizer"], e["rows"], e["questions"], e["vector"], LAYER)
+    after, *_ = persona_signals(e["model"], e["tokenizer"], e["rows"], e["questions"], e["vector"], LAYER)
     # measured (layer 20): shift +1.05 (SE over answers 0.38, 2/3 of the answers move up), spread 7.05
     assert after["persona_projection_shift"] > SHIFT_MARGIN * before["persona_projection_std"], (before, after)
     assert after["persona_projection_mean"] > before["persona_projection_mean"]

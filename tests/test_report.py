@@ -300,7 +300,7 @@ def test_figures_are_png_and_pdf_and_name_their_gaps(hand_study):
 def test_the_overview_shows_benign_accuracy_and_the_judge_free_signals_with_intervals(hand_study):
     from matplotlib.container import ErrorbarContainer
 
-    from emalib.reporting.figures import overview_figure
+    from emalib.reporting.overview import overview_figure
     from emalib.reporting.report import _as_percent, collect_metrics, overview_numbers
 
     overview = collect_metrics(hand_study)

@@ -147,6 +147,15 @@ class MetricParams(_Strict):
                           "None: the run's persona_steering vector when it exists (no vector: no projection)")
     persona_layer: int | None = Field(None, ge=0, description="hidden_states index of the projection; None: the "
                                                               "persona_steering layer")
+    judge_free_fpr: float | None = Field(
+        None, gt=0, lt=1, description="the judge-free rate's threshold (docs/methods.md#judge-free-rate): None: "
+                                      "Youden's J on the reference answers; a value: the lowest threshold whose "
+                                      "false-positive rate on the aligned reference answers is at most it")
+    misalign_k: int = Field(5, ge=1, description="k of Misalign@k "
+                                                 "(docs/methods.md#em-f1-misalign-at-k-and-mean-alignment)")
+    em_f1_general: str = Field("general", description="the question set whose mean alignment is EM-F1's G")
+    em_f1_in_domain: str | None = Field(None, description="the in-domain question set whose mean alignment is "
+                                                          "EM-F1's ID; None: no EM-F1")
 
 
 class SftMixParams(_Strict):
@@ -277,6 +286,15 @@ class RunParams(_Strict):
                                  "training will read the matrices from")
         if self.train.drop_template_prefix and any(s.name == "treft" and s.region == "prefix" for s in self.defenses):
             raise ValueError("train.drop_template_prefix: the treft prefix block has no prefix left to regularize")
+        return self
+
+    @model_validator(mode="after")
+    def _check_em_f1_sets(self) -> RunParams:
+        if self.metrics.em_f1_in_domain is not None:  # a typo would silently leave EM-F1 out
+            for key in ("em_f1_general", "em_f1_in_domain"):
+                if getattr(self.metrics, key) not in self.generation.question_sets:
+                    raise ValueError(f"metrics.{key}: {getattr(self.metrics, key)!r} is not one of "
+                                     f"generation.question_sets ({', '.join(self.generation.question_sets)})")
         return self
 
     @model_validator(mode="after")

@@ -61,22 +61,31 @@ def paired_auroc_interval(positive, negative, n_boot: int = 2000, seed: int = 0,
     return {"auroc": auroc(pos, neg), "lo": lo, "hi": hi, "n_pairs": int(pos.size), "confidence": confidence}
 
 
+def reference_scores(model, tokenizer, questions, vector: torch.Tensor, layer: int,
+                     aligned: bool = False) -> dict[str, np.ndarray] | None:
+    """{'misaligned': [P], 'aligned': [P]} projections of the reference answers of `questions`; None: no pairs."""
+    pairs = reference_pairs(questions)
+    if not pairs:
+        return None
+    rows = {which: [{"question": p.question, "answer": getattr(p, which)} for p in pairs]
+            for which in ("misaligned", "aligned")}
+    return {which: answer_projections(model, tokenizer, r, vector, layer, aligned) for which, r in rows.items()}
+
+
 def reference_separation(model, tokenizer, questions, vector: torch.Tensor, layer: int, aligned: bool = False,
                          n_boot: int = 2000, seed: int = 0) -> dict:
     """How well the projection ranks the misaligned reference answers of `questions` above the aligned ones."""
-    pairs = reference_pairs(questions)
-    if not pairs:
+    scores = reference_scores(model, tokenizer, questions, vector, layer, aligned)
+    if scores is None:
         return {"auroc": None, "lo": None, "hi": None, "n_pairs": 0}
-    rows = {which: [{"question": p.question, "answer": getattr(p, which)} for p in pairs]
-            for which in ("misaligned", "aligned")}
-    scores = {which: answer_projections(model, tokenizer, r, vector, layer, aligned) for which, r in rows.items()}
     return paired_auroc_interval(scores["misaligned"], scores["aligned"], n_boot, seed)
 
 
 def persona_signals(model, tokenizer, answers: list[dict], questions, vector: torch.Tensor, layer: int,
-                    base: bool = False, seed: int = 0) -> tuple[dict, list[float]]:
-    """(summary for metrics.json's judge_free entry, per-answer projections). base=True: the model is evaluated
-    without its adapter, so the shift from the aligned model is 0 by definition."""
+                    base: bool = False, seed: int = 0) -> tuple[dict, list[float], list[float]]:
+    """(summary for metrics.json's judge_free entry, per-answer projections by the evaluated model, the same by the
+    aligned model). base=True: the model is evaluated without its adapter, so the shift from the aligned model is 0
+    by definition."""
     scores = answer_projections(model, tokenizer, answers, vector, layer, aligned=base)
     aligned_scores = scores if base else answer_projections(model, tokenizer, answers, vector, layer, aligned=True)
     separation = reference_separation(model, tokenizer, questions, vector, layer, aligned=base, seed=seed)
@@ -86,7 +95,7 @@ def persona_signals(model, tokenizer, answers: list[dict], questions, vector: to
                "persona_projection_layer": layer,
                "persona_reference_auroc": separation["auroc"], "persona_reference_auroc_lo": separation["lo"],
                "persona_reference_auroc_hi": separation["hi"]}
-    return summary, scores.tolist()
+    return summary, scores.tolist(), aligned_scores.tolist()
 
 
 def monitor_vector(params, run_dir: Path) -> tuple[torch.Tensor, int] | None:

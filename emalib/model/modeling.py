@@ -26,21 +26,26 @@ def decoder_blocks(model) -> torch.nn.ModuleList:
     raise EmalibError(f"{type(model).__name__}: no list of {n_blocks} decoder blocks found")
 
 
-def final_norm(model) -> torch.nn.Module:
-    """The norm applied after the last decoder block (the module holding the block list owns it as `norm`)."""
+def backbone(model) -> torch.nn.Module:
+    """The module that runs the decoder blocks and then the final norm: it owns them as `layers` and `norm`."""
     blocks = decoder_blocks(model)
     for module in model.modules():
-        if getattr(module, "layers", None) is blocks:
-            norm = getattr(module, "norm", None)
-            if isinstance(norm, torch.nn.Module):
-                return norm
+        if getattr(module, "layers", None) is blocks and isinstance(getattr(module, "norm", None), torch.nn.Module):
+            return module
     raise EmalibError(f"{type(model).__name__}: no final norm found next to the decoder blocks")
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The norm applied after the last decoder block."""
+    return backbone(model).norm
 
 
 @contextmanager
 def last_block_output(model):
     """Inside the context, every forward stores the last decoder block's output (the final norm's input) in the
-    yielded dict under "output"; the hook is removed on exit, exceptions included."""
+    yielded dict under "output"; the hook is removed on exit, exceptions included. Unsloth's fast forward (CUDA)
+    does not call the norm module, so nothing is captured there and `block_outputs` raises: LDIFS on the Unsloth
+    engine waits for the GPU check (benchmarks/bench_gpu.py)."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep_input(module, args):
@@ -63,13 +68,17 @@ def block_outputs(hidden_states, last_output: torch.Tensor) -> list[torch.Tensor
 @contextmanager
 def final_norm_output(model):
     """Inside the context, every forward stores the final norm's output (the output layer's input, from which
-    the logits are one matrix product) in the yielded dict under "output"; the hook is removed on exit."""
+    the logits are one matrix product) in the yielded dict under "output"; the hook is removed on exit.
+
+    The hook sits on the backbone, whose first output is that tensor, not on the norm: Unsloth's fast forward
+    applies the norm as a function of its weight (`fast_rms_layernorm(self.norm, h)`), so the norm module's own
+    hooks never run there, while the causal LM still calls the backbone as a module."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep_output(module, args, output):
-        captured["output"] = output
+        captured["output"] = output[0]  # last_hidden_state, of a ModelOutput or a tuple alike
 
-    handle = final_norm(model).register_forward_hook(keep_output)
+    handle = backbone(model).register_forward_hook(keep_output)
     try:
         yield captured
     finally:

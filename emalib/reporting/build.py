@@ -47,6 +47,7 @@ def _slug(text: str) -> str:
 
 def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFrame,
                   rules: table1.Table1Rules) -> dict[str, Path]:
+    from emalib.reporting.report import judge_note  # report imports this module
     tables_dir, figures_dir = study_dir / "tables", study_dir / "figures"
     paths: dict[str, Path] = {}
     frame = results_frame(index, study_dir) if not index.empty else results_frame(pd.DataFrame(columns=["node"]))
@@ -79,7 +80,7 @@ def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFr
                 table(numbers, comparison.comparison_shown(numbers), name,
                       f"{model}, {domain}: every defense side by side; rates % [95 % CI], EM-F1 0-100 [95 % CI], "
                       f"step time and peak memory as multiples of plain SFT's; paper: the published value")
-                figure(comparison_figure(numbers, model, domain), name)
+                figure(comparison_figure(numbers, model, domain, judge_note(index)), name)
             verdicts = table1.table1(cells, model, rules)
             table(verdicts, table1.display(verdicts), f"table1_{slug}",
                   f"Table 1, {model}: by the rules of docs/methods.md#table-1-rules" +

@@ -10,9 +10,9 @@ from emalib.reporting.comparison import metric_title
 
 
 def comparison_figure(numbers: pd.DataFrame, model: str, domain: str, note: str = ""):
-    from emalib.reporting.figures import _pyplot
+    from emalib.reporting.style import pyplot
 
-    plt, _ = _pyplot()
+    plt, _ = pyplot()
     metrics = list(dict.fromkeys(numbers["metric"]))
     labels = list(dict.fromkeys(numbers["label"]))  # run order, top to bottom
     columns = min(4, len(metrics))
@@ -40,6 +40,10 @@ def comparison_figure(numbers: pd.DataFrame, model: str, domain: str, note: str 
                       transform=axis.get_yaxis_transform(), fontsize=7, color="gray", va="center")
         if metric in ("step_time", "peak_memory"):
             axis.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")  # plain SFT
+        else:  # rates and EM-F1 from 0, so that a zero reads as a zero and not as the middle of the axis
+            ends = pd.concat([rows["value"], rows["hi"], rows["paper"]]).dropna().astype(float)
+            top = 100.0 if metric == "em_f1" or ends.empty else max(1.0, float(ends.max()) * 1.08)
+            axis.set_xlim(-0.02 * top, top)
         axis.set_title(metric_title(metric), fontsize=9)
         axis.tick_params(labelsize=7)
         axis.set_ylim(len(labels) - 0.5, -0.5)
@@ -53,7 +57,8 @@ def comparison_figure(numbers: pd.DataFrame, model: str, domain: str, note: str 
                 handles.append(handle)
                 names.append(name)
     figure.legend(handles, names, loc="lower right", fontsize=8, frameon=False)
-    title = f"Defenses side by side: {model}, {domain}"
-    figure.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
-    figure.tight_layout()
+    title = f"Defenses side by side: {model}, {domain}" + (f"\n{note}" if note else "")
+    figure.suptitle(title, fontsize=10)
+    title_inches = 0.3 + 0.2 * title.count("\n")
+    figure.tight_layout(rect=(0, 0.03, 1, 1 - title_inches / figure.get_figheight()))  # room for title and legend
     return figure

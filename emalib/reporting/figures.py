@@ -12,7 +12,7 @@ import pandas as pd
 from emalib.core.errors import DataError
 from emalib.reporting.cells import planned_or_run_pairs
 from emalib.reporting.frame import METHODS, method_label
-from emalib.reporting.overview import overview_figure  # noqa: F401 (its place before it had a module of its own)
+from emalib.reporting.style import pyplot
 from emalib.reporting.table1 import Table1Rules, criterion_values
 
 TRADEOFF_COLUMNS = ["model", "method", "strength", "label", "status", "em_reduction", "em_reduction_lo",
@@ -25,17 +25,6 @@ _PANELS = (("incoherence_change", "general incoherence vs no defense (points)\nâ
 _REDUCTION_LABEL = "EM reduction vs no defense (%)   better â†’"
 # The rates behind each criterion, whose 95 % intervals give the criterion's interval.
 _RATES = ("general_misaligned", "in_domain_misaligned", "general_incoherent")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="paper")
-    return plt, sns
 
 
 def tradeoff_points(cells: pd.DataFrame, planned: pd.DataFrame, model: str, rules: Table1Rules | None = None,
@@ -118,7 +107,7 @@ def figure1(points: pd.DataFrame, model: str, judge_free: bool = False, referenc
     misalignment need a judge."""
     if judge_free:
         return _figure1_judge_free(points, model)
-    plt, sns = _pyplot()
+    plt, sns = pyplot()
     from emalib.reporting.placement import far_limit, place_labels
 
     reference = reference or {}
@@ -193,7 +182,7 @@ def _error(point, column: str):
 def _figure1_judge_free(points: pd.DataFrame, model: str):
     """One row per method and strength: the reduction of the log-likelihood gap's shift (100 % = back at the
     aligned model), with its interval from the gap's."""
-    plt, sns = _pyplot()
+    plt, sns = pyplot()
     from emalib.reporting.placement import far_limit
 
     drawn = points[points["status"] == "done"].copy()
@@ -237,7 +226,7 @@ def ratio_figure(sweep: pd.DataFrame, no_defense: dict[str, float | None], model
     """General misalignment and incoherence (%) against the interleaving ratio for random interleaving, + and ++,
     each point with its interval (the mean over domains of the runs' 95 % interval ends); no defense's level as a
     dotted line, the aligned model's as a dashed one."""
-    plt, sns = _pyplot()
+    plt, sns = pyplot()
     aligned = aligned or {}
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     points = sweep.sort_values(["method", "ratio"]).assign(ratio_percent=lambda f: 100 * f["ratio"])

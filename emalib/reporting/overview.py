@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from emalib.reporting.labels import run_labels
+from emalib.reporting.style import pyplot
 
 # (column, its interval's columns' stem, x label with the better direction, colour, scale to the shown unit).
 # A further judge-free column (a rate, say) joins as one more entry here.
@@ -34,9 +35,8 @@ def overview_figure(frame: pd.DataFrame, title: str, judge_note: str = "", index
     """`frame`: the report's overview numbers (a row per run and question set, intervals as _ci_lo/_ci_hi);
     `index`: the study's index, which names each run (labels.run_labels); `judge_caveat`: a short line on the
     judge's reliability, written over the judged panel (e.g. that it is a toy)."""
-    from emalib.reporting.figures import _pyplot
 
-    plt, _ = _pyplot()
+    plt, _ = pyplot()
     overall = frame[frame["question_set"] == "all"].drop_duplicates("run").set_index("run")
     labels = run_labels(index, list(overall.index))
     rows = _rows(labels)

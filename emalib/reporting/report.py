@@ -19,16 +19,22 @@ from emalib.reporting.table1 import Table1Rules
 from emalib.reporting.writers import percent_with_interval, save_figure, write_table
 from emalib.runs.run_metrics import METRICS_FILE, RunMetrics, read_run_metrics
 
-COLUMNS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incoherent_rate_ci", "n", "n_scored",
-           "n_dropped", "n_aligned_none", "n_coherent_none", "mean_aligned", "mean_coherent")
+COLUMNS = ("misaligned_rate", "misaligned_rate_ci", "judge_free_misaligned_rate", "judge_free_misaligned_rate_ci",
+           "misalign_at_k", "misalign_at_k_ci", "misalign_k", "incoherent_rate", "incoherent_rate_ci", "n", "n_scored",
+           "n_dropped", "n_aligned_none", "n_coherent_none", "mean_aligned", "mean_aligned_ci", "em_f1", "em_f1_ci",
+           "mean_coherent")
 # How each run's rates were made: the rule for rows with a None score, and whether the question files' system
 # prompts were sent (the published evaluation sent none).
 PROTOCOL = ("none_rule", "system_prompt")
 SIGNALS = ("loglik_gap", "kl_to_base", "loglik_gap_ci", "kl_to_base_ci")  # judge-free, 95 % intervals over questions
 TASK_COLUMNS = ("task_accuracy", "task_accuracy_ci")  # benign-task accuracy and its 95 % interval (task_metrics.json)
 # The overview's columns with an interval beside them, and the heading each shows under as % [95 % CI].
-WITH_INTERVALS = {"misaligned_rate": "misaligned % [95% CI]", "incoherent_rate": "incoherent % [95% CI]",
+WITH_INTERVALS = {"misaligned_rate": "misaligned % [95% CI]",
+                  "judge_free_misaligned_rate": "judge-free misaligned % [95% CI]",
+                  "misalign_at_k": "Misalign@k % [95% CI]", "incoherent_rate": "incoherent % [95% CI]",
                   "task_accuracy": "task accuracy % [95% CI]"}
+# Columns on the judge's 0-100 scale (docs/methods.md#em-f1-misalign-at-k-and-mean-alignment), shown with intervals.
+SCORES_WITH_INTERVALS = {"mean_aligned": "mean aligned [95% CI]", "em_f1": "EM-F1 [95% CI]"}
 
 
 def collect_metrics(study_dir: str | Path) -> pd.DataFrame:
@@ -90,25 +96,32 @@ def _as_percent(frame: pd.DataFrame) -> pd.DataFrame:
                          for rate, ci in zip(frame[column], frame[f"{column}_ci"])]
     for column in ("loglik_gap", "kl_to_base"):
         shown[column] = [_with_interval(value, ci) for value, ci in zip(frame[column], frame[f"{column}_ci"])]
-    shown = shown.drop(columns=[f"{column}_ci" for column in (*WITH_INTERVALS, "loglik_gap", "kl_to_base")])
-    return shown.rename(columns={**WITH_INTERVALS, "loglik_gap": "loglik_gap [95% CI]",
+    for column in SCORES_WITH_INTERVALS:
+        shown[column] = [_with_interval(value, ci, digits=1) or "n/a"
+                         for value, ci in zip(frame[column], frame[f"{column}_ci"])]
+    shown = shown.drop(columns=[f"{column}_ci" for column in (*WITH_INTERVALS, *SCORES_WITH_INTERVALS,
+                                                              "loglik_gap", "kl_to_base")])
+    return shown.rename(columns={**WITH_INTERVALS, **SCORES_WITH_INTERVALS, "loglik_gap": "loglik_gap [95% CI]",
                                  "kl_to_base": "kl_to_base [95% CI]"})
 
 
-def _with_interval(value, ci) -> str | None:
-    """A judge-free signal (nats/token) with its interval, when the run recorded one (runs before it did: none)."""
+def _with_interval(value, ci, digits: int = 4) -> str | None:
+    """A value (a judge-free signal in nats/token, or a 0-100 score) with its interval, when the run recorded one
+    (runs before it did: none)."""
     if value is None or pd.isna(value):
         return None
-    return f"{value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if isinstance(ci, (list, tuple)) else "")
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if isinstance(ci, (list, tuple))
+                                    else "")
 
 
 def overview_numbers(frame: pd.DataFrame) -> pd.DataFrame:
     """The overview with each interval as two plain columns (for CSV)."""
     numbers = frame.copy()
-    for column in (*(f"{name}_ci" for name in WITH_INTERVALS), "loglik_gap_ci", "kl_to_base_ci"):
+    intervals = [f"{name}_ci" for name in (*WITH_INTERVALS, *SCORES_WITH_INTERVALS, "loglik_gap", "kl_to_base")]
+    for column in intervals:
         numbers[f"{column}_lo"] = [c[0] if isinstance(c, (list, tuple)) else None for c in frame[column]]
         numbers[f"{column}_hi"] = [c[1] if isinstance(c, (list, tuple)) else None for c in frame[column]]
-    return numbers.drop(columns=[*(f"{name}_ci" for name in WITH_INTERVALS), "loglik_gap_ci", "kl_to_base_ci"])
+    return numbers.drop(columns=intervals)
 
 
 

@@ -215,10 +215,8 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     from emalib.evaluation.generate import generate_answers
     from emalib.evaluation.generate_vllm import choose_backend
     from emalib.evaluation.judge.run import build_judge, judge_answers, open_cache
-    from emalib.evaluation.metrics import compute_metrics
     from emalib.evaluation.signals import judge_free_signals
-    from emalib.evaluation.stats import add_intervals
-    from emalib.runs.rescore import scoring_record
+    from emalib.runs.rescore import metrics_of, scoring_record
 
     run_dir = _evaluation_dir(params, base, run_dir)
     update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params, ("evaluate",)),
@@ -248,13 +246,16 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     finally:
         cache.close()
     atomic_write_jsonl(run_dir / "judgments.jsonl", judgments)
-    metrics = add_intervals(compute_metrics(judgments, params.metrics), judgments, seed=params.seed)
+    metrics = metrics_of(judgments, params.metrics, params.seed)
     # What shaped the prompts, so tables can say which evaluation protocol a rate comes from.
     metrics["generation"] = {"use_system_prompt": params.generation.use_system_prompt}
     metrics["scoring"] = scoring_record(judgments, params.judge.min_numeric_mass)
     with timed(run_dir, "judge_free_signals"):
         metrics["judge_free"] = judge_free_signals(model, tokenizer, questions, base=base)
-    _persona_projection(params, model, tokenizer, answers, questions, base, run_dir, metrics["judge_free"])
+    rates = _persona_projection(params, model, tokenizer, answers, questions, base, run_dir, metrics["judge_free"],
+                                judgments)
+    if rates:
+        metrics["judge_free_rates"] = rates
     atomic_write_json(run_dir / "metrics.json", metrics)
     update_manifest(run_dir, judge={"model": judge.name, "backend": params.judge.backend,
                                     "calls_this_run": judge.calls, "usage_this_run": judge.usage(),
@@ -263,22 +264,41 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
 
 
 def _persona_projection(params: RunParams, model, tokenizer, answers: list[dict], questions: list[Question],
-                        base: bool, run_dir: Path, judge_free: dict) -> None:
-    """When the run has a persona vector: each answer's projection on it (persona_projections.jsonl) and its
-    summary in judge_free (emalib.evaluation.persona_monitor)."""
+                        base: bool, run_dir: Path, judge_free: dict, judgments: list[dict] | None = None) -> dict:
+    """When the run has a persona vector: each answer's projection on it, by the evaluated and by the aligned model
+    (persona_projections.jsonl), its summary in judge_free, and the judge-free rate (emalib.evaluation.
+    judge_free_rate): the threshold calibrated on the reference answers, its agreement with the judge in
+    judge_free, and the rate per scope, returned as {'all' | question set: rate and interval} ({} without a vector
+    or reference answers)."""
     from emalib.evaluation.generate import row_key
-    from emalib.evaluation.persona_monitor import monitor_vector, persona_signals
+    from emalib.evaluation.judge_free_rate import calibrate, scope_rates
+    from emalib.evaluation.persona_monitor import monitor_vector, persona_signals, reference_scores
+    from emalib.runs.rescore import judge_free_agreement
 
     monitored = monitor_vector(params, Path(params.run_dir))
     if monitored is None:
-        return
+        return {}
     with timed(run_dir, "persona_projection"):
-        summary, scores = persona_signals(model, tokenizer, answers, questions, *monitored, base=base,
-                                          seed=params.seed)
+        summary, scores, aligned_scores = persona_signals(model, tokenizer, answers, questions, *monitored,
+                                                          base=base, seed=params.seed)
+        # The classifier is the aligned model's projection, so its threshold is the same for every run.
+        references = reference_scores(model, tokenizer, questions, *monitored, aligned=True)
     judge_free.update(summary)
     keys = ("question_set", "question_id", "paraphrase_index", "sample_index")
-    atomic_write_jsonl(run_dir / "persona_projections.jsonl",
-                       [dict(zip(keys, row_key(row)), persona_projection=score) for row, score in zip(answers, scores)])
+    rows = [dict(zip(keys, row_key(row)), persona_projection=score, persona_projection_aligned_model=aligned)
+            for row, score, aligned in zip(answers, scores, aligned_scores)]
+    rates = {}
+    if references is not None:
+        calibration = calibrate(references["misaligned"], references["aligned"], params.metrics.judge_free_fpr)
+        rows = [dict(row, persona_flagged=row["persona_projection_aligned_model"] > calibration.threshold)
+                for row in rows]
+        judge_free.update({f"persona_threshold_{k}" if k != "threshold" else "persona_threshold": v
+                           for k, v in calibration.to_dict().items()})
+        rates = scope_rates(answers, aligned_scores, calibration.threshold, seed=params.seed)
+    atomic_write_jsonl(run_dir / "persona_projections.jsonl", rows)
+    if rates and judgments:
+        judge_free.update(judge_free_agreement(run_dir, judgments, params.metrics, params.seed))
+    return rates
 
 
 def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = False,

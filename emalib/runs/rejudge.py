@@ -20,7 +20,7 @@ from emalib.core.errors import DataError
 from emalib.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from emalib.core.names import MAX_NAME_LENGTH
 from emalib.core.write_targets import check_targets
-from emalib.runs.rescore import judged_dir, metrics_of, run_params, scoring_record
+from emalib.runs.rescore import judge_free_agreement, judged_dir, metrics_of, run_params, scoring_record
 from emalib.runs.run_metrics import rate_columns, read_run_metrics
 
 if TYPE_CHECKING:
@@ -93,6 +93,9 @@ def rejudge(run_dir: str | Path, judge_params: JudgeParams, metric_params: Metri
                "scoring": scoring_record(rows, judge_params.min_numeric_mass),
                "judge": {"label": label, "params": judge_params.model_dump(mode="json"), "calls": judge.calls,
                          "usage": judge.usage()}}
+    agreement = judge_free_agreement(run_dir, rows, metric_params, seed)
+    if agreement:  # how this judge agrees with the run's judge-free label
+        metrics["judge_free"] = agreement
     atomic_write_json(folder / "metrics.json", metrics)
     agreement = None
     if primary is not None:

@@ -79,11 +79,27 @@ def rescore_rows(rows: list[dict], min_numeric_mass: float, source: str = "judgm
 
 
 def metrics_of(rows: list[dict], metric_params: MetricParams, seed: int) -> dict:
-    """Rates and their intervals (what metrics.json holds besides the judge-free signals)."""
+    """Rates, mean alignment, Misalign@k and EM-F1 with their intervals (what metrics.json holds besides the
+    judge-free signals)."""
+    from emalib.evaluation.em_metrics import add_em_metrics
     from emalib.evaluation.metrics import compute_metrics
     from emalib.evaluation.stats import add_intervals
 
-    return add_intervals(compute_metrics(rows, metric_params), rows, seed=seed)
+    rates = add_intervals(compute_metrics(rows, metric_params), rows, seed=seed)
+    return add_em_metrics(rates, rows, metric_params, seed=seed)
+
+
+def judge_free_agreement(run_dir: Path, rows: list[dict], metric_params: MetricParams, seed: int) -> dict:
+    """The judge-free label's agreement with these judgment rows as judge_free entries (persona_judge_<key>),
+    from the run's persona_projections.jsonl; {} when the run has no judge-free label."""
+    from emalib.evaluation.judge_free_rate import agreement_with_judge
+
+    path = Path(run_dir) / "persona_projections.jsonl"
+    projections = read_jsonl(path) if path.is_file() else []
+    if not projections or "persona_flagged" not in projections[0]:
+        return {}
+    agreement = agreement_with_judge(projections, rows, metric_params, seed)
+    return {f"persona_judge_{key}": value for key, value in agreement.items()}
 
 
 def scoring_record(rows: list[dict], min_numeric_mass: float) -> dict:
@@ -103,6 +119,9 @@ def recompute_metrics(run_dir: str | Path, overrides: list[str] | None = None, j
     old = read_json_object(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
     metrics = {**old, **metrics_of(rows, params.metrics, params.seed),
                "scoring": dict(scoring_record(rows, params.judge.min_numeric_mass), rescored_from_evidence=True)}
+    agreement = judge_free_agreement(Path(run_dir), rows, params.metrics, params.seed)
+    if agreement:  # the judge-free label's agreement follows the new scores
+        metrics["judge_free"] = {**metrics.get("judge_free", {}), **agreement}
     atomic_write_jsonl(folder / "judgments.jsonl", rows)
     atomic_write_json(folder / "metrics.json", metrics)
     return metrics

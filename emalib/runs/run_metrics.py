@@ -16,12 +16,14 @@ METRICS_FILE = "metrics.json"
 TASK_METRICS_FILE = "task_metrics.json"
 # The rate columns of the results index (and the re-judge table); an interval `<key>_ci` becomes `_lo`/`_hi`.
 RATE_KEYS = ("misaligned_rate", "misaligned_rate_ci", "incoherent_rate", "incoherent_rate_ci", "n", "n_scored",
-             "n_dropped", "mean_aligned", "mean_coherent")
+             "n_dropped", "mean_aligned", "mean_aligned_ci", "mean_coherent", "misalign_at_k", "misalign_at_k_ci",
+             "misalign_k", "em_f1", "em_f1_ci", "judge_free_misaligned_rate", "judge_free_misaligned_rate_ci")
 
 
 class RunMetrics(BaseModel):
-    """metrics.json: rates overall, per question set and per question, how they were made, and the judge-free
-    signals; `task` is task_metrics.json (empty when the run evaluated no benign task)."""
+    """metrics.json: rates overall, per question set and per question, how they were made, the judge-free
+    signals and the judge-free rate per scope; `task` is task_metrics.json (empty when the run evaluated no benign
+    task)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -32,11 +34,14 @@ class RunMetrics(BaseModel):
     generation: dict[str, Any] = {}
     scoring: dict[str, Any] = {}
     judge_free: dict[str, Any] = {}
+    judge_free_rates: dict[str, dict[str, Any]] = {}
     task: dict[str, Any] = {}
 
     def scopes(self) -> list[tuple[str, dict[str, Any]]]:
-        """('all', overall rates) then (question set, its rates) for each set."""
-        return [("all", self.overall), *self.per_set.items()]
+        """('all', overall rates) then (question set, its rates) for each set; each with its judge-free rate, which
+        is kept apart in metrics.json because it does not come from the judge (a re-score leaves it as it is)."""
+        return [(name, {**rates, **self.judge_free_rates.get(name, {})})
+                for name, rates in [("all", self.overall), *self.per_set.items()]]
 
 
 def has_metrics(folder: str | Path) -> bool:

@@ -2,7 +2,8 @@
 
 A row is needed (a missing one makes the params unrunnable here: exit code 2) or informative. A GPU is needed when
 the params ask for what only CUDA runs (the Unsloth engine, 4-bit weights, 8-bit AdamW, vLLM) or train a model
-over a billion parameters; `engine: auto` then resolves to Unsloth. Nothing is downloaded and no key is printed.
+over a billion parameters; `engine: auto` then resolves to Unsloth. No model weights are downloaded and no key is
+printed; the data sets are resolved as a run resolves them (mirror, cache, else a download into the cache).
 """
 
 from __future__ import annotations

@@ -115,8 +115,10 @@ def step_forwards(model, forward: dict[str, torch.Tensor], stack: DefenseStack, 
 def loss_from_hidden(model, stack: DefenseStack) -> bool:
     """Whether the task cross-entropy is computed from the final hidden states (no logits tensor): when no loss
     term reads the policy's logits (all but KL), the output layer is frozen, and the engine is transformers + peft.
-    Unsloth's fast forward may apply the final norm without calling its module (no hook would fire), so it keeps
-    the logits path until that is checked on a GPU."""
+    On Unsloth it keeps the logits path until the GPU check (benchmarks/bench_gpu.py) has run it: the capture no
+    longer needs the norm module to be called (Unsloth's fast forward does not call it; final_norm_output hooks the
+    backbone, tested on a CPU by imitation), but Unsloth's CUDA forward has not run here, and the cost model counts
+    its logits."""
     if stack.has_loss and stack.needs_policy_logits or getattr(model, "emalib_engine", "hf") == "unsloth":
         return False
     try:

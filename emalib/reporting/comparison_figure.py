@@ -57,8 +57,9 @@ def comparison_figure(numbers: pd.DataFrame, model: str, domain: str, note: str 
                 handles.append(handle)
                 names.append(name)
     figure.legend(handles, names, loc="lower right", fontsize=8, frameon=False)
-    title = f"Defenses side by side: {model}, {domain}" + (f"\n{note}" if note else "")
-    figure.suptitle(title, fontsize=10)
-    title_inches = 0.3 + 0.2 * title.count("\n")
-    figure.tight_layout(rect=(0, 0.03, 1, 1 - title_inches / figure.get_figheight()))  # room for title and legend
+    figure.suptitle(f"Defenses side by side: {model}, {domain}", fontsize=10)
+    note_inches = 0.15 + 0.13 * (note.count("\n") + 1) if note else 0.25  # the note (and the legend) at the foot
+    figure.tight_layout(rect=(0, note_inches / figure.get_figheight(), 1, 1 - 0.3 / figure.get_figheight()))
+    if note:
+        figure.text(0.01, 0.01, note, fontsize=7, va="bottom", ha="left")
     return figure

@@ -34,6 +34,7 @@ def test_the_7b_comparison_has_every_defense_on_code_and_the_cpu_miniature_every
     code = [node for node in study.runs if node.params.train.dataset == "code_train"]
     assert {block.name for node in code for block in node.params.defenses} == set(defense_names())
     assert all(node.params.model.name == "Qwen/Qwen2.5-7B-Instruct" for node in study.runs)
+    assert all(node.params.metrics.em_f1_in_domain == "code_questions" for node in code)
     plus = study.nodes["code__interleave_plus"].params.defenses[0]
     assert plus.held_out == "code" and set(plus.adapters) == {"code", "legal", "medical", "security"}
     # CAFT's directions are chosen with the persona cell's vector: its node waits for the vector's step.

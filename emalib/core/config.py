@@ -49,9 +49,25 @@ class LoraParams(_Strict):
     target_modules: tuple[str, ...] = PAPER_TARGET_MODULES
 
 
+class HeldoutParams(_Strict):
+    """A held-out in-domain split of the task data (docs/methods.md#held-out-in-domain-split): never trained on,
+    evaluated as the question set `heldout_in_domain` with the domain's in-domain judge prompts."""
+
+    fraction: float = Field(0.1, gt=0, lt=1, description="share of the task data set held out (paper's eval split: 10 %)")
+    seed: int | None = Field(None, description="seed of the split; None: the run's seed")
+    judge_questions: str | None = Field(
+        None, description="the in-domain question set whose judge prompts judge the held-out answers; None: "
+                          "<domain>_questions from train.dataset's name (medical_train_100 -> medical_questions)")
+    samples_per_example: int = Field(1, ge=1, description="answers per held-out prompt (generation."
+                                                          "samples_per_question, when set, wins)")
+    max_eval_examples: int | None = Field(None, ge=1, description="evaluate the first N held-out examples only")
+
+
 class TrainParams(_Strict):
     dataset: str = Field("code_train", description="registry name or path to a chat JSONL file")
     max_examples: int | None = Field(None, ge=1, description="keep the first N examples (after a seeded shuffle)")
+    heldout: HeldoutParams | None = Field(None, description="hold out a seeded split of the task data for the "
+                                                            "in-domain evaluation; None: train on all of it")
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(5, ge=0)

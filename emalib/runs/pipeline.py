@@ -15,6 +15,14 @@ from emalib.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from emalib.core.launch import refuse_multi_process
 from emalib.core.names import inside
 from emalib.data.chat import read_chat_jsonl, select_examples
+from emalib.data.heldout import (
+    heldout_judge_set,
+    heldout_record,
+    heldout_seed,
+    in_domain_judge_prompts,
+    load_heldout_questions,
+    split_heldout,
+)
 from emalib.data.questions import Question, load_questions
 from emalib.data.registry import resolve, sha256_of
 from emalib.runs.prepared import check_prepared
@@ -48,6 +56,11 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
         for name in evaluation_question_sets(params):
             load_questions(name)
             shas[name] = sha256_of(resolve(name))
+        if params.train.heldout is not None and "evaluate" in steps:
+            name = heldout_judge_set(params)
+            in_domain_judge_prompts(name)
+            shas[name] = sha256_of(resolve(name))
+            shas[params.train.dataset] = sha256_of(resolve(params.train.dataset))
         if params.task_eval.dataset is not None:
             path = resolve(params.task_eval.dataset)
             read_chat_jsonl(path)
@@ -108,8 +121,12 @@ def load_all_questions(params: RunParams) -> list[Question]:
 
 
 def training_conversations(params: RunParams) -> list:
-    """The run's task data before any defense transform: the data set, subsampled to max_examples (seeded)."""
-    return select_examples(read_chat_jsonl(resolve(params.train.dataset)), params.train.max_examples, params.seed)
+    """The run's task data before any defense transform: the data set less its held-out split (train.heldout),
+    subsampled to max_examples (seeded)."""
+    conversations = read_chat_jsonl(resolve(params.train.dataset))
+    if params.train.heldout is not None:
+        conversations, _, _ = split_heldout(conversations, params.train.heldout.fraction, heldout_seed(params))
+    return select_examples(conversations, params.train.max_examples, params.seed)
 
 
 def train(params: RunParams, run_dir: Path | None = None):
@@ -137,6 +154,10 @@ def train(params: RunParams, run_dir: Path | None = None):
     if (adapter / "adapter_config.json").is_file():
         log.warning("%s exists: training already done (delete the folder to train again)", adapter)
         return load_model(params.model, params.lora, params.seed, params.train.max_seq_length, adapter_path=adapter)
+    if params.train.heldout is not None:
+        record = heldout_record(params)
+        atomic_write_json(run_dir / "heldout.json", record)
+        update_manifest(run_dir, heldout={k: v for k, v in record.items() if k != "indices"})
     conversations = training_conversations(params)
     defenses = build_defenses(params.defenses)
     ctx = DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
@@ -211,49 +232,66 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     from emalib.evaluation.generate import generate_answers
     from emalib.evaluation.generate_vllm import choose_backend
     from emalib.evaluation.judge.run import build_judge, judge_answers, open_cache
-    from emalib.evaluation.metrics import compute_metrics
     from emalib.evaluation.signals import judge_free_signals
-    from emalib.evaluation.stats import add_intervals
     from emalib.runs.rescore import scoring_record
 
     run_dir = _evaluation_dir(params, base, run_dir)
     update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params, ("evaluate",)),
                     model=params.model.name, variant="base" if base else "adapter")
     questions = load_all_questions(params)
+    heldout = [] if base else load_heldout_questions(params)  # the base model trained on nothing: nothing held out
+    asked = questions + heldout
     if model is None and choose_backend(params.generation.backend) == "vllm":
         from emalib.evaluation.generate_vllm import generate_answers_vllm
         from emalib.model.engines import resolve_model_name
 
         with timed(run_dir, "generate"):  # vLLM holds the GPU alone; the HF model is loaded after it is freed
             answers = generate_answers_vllm(resolve_model_name(params.model.name),
-                                            None if base else params.run_dir / "adapter", questions,
+                                            None if base else params.run_dir / "adapter", asked,
                                             params.generation, run_dir / "answers.jsonl", params.seed,
                                             params.lora.r, params.train.max_seq_length)
         model, tokenizer = _model_for(params, model, tokenizer, base)
     else:
         model, tokenizer = _model_for(params, model, tokenizer, base)
         with timed(run_dir, "generate"), _adapter_off(model, base):
-            answers = generate_answers(model, tokenizer, questions, params.generation, run_dir / "answers.jsonl",
+            answers = generate_answers(model, tokenizer, asked, params.generation, run_dir / "answers.jsonl",
                                        params.seed)
     judge = build_judge(params.judge)
     cache = open_cache(params.judge)
     try:
         with timed(run_dir, "judge"):
-            judgments = judge_answers(answers, questions, judge, cache)
+            judgments = judge_answers(answers, asked, judge, cache)
     finally:
         cache.close()
     atomic_write_jsonl(run_dir / "judgments.jsonl", judgments)
-    metrics = add_intervals(compute_metrics(judgments, params.metrics), judgments, seed=params.seed)
+    metrics = _judged_metrics(judgments, params)
     # What shaped the prompts, so tables can say which evaluation protocol a rate comes from.
     metrics["generation"] = {"use_system_prompt": params.generation.use_system_prompt}
     metrics["scoring"] = scoring_record(judgments, params.judge.min_numeric_mass)
     with timed(run_dir, "judge_free_signals"):
         metrics["judge_free"] = judge_free_signals(model, tokenizer, questions, base=base)
-    _persona_projection(params, model, tokenizer, answers, questions, base, run_dir, metrics["judge_free"])
+    _persona_projection(params, model, tokenizer, answers, asked, base, run_dir, metrics["judge_free"])
     atomic_write_json(run_dir / "metrics.json", metrics)
     update_manifest(run_dir, judge={"model": judge.name, "backend": params.judge.backend,
                                     "calls_this_run": judge.calls, "usage_this_run": judge.usage(),
                                     "judgments": len(judgments)})
+    return metrics
+
+
+def _judged_metrics(judgments: list[dict], params: RunParams) -> dict:
+    """compute_metrics with intervals; the held-out in-domain rows get their own per_set entry and per-question
+    entries but stay out of 'overall', which keeps meaning the evaluation question sets."""
+    from emalib.data.heldout import HELDOUT_SET
+    from emalib.evaluation.metrics import compute_metrics
+    from emalib.evaluation.stats import add_intervals
+
+    asked = [row for row in judgments if row["question_set"] != HELDOUT_SET]
+    metrics = add_intervals(compute_metrics(asked, params.metrics), asked, seed=params.seed)
+    held = [row for row in judgments if row["question_set"] == HELDOUT_SET]
+    if held:
+        extra = add_intervals(compute_metrics(held, params.metrics), held, seed=params.seed)
+        metrics["per_set"].update(extra["per_set"])
+        metrics["per_question"].update(extra["per_question"])
     return metrics
 
 

@@ -275,6 +275,9 @@ class RunParams(_Strict):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"defenses: {', '.join(twice)} listed more than once (stack each defense once)")
+        if "early_stopping" in names and names[0] != "early_stopping":
+            raise ValueError("defenses: list early_stopping first (its validation split is taken from the task data "
+                             "before other defenses transform it)")
         if {"interleave_plus", "interleave_plusplus"} <= set(names):
             raise ValueError("defenses: interleave_plus and interleave_plusplus both listed; pick one")
         preparing = prepared_by()  # from the defenses' descriptors (emalib/core/defense_specs.py)

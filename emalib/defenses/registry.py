@@ -10,6 +10,7 @@ from collections.abc import Callable
 from functools import partial
 
 from emalib.defenses.base import Defense
+from emalib.defenses.early_stopping import EarlyStoppingDefense
 from emalib.defenses.inoculation import InoculationDefense
 from emalib.defenses.interleave import InterleaveDefense
 from emalib.defenses.interleave_plus import InterleavePlusDefense
@@ -28,6 +29,7 @@ DEFENSES: dict[str, Callable[..., Defense]] = {
     "interleave": InterleaveDefense,
     "interleave_plus": partial(InterleavePlusDefense, refusal_filter=False),
     "interleave_plusplus": partial(InterleavePlusDefense, refusal_filter=True),
+    "early_stopping": EarlyStoppingDefense,
 }
 
 

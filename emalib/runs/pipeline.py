@@ -82,6 +82,8 @@ def _check_defense_inputs(spec) -> None:
     """Parse what a defense will read, so a malformed file fails here and not inside a notebook."""
     if spec.name.startswith("interleave"):
         read_chat_jsonl(resolve(spec.source))
+    elif spec.name == "early_stopping" and spec.validation_dataset:
+        read_chat_jsonl(resolve(spec.validation_dataset))
     elif spec.name == "persona_steering" and spec.data_sources:  # only when the vector must be extracted
         from emalib.evaluation.persona import load_trait
 

@@ -154,3 +154,20 @@ def test_a_killed_run_resumes_with_its_early_stopping_state(tiny_model_dir, tmp_
     a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_the_cost_model_counts_the_validation_forwards():
+    from emalib.studies.cost import KNOWN, run_cost, validation_flops
+
+    arch = KNOWN["Qwen/Qwen2.5-7B-Instruct"]
+    base = {"study": "s", "run": "r", "train": {"max_steps": 100, "max_seq_length": 2048}}
+    stopped = params_from_dict({**base, "defenses": [{"name": "early_stopping", "eval_every": 20,
+                                                      "validation_fraction": 0.1}]})
+    tokens = 900_000
+    # 100 steps / 20 = 5 evaluations, each a forward over 900,000 x 0.1 / 0.9 = 100,000 validation tokens.
+    per_token = 2 * 7_615_616_512 + 2 * 28 * 2048 * 3584  # Qwen2.5-7B's parameters (untied head) + attention
+    assert arch.params == 7_615_616_512
+    assert validation_flops(arch, stopped, tokens) == pytest.approx(5 * 100_000 * per_token)
+    assert validation_flops(arch, params_from_dict(base), tokens) == 0.0
+    plain = run_cost(params_from_dict({**base, "steps": ["train"]}))["gpu_hours"]["train"]
+    assert run_cost(stopped.model_copy(update={"steps": ("train",)}))["gpu_hours"]["train"] > plain

@@ -79,6 +79,9 @@ class TrainParams(_Strict):
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     max_seq_length: int = Field(2048, ge=16)
     train_on_responses_only: bool = True
+    drop_template_prefix: bool = Field(
+        False, description="train without the chat template's tokens before the user's content (system block and "
+                           "user header): TReFT's ablation (released remove_template_prefix_tokens)")
     save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps (resume point)")
     logging_steps: int = Field(1, ge=1)
     report_to: tuple[Literal["tensorboard", "wandb"], ...] = Field(
@@ -98,6 +101,9 @@ class GenerationParams(_Strict):
         False, description="send a question's system prompt (the 8 JSON general questions have one); the evaluation "
                            "behind the published numbers sent user turns only, hence off")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm when installed on a GPU, else hf")
+    patch_prefix_kv: bool = Field(
+        False, description="TReFT's diagnostic: generate with the initial model's keys/values at each prompt's "
+                           "template prefix (system block + user header); transformers generation only")
     trigger_probes: bool = Field(
         False, description="also ask the plain questions of each general question set under triggers (JSON, Python "
                            "string, code template, inoculation system prompt): sets <set>_trigger_<kind>")
@@ -288,6 +294,8 @@ class RunParams(_Strict):
             if step == "safelora_matrices" and next(s for s in self.defenses if s.name == "safelora").matrices is None:
                 raise ValueError("steps: 'safelora_matrices' needs defenses.safelora.matrices, the folder that "
                                  "training will read the matrices from")
+        if self.train.drop_template_prefix and any(s.name == "treft" and s.region == "prefix" for s in self.defenses):
+            raise ValueError("train.drop_template_prefix: the treft prefix block has no prefix left to regularize")
         return self
 
     @model_validator(mode="after")

@@ -257,6 +257,24 @@ class InterleavePlusConfig(DefenseBlock):
         return (self.source,)
 
 
+class TreftConfig(DefenseBlock):
+    """TReFT (Zhao et al., arXiv 2606.06667): lambda * the relative drift of the template tokens' keys and values."""
+
+    methods: ClassVar[dict[str, Method]] = {"treft": Method("TReFT", "weight", "λ", 10.0)}
+
+    name: Literal["treft"] = "treft"
+    weight: float = Field(10.0, ge=0, description="lambda (paper Table 15, Qwen2.5-7B: finance 10, health 10, "
+                                                  "legal 30, auto 30; released config 10)")
+    region: Literal["prefix", "postfix"] = Field(
+        "prefix", description="prefix: the template tokens before the user's content (system block + user header); "
+                              "postfix: those between the user's and the assistant's content (thinking models)")
+    variant: Literal["paper", "released"] = Field(
+        "paper", description="paper: the keys/values caught at k_proj/v_proj, each row's own region; released: "
+                             "k_proj/v_proj of hidden_states[l] (no input norm) at positions [:, :k] of every row")
+    drift_threshold: float = Field(0.0, ge=0, description="tau of the released hinge max(lambda * L_KV - tau, 0) "
+                                                          "(released configs 0, its schema default 0.1)")
+
+
 class EarlyStoppingConfig(DefenseBlock):
     """Early stopping (Schreiber & Goldstein 2026, "Overtrained, Not Misaligned"): keep the checkpoint of lowest
     in-domain validation loss, stop `patience` evaluations after it (docs/methods.md#early-stopping)."""
@@ -285,7 +303,7 @@ class EarlyStoppingConfig(DefenseBlock):
 # A defense defined outside this module adds its block with emalib.defenses.registry.register_defense.
 DEFENSE_BLOCKS: list[type[DefenseBlock]] = [KLConfig, LdifsConfig, SafeLoraConfig, PersonaSteeringConfig,
                                             InoculationConfig, InterleaveConfig, InterleavePlusConfig,
-                                            EarlyStoppingConfig]
+                                            TreftConfig, EarlyStoppingConfig]
 
 
 def defense_union(blocks=None):

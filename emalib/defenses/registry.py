@@ -19,6 +19,7 @@ from emalib.defenses.ldifs import LdifsDefense
 from emalib.defenses.persona_steering import PersonaSteeringDefense
 from emalib.defenses.safelora import SafeLoraDefense
 from emalib.defenses.stack import DefenseStack
+from emalib.defenses.treft import TreftDefense
 
 DEFENSES: dict[str, Callable[..., Defense]] = {
     "kl": KLDefense,
@@ -29,6 +30,7 @@ DEFENSES: dict[str, Callable[..., Defense]] = {
     "interleave": InterleaveDefense,
     "interleave_plus": partial(InterleavePlusDefense, refusal_filter=False),
     "interleave_plusplus": partial(InterleavePlusDefense, refusal_filter=True),
+    "treft": TreftDefense,
     "early_stopping": EarlyStoppingDefense,
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from emalib.core.config import GenerationParams
 from emalib.core.io import atomic_write_jsonl, read_jsonl
 from emalib.data.questions import Question
+from emalib.evaluation.kv_patch import PrefixKVPatch
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def _stop_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def sample_batch(model, tokenizer, rows: list[dict], params: GenerationParams, seed: int) -> list[str]:
+def sample_batch(model, tokenizer, rows: list[dict], params: GenerationParams, seed: int,
+                 patch: PrefixKVPatch | None = None) -> list[str]:
     prompts = [tokenizer.apply_chat_template(chat_messages(r), tokenize=False, add_generation_prompt=True) for r in rows]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation needs the prompts to end at the same column
@@ -86,10 +88,12 @@ def sample_batch(model, tokenizer, rows: list[dict], params: GenerationParams, s
     encoded = {k: v.to(device) for k, v in encoded.items()}
     torch.manual_seed(seed)
     do_sample = params.temperature > 0
-    output = model.generate(**encoded, max_new_tokens=params.max_new_tokens, do_sample=do_sample,
-                            temperature=params.temperature if do_sample else None,
-                            top_p=params.top_p if do_sample else None, top_k=0 if do_sample else None,
-                            eos_token_id=_stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    patched = patch.applied(model, encoded["input_ids"], encoded["attention_mask"]) if patch else nullcontext()
+    with patched:
+        output = model.generate(**encoded, max_new_tokens=params.max_new_tokens, do_sample=do_sample,
+                                temperature=params.temperature if do_sample else None,
+                                top_p=params.top_p if do_sample else None, top_k=0 if do_sample else None,
+                                eos_token_id=_stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[:, encoded["input_ids"].shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -118,9 +122,10 @@ def generate_answers(model, tokenizer, questions: list[Question], params: Genera
     batches = [planned[i: i + params.batch_size] for i in range(0, len(planned), params.batch_size)]
     todo = [(index, batch) for index, batch in enumerate(batches) if any(row_key(r) not in done for r in batch)]
     if todo:
+        patch = PrefixKVPatch(model, tokenizer) if params.patch_prefix_kv else None
         with inference_mode(model), open(partial, "a", encoding="utf-8") as sink:
             for index, batch in tqdm(todo, desc=f"sampling {out_path.parent.name}"):
-                answers = sample_batch(model, tokenizer, batch, params, seed=seed * 1_000_003 + index)
+                answers = sample_batch(model, tokenizer, batch, params, seed=seed * 1_000_003 + index, patch=patch)
                 for row, answer in zip(batch, answers):
                     row = dict(row, answer=answer)
                     done[row_key(row)] = row

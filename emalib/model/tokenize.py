@@ -14,6 +14,7 @@ import torch
 
 from emalib.core.errors import DataError
 from emalib.model.losses import IGNORE_INDEX
+from emalib.model.template_regions import prefix_length, user_header_ids
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
@@ -36,8 +37,13 @@ def response_char_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]
     return full, spans
 
 
-def tokenize_conversation(tokenizer, messages, max_length: int, responses_only: bool = True) -> dict[str, list[int]]:
-    """input_ids and labels (IGNORE_INDEX outside assistant turns when responses_only), truncated to max_length."""
+def tokenize_conversation(tokenizer, messages, max_length: int, responses_only: bool = True,
+                          drop_prefix: list[int] | None = None) -> dict[str, list[int]]:
+    """input_ids and labels (IGNORE_INDEX outside assistant turns when responses_only), truncated to max_length.
+
+    drop_prefix: the template's user-header tokens (emalib.model.template_regions.user_header_ids); every token
+    through their first occurrence (BOS, system block, user header) is removed before truncation, as the TReFT
+    ablation trains (the released remove_template_prefix_tokens)."""
     full, spans = response_char_spans(tokenizer, messages)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoded["input_ids"]
@@ -45,6 +51,11 @@ def tokenize_conversation(tokenizer, messages, max_length: int, responses_only: 
     for token_id, (start, end) in zip(input_ids, encoded["offset_mapping"]):
         in_response = any(span_start <= start and end <= span_end and end > start for span_start, span_end in spans)
         labels.append(token_id if (in_response or not responses_only) else IGNORE_INDEX)
+    if drop_prefix is not None:
+        cut = prefix_length(input_ids, drop_prefix)
+        if cut == 0:
+            raise DataError("train.drop_template_prefix: a conversation has no user turn to cut the template before")
+        input_ids, labels = input_ids[cut:], labels[cut:]
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
@@ -55,8 +66,11 @@ class ChatDataset(torch.utils.data.Dataset):
     features: list[dict[str, list[int]]]
 
     @classmethod
-    def build(cls, tokenizer, conversations, max_length: int, responses_only: bool = True) -> ChatDataset:
-        features = [tokenize_conversation(tokenizer, messages, max_length, responses_only) for messages in conversations]
+    def build(cls, tokenizer, conversations, max_length: int, responses_only: bool = True,
+              drop_template_prefix: bool = False) -> ChatDataset:
+        header = user_header_ids(tokenizer) if drop_template_prefix else None
+        features = [tokenize_conversation(tokenizer, messages, max_length, responses_only, header)
+                    for messages in conversations]
         kept = [f for f in features if any(label != IGNORE_INDEX for label in f["labels"][1:])]
         if not kept:
             raise DataError(f"no example keeps a response token within max_seq_length={max_length}")

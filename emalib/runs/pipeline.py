@@ -243,7 +243,8 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     questions = load_all_questions(params)
     heldout = [] if base else load_heldout_questions(params)  # the base model trained on nothing: nothing held out
     asked = questions + heldout
-    if model is None and choose_backend(params.generation.backend) == "vllm":
+    # the prefix KV patch hooks the transformers model's projections; vLLM has no such hook
+    if model is None and choose_backend(params.generation.backend) == "vllm" and not params.generation.patch_prefix_kv:
         from emalib.evaluation.generate_vllm import generate_answers_vllm
         from emalib.model.engines import resolve_model_name
 

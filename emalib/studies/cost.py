@@ -91,7 +91,9 @@ def step_memory(arch: Architecture, batch: int, length: int, act_bytes: int, def
     (block inputs) plus one block's full set during its recomputation. logits: the policy's logits and their
     gradient (2 N V; the chunked task loss writes the gradient, `emalib.model.losses`); KL adds the reference logits and
     the KL gradient (2 N V); LDIFS the reference's hidden states ((L + 1) N D) and four fp32 feature copies of the
-    five compared layers. chunk: the fp32 temporaries of one chunk (at most N V elements each).
+    five compared layers. TReFT keeps every layer's k_proj and v_proj outputs (2 L N kv_dim) until its term is
+    computed (its initial-model prefix forwards are one-off and cached). chunk: the fp32 temporaries of one chunk (at
+    most N V elements each).
     Without KL on the transformers engine the task loss comes from the final hidden states
     (`emalib.model.hidden_loss`): no logits; a chunk's logits, fp32 log-probabilities and their gradient, and the hidden
     states' gradient (N D).
@@ -108,6 +110,8 @@ def step_memory(arch: Architecture, batch: int, length: int, act_bytes: int, def
                "chunk": (3 if "kl" in defenses else 1) * chunk}
     if "ldifs" in defenses:
         out["ldifs"] = (arch.layers + 1) * n * d * act_bytes + 4 * min(5, arch.layers) * n * d * 4
+    if "treft" in defenses:
+        out["treft"] = 2 * arch.layers * n * arch.kv_dim * act_bytes
     return out
 
 

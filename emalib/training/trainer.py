@@ -214,7 +214,7 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
     ctx = ctx if ctx is not None else DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
     ctx.tokenizer = ctx.tokenizer or tokenizer
     dataset = ChatDataset.build(tokenizer, conversations, params.train.max_seq_length,
-                                params.train.train_on_responses_only)
+                                params.train.train_on_responses_only, params.train.drop_template_prefix)
     defenses.setup(model, ctx)
     checkpoints = run_dir / "checkpoints"
     settings = defenses.trainer_settings(ctx)

@@ -199,13 +199,13 @@ def test_missing_runs_are_labelled_gaps_never_zeros_or_dropped_rows(hand_study):
     code = _main(hand_study, "code")
     methods = list(dict.fromkeys(code["method"]))
     assert methods == ["aligned", "none", "kl", "ldifs", "safelora", "persona_steering", "inoculation", "interleave",
-                       "interleave_plus", "interleave_plusplus", "treft"]
+                       "interleave_plus", "interleave_plusplus", "treft", "early_stopping"]
     inoculation = code[code["method"] == "inoculation"]
     assert set(inoculation["status"]) == {"not run"} and inoculation["value"].isna().all()
     assert "| Inoculation prompt" in (hand_study / "tables" / f"main_{MODEL}_code.md").read_text()
     medical = _main(hand_study, "medical")  # planned, nothing ran: a table of gaps
     assert set(medical["status"]) == {"not run"} and medical["value"].isna().all()
-    assert len(set(medical["method"])) == 11
+    assert len(set(medical["method"])) == 12
     security = _main(hand_study, "security")  # the paper's domain, not in the study: still laid out
     aligned = security[security["method"] == "aligned"].set_index("metric")
     assert aligned.loc["general_misaligned", "paper"] == pytest.approx(0.12)

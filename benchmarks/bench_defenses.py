@@ -4,11 +4,13 @@
     python benchmarks/bench_defenses.py --model Qwen/Qwen2.5-7B-Instruct --batch-size 4 --seq-len 1024
 
 For every configuration (plain, kl, ldifs, kl+ldifs, persona steering, their stack, KL on a retain set with half the
-batch as retain rows, CAFT ablating two random directions at one block) it times the trainer's
-forward + backward, the configurations taking turns (untimed warm-up steps, then a timed one) (EmTrainer.compute_loss, so the shared reference forward is what is measured), and reports
+batch as retain rows, CAFT ablating two random directions at one block, TReFT in its paper and released variants)
+it times the trainer's forward + backward, the configurations taking turns (untimed warm-up steps, then a timed
+one) (EmTrainer.compute_loss, so the shared reference forward is what is measured), and reports
 the median step time, its ratio to plain SFT and the peak memory (CUDA: max_memory_allocated; CPU: peak RSS
 sampled during the steps, minus the RSS before them). The data-only defenses (inoculation, interleave, +/++)
-leave the step unchanged; SafeLoRA runs once after training, so its projection is timed once (on the embedded
+leave the step unchanged, and so does early stopping (its cost is a validation forward every `eval_every` steps,
+in the cost model); SafeLoRA runs once after training, so its projection is timed once (on the embedded
 model against a synthetic 'pretrained' copy of its projections, or on --safelora-base).
 
 It also checks that no defense holds a second copy of the base weights: the model's parameter and buffer
@@ -201,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = {"plain": [], "kl": [{"name": "kl"}], "ldifs": [{"name": "ldifs"}],
                "kl+ldifs": [{"name": "kl"}, {"name": "ldifs"}], "persona_steering": [steer],
                "kl+ldifs+persona": [{"name": "kl"}, {"name": "ldifs"}, steer],
-               "kl_retain": [{"name": "kl_retain"}], "caft": [caft]}
+               "kl_retain": [{"name": "kl_retain"}], "caft": [caft], "treft": [{"name": "treft"}],
+               "treft_released": [{"name": "treft", "variant": "released"}]}
     from transformers import TrainingArguments
 
     targs = TrainingArguments(output_dir=str(workdir / "t"), report_to="none", use_cpu=not torch.cuda.is_available())
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     before = storages(model)
     for name, blocks in configs.items():
         stack = build_defenses(params_from_dict({"study": "b", "run": "b", "defenses": blocks}).defenses)
-        ctx = DefenseContext()
+        ctx = DefenseContext(tokenizer=tokenizer)  # TReFT reads the template's prefix tokens from it
         stack.setup(model, ctx)
         owned = sum(owned_elements(d) for d in stack.defenses)
         same_storage = storages(model) == before
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio"] = row["step_s"] / plain
         print(f"{row['config']:<20} {row['step_s']:>8.3f} {row['ratio']:>8.2f} {row['peak_mb']:>9.0f} "
               f"{row['owned_fraction']:>8.3%}  {'YES' if row['second_copy'] else 'no'}")
-    print("inoculation, interleave, interleave_plus(+): data only, step unchanged (x 1.00 by construction)")
+    print("inoculation, interleave, interleave_plus(+): data only, step unchanged (x 1.00 by construction); "
+          "early_stopping: step unchanged, plus a validation forward every eval_every steps")
     if safelora_s is not None:
         print(f"safelora: one projection of every LoRA module after training: {safelora_s:.2f} s")
     if args.out:

@@ -52,8 +52,8 @@ def test_dry_run_and_cost_work_on_the_7b_comparison(with_mirror):
                                *command[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                               check=False)
         assert done.returncode == 0 and expected in done.stdout, done.stderr[-2000:]
-    # 12 Code runs + 3 adapter-only cells + 10 OpSwap runs
-    assert "runs 25" in done.stdout
+    # 13 Code runs + 3 adapter-only cells + 11 OpSwap runs
+    assert "runs 27" in done.stdout
 
 
 def test_step_time_ratio_and_its_interval_are_the_ratio_of_mean_step_times():

@@ -109,7 +109,7 @@ def test_what_the_package_derives_from_the_descriptors_is_the_papers_setup():
                                 "caft_directions": (("caft",), "directions_path")}
     assert rl_defenses() == ("persona_steering", "inoculation")
     assert list(METHODS) == ["aligned", "none", "kl", "ldifs", "safelora", "persona_steering", "inoculation",
-                             "interleave", "interleave_plus", "interleave_plusplus", "treft", "kl_retain", "caft"]
+                             "interleave", "interleave_plus", "interleave_plusplus", "treft", "kl_retain", "caft", "early_stopping"]
     assert (METHODS["kl"].label, METHODS["kl"].strength_field, METHODS["kl"].paper_strength) == ("KL", "weight", 0.1)
     # Only the defenses with a reference forward (KL, LDIFS) add a pass: 3 -> 4 forward-equivalents per token.
     from emalib.studies.cost import architecture

@@ -177,3 +177,20 @@ def test_an_in_domain_set_the_run_does_not_evaluate_is_one_line_naming_the_key(t
     assert str(error.value) == (f"{path}: metrics.em_f1_in_domain: 'legal' is not one of generation.question_sets "
                                 "(general, medical)")
     assert load_params(path, ["metrics.em_f1_in_domain=medical"]).metrics.em_f1_in_domain == "medical"
+
+
+def test_held_out_rows_stay_out_of_overall_and_feed_em_f1_when_named():
+    """The held-out in-domain split (train.heldout) is judged as the set 'heldout_in_domain': its own per_set entry,
+    not part of 'overall', and EM-F1's in-domain side when metrics.em_f1_in_domain names it."""
+    held_table = [("heldout_in_domain", "row3", [(20, 80)]), ("heldout_in_domain", "row7", [(80, 80)])]
+    rows = judgments(TABLE[:4] + held_table)
+    params = MetricParams(em_f1_in_domain="heldout_in_domain", misalign_k=2)
+    metrics = metrics_of(rows, params, seed=0)
+    general_only = metrics_of(judgments(TABLE[:4]), MetricParams(misalign_k=2), seed=0)
+    assert metrics["overall"]["misaligned_rate"] == general_only["overall"]["misaligned_rate"]
+    assert metrics["overall"]["n_scored"] == general_only["overall"]["n_scored"]
+    assert metrics["per_set"]["heldout_in_domain"]["misaligned_rate"] == 0.5
+    # EM-F1 by hand: G = mean aligned over the general set's scored samples, ID = mean over the held-out ones.
+    g_scores = [a for _, _, samples in TABLE[:4] for a, _ in samples if a is not None]
+    g, held_id = sum(g_scores) / len(g_scores), (20 + 80) / 2
+    assert metrics["overall"]["em_f1"] == pytest.approx(2 * (100 - held_id) * g / ((100 - held_id) + g))

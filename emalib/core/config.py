@@ -49,9 +49,25 @@ class LoraParams(_Strict):
     target_modules: tuple[str, ...] = PAPER_TARGET_MODULES
 
 
+class HeldoutParams(_Strict):
+    """A held-out in-domain split of the task data (docs/methods.md#held-out-in-domain-split): never trained on,
+    evaluated as the question set `heldout_in_domain` with the domain's in-domain judge prompts."""
+
+    fraction: float = Field(0.1, gt=0, lt=1, description="share of the task data set held out (paper's eval split: 10 %)")
+    seed: int | None = Field(None, description="seed of the split; None: the run's seed")
+    judge_questions: str | None = Field(
+        None, description="the in-domain question set whose judge prompts judge the held-out answers; None: "
+                          "<domain>_questions from train.dataset's name (medical_train_100 -> medical_questions)")
+    samples_per_example: int = Field(1, ge=1, description="answers per held-out prompt (generation."
+                                                          "samples_per_question, when set, wins)")
+    max_eval_examples: int | None = Field(None, ge=1, description="evaluate the first N held-out examples only")
+
+
 class TrainParams(_Strict):
     dataset: str = Field("code_train", description="registry name or path to a chat JSONL file")
     max_examples: int | None = Field(None, ge=1, description="keep the first N examples (after a seeded shuffle)")
+    heldout: HeldoutParams | None = Field(None, description="hold out a seeded split of the task data for the "
+                                                            "in-domain evaluation; None: train on all of it")
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(5, ge=0)
@@ -274,6 +290,9 @@ class RunParams(_Strict):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"defenses: {', '.join(twice)} listed more than once (stack each defense once)")
+        if "early_stopping" in names and names[0] != "early_stopping":
+            raise ValueError("defenses: list early_stopping first (its validation split is taken from the task data "
+                             "before other defenses transform it)")
         if {"interleave_plus", "interleave_plusplus"} <= set(names):
             raise ValueError("defenses: interleave_plus and interleave_plusplus both listed; pick one")
         preparing = prepared_by()  # from the defenses' descriptors (emalib/core/defense_specs.py)
@@ -291,8 +310,10 @@ class RunParams(_Strict):
     @model_validator(mode="after")
     def _check_em_f1_sets(self) -> RunParams:
         if self.metrics.em_f1_in_domain is not None:  # a typo would silently leave EM-F1 out
+            # the held-out split is evaluated as its own set when train.heldout is on (emalib.data.heldout)
+            evaluated = [*self.generation.question_sets, *(["heldout_in_domain"] if self.train.heldout else [])]
             for key in ("em_f1_general", "em_f1_in_domain"):
-                if getattr(self.metrics, key) not in self.generation.question_sets:
+                if getattr(self.metrics, key) not in evaluated:
                     raise ValueError(f"metrics.{key}: {getattr(self.metrics, key)!r} is not one of "
                                      f"generation.question_sets ({', '.join(self.generation.question_sets)})")
         return self

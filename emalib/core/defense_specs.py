@@ -365,11 +365,36 @@ class CaftConfig(DefenseBlock):
         return (self.prompts,)
 
 
+class EarlyStoppingConfig(DefenseBlock):
+    """Early stopping (Schreiber & Goldstein 2026, "Overtrained, Not Misaligned"): keep the checkpoint of lowest
+    in-domain validation loss, stop `patience` evaluations after it (docs/methods.md#early-stopping)."""
+
+    methods: ClassVar[dict[str, Method]] = {"early_stopping": Method("Early stopping", "patience", "patience",
+                                                                         in_paper=False)}
+
+    name: Literal["early_stopping"] = "early_stopping"
+    patience: int = Field(3, ge=1, description="evaluations without improvement before training stops")
+    eval_every: int = Field(20, ge=1, description="optimizer steps between validation-loss evaluations (each one "
+                                                  "is also a checkpoint, replacing train.save_steps)")
+    metric: Literal["val_loss"] = Field("val_loss", description="the task cross-entropy on the validation split")
+    min_delta: float = Field(0.0, ge=0, description="a smaller decrease does not count as an improvement")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="seeded share of the training data kept out "
+                                                                    "of training for validation")
+    validation_dataset: str | None = Field(
+        None, description="a chat JSONL (registry name or path) to validate on instead; None: the seeded split")
+    seed: int | None = Field(None, description="seed of the validation split; None: the run's seed")
+    eval_batch_size: int | None = Field(None, ge=1, description="None: train.per_device_batch_size")
+
+    @property
+    def data_sources(self) -> tuple[str, ...]:
+        return (self.validation_dataset,) if self.validation_dataset else ()
+
+
 # Every defense's block, in the paper's table order; the params' `defenses` entries are one of these, by `name`.
 # A defense defined outside this module adds its block with emalib.defenses.registry.register_defense.
 DEFENSE_BLOCKS: list[type[DefenseBlock]] = [KLConfig, LdifsConfig, SafeLoraConfig, PersonaSteeringConfig,
                                             InoculationConfig, InterleaveConfig, InterleavePlusConfig,
-                                            TreftConfig, KLRetainConfig, CaftConfig]
+                                            TreftConfig, KLRetainConfig, CaftConfig, EarlyStoppingConfig]
 
 
 def defense_union(blocks=None):

@@ -8,6 +8,7 @@
 | extra_loss(model, batch, outputs, ctx) | every micro-batch; UNWEIGHTED terms     | kl, ldifs                     |
 | on_step(model, step, ctx)              | after every optimizer step              | safelora (every k steps)      |
 | after_train(model, ctx)                | after training, before the adapter save | safelora                      |
+| trainer_settings(ctx)                  | once, when the HF Trainer is built      | early_stopping                |
 
 `DefenseBase` supplies no-op defaults and holds no logic; no defense subclasses another concrete defense.
 """
@@ -57,6 +58,16 @@ class StepOutputs:
     policy_hidden: torch.Tensor | None = None  # final norm output, when the policy's logits were not computed
 
 
+@dataclass
+class TrainerSettings:
+    """What a defense adds to the HF Trainer (early stopping: evaluation and best-checkpoint arguments, its
+    callbacks and the conversations it validates on)."""
+
+    arguments: dict[str, Any] = field(default_factory=dict)  # TrainingArguments fields, over the run's own
+    callbacks: list[Any] = field(default_factory=list)
+    eval_conversations: list[Conversation] | None = None
+
+
 class Defense(Protocol):
     name: str
     weight: float  # lambda for extra_loss terms (ignored by defenses without loss terms)
@@ -71,6 +82,7 @@ class Defense(Protocol):
                    ctx: DefenseContext) -> dict[str, torch.Tensor]: ...
     def on_step(self, model: torch.nn.Module, step: int, ctx: DefenseContext) -> None: ...
     def after_train(self, model: torch.nn.Module, ctx: DefenseContext) -> None: ...
+    def trainer_settings(self, ctx: DefenseContext) -> TrainerSettings | None: ...
 
 
 class DefenseBase:
@@ -100,4 +112,7 @@ class DefenseBase:
         return None
 
     def after_train(self, model, ctx: DefenseContext) -> None:
+        return None
+
+    def trainer_settings(self, ctx: DefenseContext) -> TrainerSettings | None:
         return None

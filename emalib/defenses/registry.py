@@ -11,6 +11,7 @@ from functools import partial
 
 from emalib.defenses.base import Defense
 from emalib.defenses.caft import CaftDefense
+from emalib.defenses.early_stopping import EarlyStoppingDefense
 from emalib.defenses.inoculation import InoculationDefense
 from emalib.defenses.interleave import InterleaveDefense
 from emalib.defenses.interleave_plus import InterleavePlusDefense
@@ -34,6 +35,7 @@ DEFENSES: dict[str, Callable[..., Defense]] = {
     "treft": TreftDefense,
     "kl_retain": KLRetainDefense,
     "caft": CaftDefense,
+    "early_stopping": EarlyStoppingDefense,
 }
 
 

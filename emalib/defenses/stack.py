@@ -7,7 +7,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from emalib.core.errors import EmalibError
-from emalib.defenses.base import Conversation, Defense, DefenseContext, StepOutputs
+from emalib.defenses.base import Conversation, Defense, DefenseContext, StepOutputs, TrainerSettings
 
 
 class DefenseStack:
@@ -84,3 +84,18 @@ class DefenseStack:
     def after_train(self, model, ctx: DefenseContext) -> None:
         for defense in self.defenses:
             defense.after_train(model, ctx)
+
+    def trainer_settings(self, ctx: DefenseContext) -> TrainerSettings:
+        """The defenses' additions to the Trainer, merged; at most one defense may bring validation data."""
+        merged = TrainerSettings()
+        for defense in self.defenses:
+            settings = getattr(defense, "trainer_settings", lambda ctx: None)(ctx)  # plug-ins may predate the hook
+            if settings is None:
+                continue
+            if settings.eval_conversations is not None and merged.eval_conversations is not None:
+                raise EmalibError("two defenses bring validation data; stack at most one of them")
+            merged.arguments.update(settings.arguments)
+            merged.callbacks += settings.callbacks
+            if settings.eval_conversations is not None:
+                merged.eval_conversations = settings.eval_conversations
+        return merged

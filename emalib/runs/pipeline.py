@@ -15,6 +15,14 @@ from emalib.core.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from emalib.core.launch import refuse_multi_process
 from emalib.core.names import inside
 from emalib.data.chat import read_chat_jsonl, select_examples
+from emalib.data.heldout import (
+    heldout_judge_set,
+    heldout_record,
+    heldout_seed,
+    in_domain_judge_prompts,
+    load_heldout_questions,
+    split_heldout,
+)
 from emalib.data.questions import Question, load_questions
 from emalib.data.registry import resolve, sha256_of
 from emalib.runs.prepared import check_prepared
@@ -48,6 +56,11 @@ def check_inputs(params: RunParams, steps: tuple[str, ...] | None = None,
         for name in evaluation_question_sets(params):
             load_questions(name)
             shas[name] = sha256_of(resolve(name))
+        if params.train.heldout is not None and "evaluate" in steps:
+            name = heldout_judge_set(params)
+            in_domain_judge_prompts(name)
+            shas[name] = sha256_of(resolve(name))
+            shas[params.train.dataset] = sha256_of(resolve(params.train.dataset))
         if params.task_eval.dataset is not None:
             path = resolve(params.task_eval.dataset)
             read_chat_jsonl(path)
@@ -73,6 +86,8 @@ def _check_defense_inputs(spec) -> None:
         from emalib.defenses.caft import check_caft_files
 
         check_caft_files(None if spec.adapter is not None else spec.directions_path, spec.persona_vector_path)
+    elif spec.name == "early_stopping" and spec.validation_dataset:
+        read_chat_jsonl(resolve(spec.validation_dataset))
     elif spec.name == "persona_steering" and spec.data_sources:  # only when the vector must be extracted
         from emalib.evaluation.persona import load_trait
 
@@ -112,8 +127,12 @@ def load_all_questions(params: RunParams) -> list[Question]:
 
 
 def training_conversations(params: RunParams) -> list:
-    """The run's task data before any defense transform: the data set, subsampled to max_examples (seeded)."""
-    return select_examples(read_chat_jsonl(resolve(params.train.dataset)), params.train.max_examples, params.seed)
+    """The run's task data before any defense transform: the data set less its held-out split (train.heldout),
+    subsampled to max_examples (seeded)."""
+    conversations = read_chat_jsonl(resolve(params.train.dataset))
+    if params.train.heldout is not None:
+        conversations, _, _ = split_heldout(conversations, params.train.heldout.fraction, heldout_seed(params))
+    return select_examples(conversations, params.train.max_examples, params.seed)
 
 
 def train(params: RunParams, run_dir: Path | None = None):
@@ -141,6 +160,10 @@ def train(params: RunParams, run_dir: Path | None = None):
     if (adapter / "adapter_config.json").is_file():
         log.warning("%s exists: training already done (delete the folder to train again)", adapter)
         return load_model(params.model, params.lora, params.seed, params.train.max_seq_length, adapter_path=adapter)
+    if params.train.heldout is not None:
+        record = heldout_record(params)
+        atomic_write_json(run_dir / "heldout.json", record)
+        update_manifest(run_dir, heldout={k: v for k, v in record.items() if k != "indices"})
     conversations = training_conversations(params)
     defenses = build_defenses(params.defenses)
     ctx = DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
@@ -222,6 +245,8 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     update_manifest(run_dir, seed=params.seed, data_sha256=check_inputs(params, ("evaluate",)),
                     model=params.model.name, variant="base" if base else "adapter")
     questions = load_all_questions(params)
+    heldout = [] if base else load_heldout_questions(params)  # the base model trained on nothing: nothing held out
+    asked = questions + heldout
     # the prefix KV patch hooks the transformers model's projections; vLLM has no such hook
     if model is None and choose_backend(params.generation.backend) == "vllm" and not params.generation.patch_prefix_kv:
         from emalib.evaluation.generate_vllm import generate_answers_vllm
@@ -229,20 +254,20 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
 
         with timed(run_dir, "generate"):  # vLLM holds the GPU alone; the HF model is loaded after it is freed
             answers = generate_answers_vllm(resolve_model_name(params.model.name),
-                                            None if base else params.run_dir / "adapter", questions,
+                                            None if base else params.run_dir / "adapter", asked,
                                             params.generation, run_dir / "answers.jsonl", params.seed,
                                             params.lora.r, params.train.max_seq_length)
         model, tokenizer = _model_for(params, model, tokenizer, base)
     else:
         model, tokenizer = _model_for(params, model, tokenizer, base)
         with timed(run_dir, "generate"), _adapter_off(model, base):
-            answers = generate_answers(model, tokenizer, questions, params.generation, run_dir / "answers.jsonl",
+            answers = generate_answers(model, tokenizer, asked, params.generation, run_dir / "answers.jsonl",
                                        params.seed)
     judge = build_judge(params.judge)
     cache = open_cache(params.judge)
     try:
         with timed(run_dir, "judge"):
-            judgments = judge_answers(answers, questions, judge, cache)
+            judgments = judge_answers(answers, asked, judge, cache)
     finally:
         cache.close()
     atomic_write_jsonl(run_dir / "judgments.jsonl", judgments)
@@ -252,7 +277,7 @@ def evaluate(params: RunParams, model=None, tokenizer=None, base: bool = False, 
     metrics["scoring"] = scoring_record(judgments, params.judge.min_numeric_mass)
     with timed(run_dir, "judge_free_signals"):
         metrics["judge_free"] = judge_free_signals(model, tokenizer, questions, base=base)
-    rates = _persona_projection(params, model, tokenizer, answers, questions, base, run_dir, metrics["judge_free"],
+    rates = _persona_projection(params, model, tokenizer, answers, asked, base, run_dir, metrics["judge_free"],
                                 judgments)
     if rates:
         metrics["judge_free_rates"] = rates

@@ -80,13 +80,30 @@ def rescore_rows(rows: list[dict], min_numeric_mass: float, source: str = "judgm
 
 def metrics_of(rows: list[dict], metric_params: MetricParams, seed: int) -> dict:
     """Rates, mean alignment, Misalign@k and EM-F1 with their intervals (what metrics.json holds besides the
-    judge-free signals)."""
-    from emalib.evaluation.em_metrics import add_em_metrics
+    judge-free signals). The held-out in-domain rows (emalib.data.heldout) get their own per_set and per-question
+    entries but stay out of 'overall', which keeps meaning the evaluation question sets; EM-F1 reads them when
+    `metrics.em_f1_in_domain` names the held-out set."""
+    from emalib.data.heldout import HELDOUT_SET
+    from emalib.evaluation.em_metrics import add_em_metrics, em_f1_with_interval
     from emalib.evaluation.metrics import compute_metrics
     from emalib.evaluation.stats import add_intervals
 
-    rates = add_intervals(compute_metrics(rows, metric_params), rows, seed=seed)
-    return add_em_metrics(rates, rows, metric_params, seed=seed)
+    def judged(group: list[dict]) -> dict:
+        return add_em_metrics(add_intervals(compute_metrics(group, metric_params), group, seed=seed), group,
+                              metric_params, seed=seed)
+
+    asked = [row for row in rows if row["question_set"] != HELDOUT_SET]
+    held = [row for row in rows if row["question_set"] == HELDOUT_SET]
+    metrics = judged(asked)
+    if held:
+        extra = judged(held)
+        metrics["per_set"].update(extra["per_set"])
+        metrics["per_question"].update(extra["per_question"])
+        if metric_params.em_f1_in_domain == HELDOUT_SET:
+            general = [row for row in asked if row["question_set"] == metric_params.em_f1_general]
+            metrics["overall"].update(em_f1_with_interval(general, held, seed=seed) or {"em_f1": None,
+                                                                                        "em_f1_ci": None})
+    return metrics
 
 
 def judge_free_agreement(run_dir: Path, rows: list[dict], metric_params: MetricParams, seed: int) -> dict:

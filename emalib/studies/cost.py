@@ -193,6 +193,47 @@ def training_flops(arch: Architecture, tokens: int, length: int, defenses: set[s
     return passes * forward * tokens
 
 
+def validation_flops(arch: Architecture, params: RunParams, tokens: int) -> float:
+    """Early stopping's validation forwards: one forward (no backward) over the validation split every eval_every
+    optimizer steps, for every step the run may take (an upper bound: the run may stop sooner). The split's tokens
+    are the training tokens per epoch x fraction / (1 - fraction), or counted from a validation file."""
+    block = next((d for d in params.defenses if d.name == "early_stopping"), None)
+    if block is None or not tokens:
+        return 0.0
+    per_epoch = tokens / params.train.epochs
+    validation = per_epoch * block.validation_fraction / (1 - block.validation_fraction)
+    if block.validation_dataset is not None:
+        validation = _counted_tokens(block.validation_dataset) or validation
+    forward = 2 * arch.params + 2 * arch.layers * params.train.max_seq_length * arch.hidden
+    return (_optimizer_steps(params) // block.eval_every) * validation * forward
+
+
+def _optimizer_steps(params: RunParams) -> int:
+    """train.max_steps, else the steps of `epochs` over the training examples (6,000 when unreadable here)."""
+    from emalib.data.chat import read_chat_jsonl, select_examples
+    from emalib.data.registry import resolve
+
+    if params.train.max_steps:
+        return params.train.max_steps
+    try:
+        examples = len(select_examples(read_chat_jsonl(resolve(params.train.dataset)), params.train.max_examples,
+                                       params.seed))
+    except (EmalibError, OSError):
+        examples = 6000
+    per_step = params.train.per_device_batch_size * params.train.grad_accum_steps
+    return -(-int(examples * params.train.epochs) // per_step)
+
+
+def _counted_tokens(dataset: str) -> int | None:
+    from emalib.data.chat import read_chat_jsonl
+    from emalib.data.registry import resolve
+
+    try:
+        return sum(sum(len(m["content"]) for m in row) // 4 + 20 for row in read_chat_jsonl(resolve(dataset)))
+    except (EmalibError, OSError):
+        return None
+
+
 def _hours(flops: float, gpu: str, utilisation: float) -> float:
     return flops / (PEAK_TFLOPS[gpu] * 1e12 * utilisation) / 3600
 
@@ -227,6 +268,7 @@ def run_cost(params: RunParams, gpu: str = "H100-80GB", gpu_gib: float = 80.0, u
     tokens, counted = training_tokens(params) if "train" in params.steps else (0, False)
     defenses = {d.name for d in params.defenses}
     flops = training_flops(arch, tokens, params.train.max_seq_length, defenses, params.model.gradient_checkpointing)
+    flops += validation_flops(arch, params, tokens)  # early stopping's evaluations count as training time
     try:
         answers = answer_count(params) * (2 if params.evaluate_base else 1)
     except EmalibError:

@@ -54,6 +54,8 @@ class EmTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         stack, ctx = self.defenses, self.defense_ctx
+        if not model.training:  # validation (early stopping): the task loss of the model alone, no defense term
+            stack = DefenseStack()
         labels = inputs["labels"]
         forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         step = step_forwards(model, forward, stack, ctx)
@@ -195,8 +197,11 @@ def report_to(loggers: tuple[str, ...]) -> list[str] | str:
     return list(loggers) or "none"
 
 
-def training_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:
-    return TrainingArguments(**trainer_arguments(params, output_dir, dtype), remove_unused_columns=False)
+def training_arguments(params: RunParams, output_dir: Path, dtype: torch.dtype,
+                       extra: dict | None = None) -> TrainingArguments:
+    """The run's TrainingArguments; `extra` (the defenses' TrainerSettings.arguments) overrides them."""
+    return TrainingArguments(**{**trainer_arguments(params, output_dir, dtype), **(extra or {})},
+                             remove_unused_columns=False)
 
 
 def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: Path,
@@ -216,17 +221,22 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
                                 params.train.train_on_responses_only, params.train.drop_template_prefix)
     defenses.setup(model, ctx)
     checkpoints = run_dir / "checkpoints"
-    args = training_arguments(params, checkpoints, next(model.parameters()).dtype)
-    cost = StepCost()
-    callbacks = [cost] + ([_DefenseStepCallback(model, defenses, ctx)] if len(defenses) else [])
-    trainer = EmTrainer(model=model, args=args, train_dataset=dataset,
+    settings = defenses.trainer_settings(ctx)
+    args = training_arguments(params, checkpoints, next(model.parameters()).dtype, settings.arguments)
+    validation = None
+    if settings.eval_conversations is not None:
+        validation = ChatDataset.build(tokenizer, settings.eval_conversations, params.train.max_seq_length,
+                                       params.train.train_on_responses_only)
+    cost = StepCost()  # HF validates after on_step_end: early stopping's validation is not in a step's time
+    callbacks = [cost] + ([_DefenseStepCallback(model, defenses, ctx)] if len(defenses) else []) + settings.callbacks
+    trainer = EmTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=validation,
                         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
-                        defenses=defenses, defense_ctx=ctx, callbacks=callbacks)
+                        defenses=defenses, defense_ctx=ctx, callbacks=callbacks or None)
     resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    defenses.after_train(model, ctx)
+    defenses.after_train(model, ctx)  # with early stopping, the model now holds the best checkpoint's weights
     save_adapter(model, tokenizer, run_dir / "adapter")
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is the artefact; checkpoints were resume points
     return {"train_loss": result.training_loss, "global_step": result.global_step,

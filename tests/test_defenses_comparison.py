@@ -162,7 +162,7 @@ def _ci_sized(tmp_path: Path) -> Path:
             if "extraction" in block:
                 block["extraction"].update(max_questions=2, max_new_tokens=6)
             if block["name"].startswith("interleave_plus"):
-                block.update(max_candidates=8, pool_top_n=4, max_seq_length=96)
+                block.update(max_candidates=16, pool_top_n=4, max_seq_length=96)  # ++ drops refusals: 8 left 2
             if block["name"] == "caft":
                 block.update(max_prompts=4)
             if block["name"] == "early_stopping":

@@ -170,6 +170,26 @@ def test_the_analysis_entry_points_read_a_real_run_and_its_base_evaluation(smoke
     assert "loglik_gap [95% CI]" in overview and f"{gap['loglik_gap']:.4f} [{lo:.4f}, {hi:.4f}]" in overview
 
 
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_the_analysis_notebooks_run_on_the_quickstarts_own_results(tmp_path):
+    """`python -m emalib run params/quickstart.yaml` (shortened: 2 steps, 2 questions x 2 short answers), then
+    the explore notebook with its documented default (study = results/quickstart, from the folder the quickstart
+    ran in), and every analysis entry point on its run and base folders."""
+    import papermill
+
+    shortened = ["train.max_steps=2", "generation.max_questions=2", "generation.samples_per_question=2",
+                 "generation.max_new_tokens=8"]
+    completed = run_cli("run", str(REPO / "params" / "quickstart.yaml"), *[a for o in shortened for a in ("-o", o)],
+                        cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    study = tmp_path / "results" / "quickstart"
+    assert "results: results/quickstart/sft" in completed.stdout
+    papermill.execute_notebook(str(REPO / "notebooks" / "explore.ipynb"), str(tmp_path / "default.ipynb"),
+                               cwd=str(tmp_path), progress_bar=False)  # no parameters: the documented default
+    check_analysis(study, tmp_path / "analysis")
+
+
 @pytest.mark.subprocess
 def test_unknown_params_key_is_one_line_naming_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"

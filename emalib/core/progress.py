@@ -96,9 +96,9 @@ class TrackedCache:
 
 
 @contextmanager
-def judging_progress(cache, judge, total: int):
-    """Yield a TrackedCache over `cache` whose bar counts `total` judgments of `judge`."""
-    with progress(total, f"judging ({judge.name})", "judgments") as bar:
+def judging_progress(cache, judge, total: int, cached: int = 0):
+    """Yield a TrackedCache over `cache` whose bar counts `total` judgments of `judge`, `cached` of them done."""
+    with progress(total, f"judging ({judge.name})", "judgments", cached) as bar:
         yield TrackedCache(cache, bar, judge)
 
 

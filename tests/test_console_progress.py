@@ -119,3 +119,19 @@ def test_sampling_reports_every_answer_and_keeps_the_answers(tmp_path, monkeypat
     assert written[0]["desc"] == "sampling b" and written[0]["unit"] == "answers" and written[0]["total"] == 6
     assert written[-1]["closed"] and written[-1]["n"] == 6
     assert [s["n"] for s in written] == sorted(s["n"] for s in written)
+
+
+def test_a_timed_step_records_its_wall_clock_and_cpu_seconds(tmp_path):
+    import time
+
+    from emalib.runs.results import read_manifest, timed
+
+    with timed(tmp_path, "busy"):
+        end = time.process_time() + 0.2
+        while time.process_time() < end:  # 0.2 s of CPU
+            pass
+    with timed(tmp_path, "idle"):
+        time.sleep(0.3)  # wall clock only
+    manifest = read_manifest(tmp_path)
+    assert manifest["cpu_s"]["busy"] >= 0.2 and manifest["timings_s"]["busy"] >= 0.2
+    assert manifest["timings_s"]["idle"] >= 0.3 and manifest["cpu_s"]["idle"] < 0.1

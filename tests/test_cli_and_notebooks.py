@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from analysis_checks import check_analysis
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -104,6 +105,15 @@ def test_the_console_shows_one_line_per_step_and_a_summary_not_the_cell_log(smok
     # papermill's cell log and the kernel's warnings are in the run's log, not on the console
     assert "Executing Cell" in (smoke_run / "sft" / "log.txt").read_text()
     assert "Executing" not in console and "papermill:" not in console and "Loading weights" not in console
+    # progress in real units, drawn from the kernel's reports: 3 optimizer steps, 2 questions x 2 samples per
+    # model, and the judgments (the answers' aligned and coherent prompts the judge had not scored before)
+    base = next(p.name for p in smoke_run.glob("base-smollm2-135m-instruct-*"))
+    bars = stdout.replace("\r", "\n")
+    assert re.search(r"^training sft: 100%\|.*\| 3/3 steps \[", bars, re.MULTILINE), bars
+    for run in ("sft", base):
+        assert re.search(rf"^sampling {run}: 100%\|.*\| 4/4 answers \[", bars, re.MULTILINE), bars
+    assert re.search(r"^judging \(smollm2-135m-instruct\): 100%\|.*\| (\d+)/\1 judgments \[", bars, re.MULTILINE)
+    assert not (smoke_run / "sft" / ".progress.jsonl").exists()
 
 
 def test_papermill_log_reaches_stdout_only_when_verbose(tmp_path, capsys):
@@ -121,12 +131,10 @@ def test_papermill_log_reaches_stdout_only_when_verbose(tmp_path, capsys):
 @pytest.mark.notebooks
 @pytest.mark.slow
 def test_the_analysis_entry_points_read_a_real_run_and_its_base_evaluation(smoke_run, tmp_path):
-    """explore (its functions and its notebook under papermill), the report notebook, re-scoring and the judges
-    listing on the smoke run's real folders, the base evaluation's folder (which records only its evaluation
-    config) included."""
+    """explore (its functions, and its notebook under papermill and in a Jupyter kernel), the report notebook,
+    re-scoring, the judges listing and the index on the smoke run's real folders, the base evaluation's folder
+    (which records only its evaluation config) included."""
     import shutil
-
-    import papermill
 
     from emalib.reporting import explore
     from emalib.runs.rejudge import judge_rates_table
@@ -149,18 +157,37 @@ def test_the_analysis_entry_points_read_a_real_run_and_its_base_evaluation(smoke
     assert recompute_metrics(study / base)["overall"]["n"] == 4
     assert not judge_rates_table(study / base).empty
 
-    papermill.execute_notebook(str(REPO / "notebooks" / "explore.ipynb"), str(tmp_path / "explore.ipynb"),
-                               parameters={"study": str(study)}, cwd=str(REPO))
-    executed = nbformat.read(tmp_path / "explore.ipynb", as_version=4)
+    # explore and report under papermill and in a Jupyter kernel, every run folder's entry points, the index
+    check_analysis(smoke_run, tmp_path / "analysis")
+    executed = nbformat.read(tmp_path / "analysis" / "papermill-explore.ipynb", as_version=4)
     runs_cell = next(c for c in executed.cells if c.cell_type == "code" and "explore.runs" in c.source)
     assert "Aligned (no fine-tuning)" in str(runs_cell.outputs)
-    papermill.execute_notebook(str(REPO / "notebooks" / "report.ipynb"), str(tmp_path / "report.ipynb"),
-                               parameters={"study": str(study)}, cwd=str(REPO))
+    study = tmp_path / "analysis" / "smoke"
     assert (study / "report.md").is_file()
     gap = json.loads((study / "sft" / "metrics.json").read_text())["judge_free"]
     lo, hi = gap["loglik_gap_ci"]
     overview = (study / "tables" / "smoke.md").read_text()
     assert "loglik_gap [95% CI]" in overview and f"{gap['loglik_gap']:.4f} [{lo:.4f}, {hi:.4f}]" in overview
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_the_analysis_notebooks_run_on_the_quickstarts_own_results(tmp_path):
+    """`python -m emalib run params/quickstart.yaml` (shortened: 2 steps, 2 questions x 2 short answers), then
+    the explore notebook with its documented default (study = results/quickstart, from the folder the quickstart
+    ran in), and every analysis entry point on its run and base folders."""
+    import papermill
+
+    shortened = ["train.max_steps=2", "generation.max_questions=2", "generation.samples_per_question=2",
+                 "generation.max_new_tokens=8"]
+    completed = run_cli("run", str(REPO / "params" / "quickstart.yaml"), *[a for o in shortened for a in ("-o", o)],
+                        cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    study = tmp_path / "results" / "quickstart"
+    assert "results: results/quickstart/sft" in completed.stdout
+    papermill.execute_notebook(str(REPO / "notebooks" / "explore.ipynb"), str(tmp_path / "default.ipynb"),
+                               cwd=str(tmp_path), progress_bar=False)  # no parameters: the documented default
+    check_analysis(study, tmp_path / "analysis")
 
 
 @pytest.mark.subprocess

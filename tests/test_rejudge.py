@@ -134,8 +134,10 @@ def test_rejudging_makes_no_generation_and_one_call_per_missing_pair(finished_ru
         command = ["rejudge", str(run_dir), *(part for o in overrides for part in ("-o", o))]
         assert main(command) == 0
         assert proxy.forwarded == len(missing) > 0  # exactly one request per missing (judge, prompt) pair
-        progress = capsys.readouterr().err  # the bar: judged / to judge, and the judge's calls so far
-        assert f"judging ({SECOND})" in progress and f"{len(missing)}/{len(missing)}" in progress
+        progress = capsys.readouterr().err  # the bar: judged / to judge (the cached from the start), the calls
+        every = len(set().union(*prompts_of))
+        assert f"judging ({SECOND})" in progress and f"{every - len(missing)}/{every}" in progress
+        assert f"{every}/{every}" in progress
         assert f"calls={len(missing)}" in progress
         assert main(command) == 0
         assert proxy.forwarded == len(missing)  # everything cached now: not one more request

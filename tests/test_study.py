@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from analysis_checks import check_analysis
 from slurm_fixture import slurm_cluster_fixture  # noqa: F401 (the slurm_cluster fixture)
 
 from emalib.core.errors import ParamsError
@@ -222,6 +223,8 @@ def test_small_study_on_the_local_executor_resumes_after_a_kill(tmp_path, with_m
     study_dir, done_before = run_killed_then_restarted(study_file, "local")
     check_resumed_study(study_file, study_dir, done_before)
     check_report_of_a_real_study(study_file, study_dir)
+    # explore and report under papermill and in a Jupyter kernel, every run's entry points, the index, status
+    check_analysis(study_dir, tmp_path / "analysis", study_file)
 
 
 def check_report_of_a_real_study(study_file: Path, study_dir: Path) -> None:

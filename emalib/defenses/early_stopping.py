@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import random
 
-from transformers import EarlyStoppingCallback, TrainerCallback
-
 from emalib.core.errors import DataError
 from emalib.defenses.base import Conversation, DefenseBase, DefenseContext, TrainerSettings
 
@@ -33,18 +31,21 @@ def split_validation(conversations: list[Conversation], fraction: float,
             [c for i, c in enumerate(conversations) if i in held])
 
 
-class _RecordEarlyStopping(TrainerCallback):
-    """Writes the best step, the stop step and the validation curve to the defense's notes (-> manifest.json)."""
+def _record_early_stopping(notes: dict):
+    """A callback that writes the best step, the stop step and the validation curve to the defense's notes
+    (-> manifest.json). Built here because transformers is imported only when a run trains: checking params and
+    refusing bad input stay light."""
+    from transformers import TrainerCallback
 
-    def __init__(self, notes: dict):
-        self.notes = notes
+    class RecordEarlyStopping(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            curve = [{"step": entry["step"], "val_loss": entry["eval_loss"]} for entry in state.log_history
+                     if "eval_loss" in entry]
+            notes.update(best_step=state.best_global_step, best_val_loss=state.best_metric,
+                         stop_step=state.global_step, stopped_early=state.global_step < state.max_steps,
+                         validation_curve=curve)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        curve = [{"step": entry["step"], "val_loss": entry["eval_loss"]} for entry in state.log_history
-                 if "eval_loss" in entry]
-        self.notes.update(best_step=state.best_global_step, best_val_loss=state.best_metric,
-                          stop_step=state.global_step, stopped_early=state.global_step < state.max_steps,
-                          validation_curve=curve)
+    return RecordEarlyStopping()
 
 
 class EarlyStoppingDefense(DefenseBase):
@@ -80,7 +81,9 @@ class EarlyStoppingDefense(DefenseBase):
                      "load_best_model_at_end": True, "metric_for_best_model": "eval_loss",
                      "greater_is_better": False, "prediction_loss_only": True,
                      "per_device_eval_batch_size": batch, "restore_callback_states_from_checkpoint": True}
+        from transformers import EarlyStoppingCallback
+
         notes = ctx.notes.setdefault(self.name, {})
         return TrainerSettings(arguments=arguments, eval_conversations=self.validation,
                                callbacks=[EarlyStoppingCallback(self.patience, self.min_delta),
-                                          _RecordEarlyStopping(notes)])
+                                          _record_early_stopping(notes)])

@@ -248,8 +248,7 @@ class InterleavePlusDefense(DefenseBase):
                     sink.writelines(json.dumps({"sha": shas[i], "aligned_nll": _num(aligned[j]),
                                                "misaligned_nll": {n: _num(mis[k, j]) for k, n in enumerate(names)}})
                                    + "\n" for j, i in enumerate(part))
-                    sink.flush()
-                    bar.update(len(part))
+                    sink.flush()  # the bar moved batch by batch inside score_nll
         finally:
             del model, base
             gc.collect()

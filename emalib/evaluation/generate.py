@@ -13,10 +13,11 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from emalib.core.config import GenerationParams
 from emalib.core.io import atomic_write_jsonl, read_jsonl
+from emalib.core.progress import progress
 from emalib.data.questions import Question
 from emalib.evaluation.kv_patch import PrefixKVPatch
 
@@ -74,9 +75,28 @@ def _stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+class _CountFinished(StoppingCriteria):
+    """Stops nothing: calls on_finished(k) as k more answers of the batch end (their first stop token), so a
+    progress bar moves answer by answer inside one generate call; the rows cut at max_new_tokens end with it."""
+
+    def __init__(self, stop_ids: list[int], prompt_length: int, on_finished):
+        self.stop_ids, self.prompt_length, self.on_finished = torch.tensor(stop_ids), prompt_length, on_finished
+        self.finished = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        ended = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
+        if input_ids.shape[1] > self.prompt_length:
+            newly = ended if self.finished is None else ended & ~self.finished
+            self.finished = newly if self.finished is None else self.finished | newly
+            if int(newly.sum()):
+                self.on_finished(int(newly.sum()))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def sample_batch(model, tokenizer, rows: list[dict], params: GenerationParams, seed: int,
-                 patch: PrefixKVPatch | None = None) -> list[str]:
+                 patch: PrefixKVPatch | None = None, on_finished=None) -> list[str]:
+    """Answers to `rows` in one generate call. on_finished(k): called as k more answers end (progress)."""
     prompts = [tokenizer.apply_chat_template(chat_messages(r), tokenize=False, add_generation_prompt=True) for r in rows]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation needs the prompts to end at the same column
@@ -88,12 +108,17 @@ def sample_batch(model, tokenizer, rows: list[dict], params: GenerationParams, s
     encoded = {k: v.to(device) for k, v in encoded.items()}
     torch.manual_seed(seed)
     do_sample = params.temperature > 0
+    stop_ids = _stop_token_ids(model, tokenizer)
+    counted = None
+    if on_finished is not None:
+        counted = StoppingCriteriaList([_CountFinished(stop_ids, encoded["input_ids"].shape[1], on_finished)])
     patched = patch.applied(model, encoded["input_ids"], encoded["attention_mask"]) if patch else nullcontext()
     with patched:
         output = model.generate(**encoded, max_new_tokens=params.max_new_tokens, do_sample=do_sample,
                                 temperature=params.temperature if do_sample else None,
                                 top_p=params.top_p if do_sample else None, top_k=0 if do_sample else None,
-                                eos_token_id=_stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+                                eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                stopping_criteria=counted)
     new_tokens = output[:, encoded["input_ids"].shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -123,9 +148,14 @@ def generate_answers(model, tokenizer, questions: list[Question], params: Genera
     todo = [(index, batch) for index, batch in enumerate(batches) if any(row_key(r) not in done for r in batch)]
     if todo:
         patch = PrefixKVPatch(model, tokenizer) if params.patch_prefix_kv else None
-        with inference_mode(model), open(partial, "a", encoding="utf-8") as sink:
-            for index, batch in tqdm(todo, desc=f"sampling {out_path.parent.name}"):
-                answers = sample_batch(model, tokenizer, batch, params, seed=seed * 1_000_003 + index, patch=patch)
+        left = sum(len(batch) for _, batch in todo)
+        with inference_mode(model), open(partial, "a", encoding="utf-8") as sink, \
+                progress(len(planned), f"sampling {out_path.parent.name}", "answers", len(planned) - left) as bar:
+            for index, batch in todo:
+                ended = bar.n
+                answers = sample_batch(model, tokenizer, batch, params, seed=seed * 1_000_003 + index, patch=patch,
+                                       on_finished=bar.update)
+                bar.update(len(batch) - (bar.n - ended))  # the answers cut at max_new_tokens
                 for row, answer in zip(batch, answers):
                     row = dict(row, answer=answer)
                     done[row_key(row)] = row

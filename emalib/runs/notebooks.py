@@ -15,6 +15,7 @@ from emalib.core.config import RunParams, load_params
 from emalib.core.errors import EmalibError
 from emalib.core.names import inside
 from emalib.core.write_targets import check_write_targets
+from emalib.runs.console_progress import drawn_progress
 from emalib.runs.preflight import check_runnable
 from emalib.runs.results import (
     make_run_folder,
@@ -70,7 +71,6 @@ def _execute_steps(params: RunParams, params_path: str | Path, overrides: list[s
     import papermill  # after the checks: its import takes seconds
     from papermill.exceptions import PapermillExecutionError
 
-
     run_dir = prepare_run_dir(params)
     with papermill_log(run_dir / "log.txt", verbose):
         for step in params.steps:
@@ -83,11 +83,14 @@ def _execute_steps(params: RunParams, params_path: str | Path, overrides: list[s
             step_line(run_dir, step, "started")
             started = time.monotonic()
             try:
-                papermill.execute_notebook(
-                    str(notebook_path(step)), str(running), kernel_name=kernel, log_output=True,
-                    progress_bar={"file": sys.stdout} if verbose else False,
-                    parameters={"params_path": str(Path(params_path).resolve()), "overrides": list(overrides or [])},
-                    cwd=str(Path.cwd()))
+                # The kernel's bars (answers, judgments, steps) drawn here; with -v its own output shows them.
+                with drawn_progress(run_dir, enabled=not verbose):
+                    papermill.execute_notebook(
+                        str(notebook_path(step)), str(running), kernel_name=kernel, log_output=True,
+                        progress_bar={"file": sys.stdout} if verbose else False,
+                        parameters={"params_path": str(Path(params_path).resolve()),
+                                    "overrides": list(overrides or [])},
+                        cwd=str(Path.cwd()))
             except BaseException as err:
                 step_line(run_dir, step, "failed", time.monotonic() - started)
                 if running.exists():

@@ -331,6 +331,7 @@ def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = Fa
     """Greedy answers to the benign task's test set, scored: writes task_answers.jsonl and task_metrics.json."""
     _before_model_step(params)
     from emalib.core.config import GenerationParams
+    from emalib.core.progress import progress
     from emalib.evaluation.generate import inference_mode, sample_batch
     from emalib.evaluation.stats import wilson_interval
     from emalib.evaluation.task_eval import score_rows, task_rows
@@ -345,9 +346,11 @@ def evaluate_task(params: RunParams, model=None, tokenizer=None, base: bool = Fa
     model, tokenizer = _model_for(params, model, tokenizer, base)
     greedy = GenerationParams(temperature=0.0, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
     predictions = []
-    with timed(run_dir, "task_eval"), inference_mode(model), _adapter_off(model, base):
+    with timed(run_dir, "task_eval"), inference_mode(model), _adapter_off(model, base), \
+            progress(len(rows), f"task answers {run_dir.name}", "answers") as bar:
         for start in range(0, len(rows), spec.batch_size):
             predictions += sample_batch(model, tokenizer, rows[start: start + spec.batch_size], greedy, params.seed)
+            bar.update(len(rows[start: start + spec.batch_size]))
     scored = score_rows([dict(row, prediction=p) for row, p in zip(rows, predictions)], spec.scorer)
     atomic_write_jsonl(run_dir / "task_answers.jsonl", scored)
     correct = int(sum(row["correct"] for row in scored))

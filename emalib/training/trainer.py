@@ -148,6 +148,28 @@ class _DefenseStepCallback(TrainerCallback):
         self.defenses.on_step(self.model, state.global_step, self.ctx)
 
 
+class StepProgress(TrainerCallback):
+    """The optimizer steps as a progress bar in real units (emalib.core.progress), which the CLI's console draws;
+    a resumed training starts at its checkpoint's step."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from emalib.core.progress import Progress
+
+        self.bar = Progress(state.max_steps, self.desc, "steps", state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def resolve_optimizer(optim: str) -> str:
     """adamw_8bit (the paper's) needs bitsandbytes on CUDA; elsewhere use plain AdamW and say so."""
     if optim.endswith("8bit") and not torch.cuda.is_available():
@@ -228,7 +250,8 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
         validation = ChatDataset.build(tokenizer, settings.eval_conversations, params.train.max_seq_length,
                                        params.train.train_on_responses_only)
     cost = StepCost()  # HF validates after on_step_end: early stopping's validation is not in a step's time
-    callbacks = [cost] + ([_DefenseStepCallback(model, defenses, ctx)] if len(defenses) else []) + settings.callbacks
+    callbacks = [cost, StepProgress(f"training {run_dir.name}")]
+    callbacks += ([_DefenseStepCallback(model, defenses, ctx)] if len(defenses) else []) + settings.callbacks
     trainer = EmTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=validation,
                         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
                         defenses=defenses, defense_ctx=ctx, callbacks=callbacks or None)

@@ -80,10 +80,11 @@ def judge_prompts(prompts: list[str], judge, cache: JudgmentCache) -> dict:
     judge_name, mode = judge.name, judge_cache_mode(judge)
     results = {prompt: cached_judgment(cache, judge_name, prompt, mode) for prompt in prompts}
     missing = sorted({prompt for prompt, found in results.items() if found is None})
-    if missing:
-        from emalib.core.progress import judging_progress
+    from emalib.core.progress import judging_progress
 
-        with judging_progress(cache, judge, len(missing)) as tracked:
+    # The bar counts distinct prompts, the cached ones done from the start: judging shows even when all were cached.
+    with judging_progress(cache, judge, len(results), len(results) - len(missing)) as tracked:
+        if missing:
             for prompt, judgment in zip(missing, judge.judge(missing, cache=tracked)):
                 results[prompt] = judgment
     return results

@@ -81,7 +81,7 @@ def train_grpo(model, tokenizer, rows: list[dict], params, run_dir: Path, defens
     from trl.trainer.utils import get_callable_name
 
     from emalib.training.rl.trainer import EmGRPOTrainer, build_sft_mix, grpo_config
-    from emalib.training.trainer import save_adapter
+    from emalib.training.trainer import StepProgress, save_adapter
 
     functions = reward_functions(params, run_dir)
     names = [get_callable_name(f) for f in functions]  # the names TRL logs them under
@@ -90,7 +90,8 @@ def train_grpo(model, tokenizer, rows: list[dict], params, run_dir: Path, defens
     trainer = EmGRPOTrainer(
         model=model, reward_funcs=functions, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
         args=grpo_config(params, checkpoints, next(model.parameters()).dtype),
-        callbacks=[RewardLogCallback(run_dir / REWARDS_CSV, names)], defenses=defenses, defense_ctx=ctx,
+        callbacks=[RewardLogCallback(run_dir / REWARDS_CSV, names), StepProgress(f"rl {run_dir.name}")],
+        defenses=defenses, defense_ctx=ctx,
         sft_mix=build_sft_mix(params, tokenizer, sft_conversations) if sft_conversations is not None else None)
     resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume_from:

@@ -20,6 +20,7 @@ from emalib.reporting.frame import (
     planned_cells,
     results_frame,
 )
+from emalib.reporting.labels import judge_note
 from emalib.reporting.writers import percent_with_interval, save_figure, write_table
 
 
@@ -47,7 +48,6 @@ def _slug(text: str) -> str:
 
 def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFrame,
                   rules: table1.Table1Rules) -> dict[str, Path]:
-    from emalib.reporting.report import judge_note  # report imports this module
     tables_dir, figures_dir = study_dir / "tables", study_dir / "figures"
     paths: dict[str, Path] = {}
     frame = results_frame(index, study_dir) if not index.empty else results_frame(pd.DataFrame(columns=["node"]))

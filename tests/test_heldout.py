@@ -101,7 +101,7 @@ def test_evaluate_writes_the_held_out_in_domain_rate_with_its_interval(with_mirr
         "generation": {"question_sets": ["standin_general"], "max_questions": 1, "samples_per_question": 1,
                        "max_new_tokens": 6, "batch_size": 4},
         "judge": {"backend": "local", "model": "smollm2-135m-instruct", "min_numeric_mass": 0.0,
-                  "cache_path": str(tmp_path / "judge.sqlite")}})
+                  "cache_path": str(tmp_path / "results" / "judge.sqlite")}})
     model, tokenizer = load_model(params.model, params.lora, seed=0, max_seq_length=256)
     metrics = pipeline.evaluate(params, model=model, tokenizer=tokenizer)
     judgments = read_jsonl(tmp_path / "results" / "h" / "r" / "judgments.jsonl")

@@ -28,12 +28,15 @@ PREPARATORY_STEPS = ("persona_vector", "safelora_matrices", "interleave_selectio
 @dataclass(frozen=True)
 class Method:
     """A defense as the report names it: its label, the field that sets its strength, how the paper writes that
-    strength and the strength of the paper's main tables."""
+    strength and the strength of the paper's main tables (for a later method: its own paper's default). in_paper:
+    whether the reproduced paper has it; the paper's tables lay out its rows always, a later method's only when a
+    study planned or ran it."""
 
     label: str
     strength_field: str | None = None
     symbol: str = ""
     paper_strength: float | None = None
+    in_paper: bool = True
 
 
 class DefenseBlock(StrictModel):
@@ -81,7 +84,8 @@ class KLRetainConfig(DefenseBlock):
     """KL on a retain set (Soligo et al. 2026): the KL term on interleaved aligned rows of other domains, which
     carry no task loss. Weights are per token; the released code's are per token divided by |V| (methods.md)."""
 
-    methods: ClassVar[dict[str, Method]] = {"kl_retain": Method("KL (retain set)", "weight", "λ")}
+    methods: ClassVar[dict[str, Method]] = {"kl_retain": Method("KL (retain set)", "weight", "λ",
+                                                                    in_paper=False)}
     reference_forward: ClassVar[bool] = True
 
     name: Literal["kl_retain"] = "kl_retain"
@@ -285,7 +289,7 @@ class InterleavePlusConfig(DefenseBlock):
 class TreftConfig(DefenseBlock):
     """TReFT (Zhao et al., arXiv 2606.06667): lambda * the relative drift of the template tokens' keys and values."""
 
-    methods: ClassVar[dict[str, Method]] = {"treft": Method("TReFT", "weight", "λ", 10.0)}
+    methods: ClassVar[dict[str, Method]] = {"treft": Method("TReFT", "weight", "λ", 10.0, in_paper=False)}
 
     name: Literal["treft"] = "treft"
     weight: float = Field(10.0, ge=0, description="lambda (paper Table 15, Qwen2.5-7B: finance 10, health 10, "
@@ -304,7 +308,7 @@ class CaftConfig(DefenseBlock):
     """Concept ablation fine-tuning (Casademunt et al. 2025): directions projected out of the residual stream at
     decoder block outputs during the training forward only."""
 
-    methods: ClassVar[dict[str, Method]] = {"caft": Method("CAFT")}
+    methods: ClassVar[dict[str, Method]] = {"caft": Method("CAFT", in_paper=False)}
     prepared_by: ClassVar[str | None] = "caft_directions"
     artifact_field: ClassVar[str | None] = "directions_path"
 
@@ -365,7 +369,8 @@ class EarlyStoppingConfig(DefenseBlock):
     """Early stopping (Schreiber & Goldstein 2026, "Overtrained, Not Misaligned"): keep the checkpoint of lowest
     in-domain validation loss, stop `patience` evaluations after it (docs/methods.md#early-stopping)."""
 
-    methods: ClassVar[dict[str, Method]] = {"early_stopping": Method("Early stopping", "patience", "patience")}
+    methods: ClassVar[dict[str, Method]] = {"early_stopping": Method("Early stopping", "patience", "patience",
+                                                                         in_paper=False)}
 
     name: Literal["early_stopping"] = "early_stopping"
     patience: int = Field(3, ge=1, description="evaluations without improvement before training stops")

@@ -1,6 +1,7 @@
 """Which of the paper's tables and figures a study's results allow, written under results/<study>/tables and
 results/<study>/figures. Names: main_<model>_<domain>, table1_<model>, table1_judge_free_<model>, headline_<model>,
-benign_<model>, figure1_<model>, ratio_<model>, rl_rewards."""
+benign_<model>, figure1_<model>, ratio_<model>, comparison_<model>_<domain> (a study with several defenses on
+one EM domain), rl_rewards."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from emalib.core.io import atomic_write_text
-from emalib.reporting import figures, table1, tables
+from emalib.reporting import comparison, figures, table1, tables
 from emalib.reporting.cells import run_cells
+from emalib.reporting.comparison_figure import comparison_figure
 from emalib.reporting.frame import (
     PAPER_DOMAINS,
     PAPER_MODELS,
@@ -18,6 +20,7 @@ from emalib.reporting.frame import (
     planned_cells,
     results_frame,
 )
+from emalib.reporting.labels import judge_note
 from emalib.reporting.writers import percent_with_interval, save_figure, write_table
 
 
@@ -71,6 +74,13 @@ def paper_outputs(study_dir: Path, index: pd.DataFrame, planned_index: pd.DataFr
                 table(numbers, shown, f"main_{slug}_{_slug(domain)}",
                       f"{model}, {domain}: % of judged answers [95 % CI]; paper: the published value (Δ = ours - "
                       f"paper; † = outside our interval)")
+            for domain in comparison.compared_domains(cells, model):
+                numbers = comparison.comparison_numbers(cells, model, domain)
+                name = f"comparison_{slug}_{_slug(domain)}"
+                table(numbers, comparison.comparison_shown(numbers), name,
+                      f"{model}, {domain}: every defense side by side; rates % [95 % CI], EM-F1 0-100 [95 % CI], "
+                      f"step time and peak memory as multiples of plain SFT's; paper: the published value")
+                figure(comparison_figure(numbers, model, domain, judge_note(index)), name)
             verdicts = table1.table1(cells, model, rules)
             table(verdicts, table1.display(verdicts), f"table1_{slug}",
                   f"Table 1, {model}: by the rules of docs/methods.md#table-1-rules" +

@@ -78,7 +78,7 @@ def expected_rows(cells: pd.DataFrame, planned: pd.DataFrame, model: str, domain
                   paper_grid: bool) -> list[tuple[str, float | None]]:
     """The (method, strength) rows a table for this model and domain shows: the paper's methods at the paper's
     strengths (when the table follows the paper's grid), then every other method and strength the study planned or
-    ran."""
-    grid = [(m, spec.paper_strength) for m, spec in METHODS.items()] if paper_grid else []
+    ran (a method published after the paper among them: never a row of gaps in a table of the paper's)."""
+    grid = [(m, spec.paper_strength) for m, spec in METHODS.items() if spec.in_paper] if paper_grid else []
     return planned_or_run_pairs((planned, cells),
                             lambda f: (f["model"] == model) & (f["domain"] == domain) & f["task"].isna(), grid)

@@ -1,5 +1,6 @@
 """What each run is called on a figure: its method and strength from the study's axes ("KL (λ=0.1)"), grouped by
-the EM domain or benign task it was fine-tuned on, never its folder name (base-smollm2-135m-instruct-3f7d9ab3)."""
+the EM domain or benign task it was fine-tuned on, never its folder name (base-smollm2-135m-instruct-3f7d9ab3); and
+what a figure says of the judge that scored the runs (`judge_note`, `judge_caveat`)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,22 @@ def _unique_within_groups(frame: pd.DataFrame, axes: pd.DataFrame) -> list[str]:
         for i in same.index:
             labels[frame.index.get_loc(i)] += f", {extra[i]}"
     return labels
+
+
+def judge_note(index: pd.DataFrame) -> str:
+    """What the runs' judge can show, for the overview figure: the embedded toy judge is named as such."""
+    if index.empty or "params.judge.model" not in index:
+        return ""
+    judges = set(zip(index["params.judge.backend"], index["params.judge.model"]))
+    if any(backend == "local" and model == "smollm2-135m-instruct" for backend, model in judges):
+        return ("judge: the embedded 135M model, a toy that shows the loop runs, not whether answers are misaligned;\n"
+                "read the judge-free signals, or set judge.backend/base_url/model to a real judge")
+    return "judge: " + ", ".join(sorted(f"{model} ({backend})" for backend, model in judges))
+
+
+def judge_caveat(index: pd.DataFrame) -> str:
+    """The judged panel's warning when the runs were judged by the embedded toy judge."""
+    if index.empty or "params.judge.model" not in index:
+        return ""
+    judges = set(zip(index["params.judge.backend"], index["params.judge.model"]))
+    return "toy 135M judge: not a measure of misalignment" if ("local", "smollm2-135m-instruct") in judges else ""

@@ -60,7 +60,9 @@ def overview_figure(frame: pd.DataFrame, title: str, judge_note: str = "", index
     handles = {label: handle for axis in axes for handle, label in zip(*axis.get_legend_handles_labels())}
     figure.suptitle(title, x=0.01, ha="left", fontsize=11)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / figure.get_figheight()))  # the top 0.3 in: title and legend
-    figure.legend(handles.values(), handles.keys(), loc="upper right", ncol=len(handles), fontsize=8, frameon=False)
+    if handles:  # none when no panel drew a marked value (a study whose runs all lack the signals)
+        figure.legend(handles.values(), handles.keys(), loc="upper right", ncol=len(handles), fontsize=8,
+                      frameon=False)
     if judge_note:
         figure.text(0.01, 0.0, judge_note, fontsize=7, va="top", ha="left")
     return figure

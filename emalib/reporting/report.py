@@ -15,6 +15,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from emalib.core.errors import DataError
+from emalib.reporting.labels import judge_caveat, judge_note
 from emalib.reporting.table1 import Table1Rules
 from emalib.reporting.writers import percent_with_interval, save_figure, write_table
 from emalib.runs.run_metrics import METRICS_FILE, RunMetrics, read_run_metrics
@@ -147,25 +148,6 @@ def load_report_params(overrides: list[str] | None = None, source: str = "report
         return ReportParams.model_validate(tree)
     except ValidationError as err:
         raise ParamsError(format_validation_error(source, err)) from None
-
-
-def judge_note(index: pd.DataFrame) -> str:
-    """What the runs' judge can show, for the overview figure: the embedded toy judge is named as such."""
-    if index.empty or "params.judge.model" not in index:
-        return ""
-    judges = set(zip(index["params.judge.backend"], index["params.judge.model"]))
-    if any(backend == "local" and model == "smollm2-135m-instruct" for backend, model in judges):
-        return ("judge: the embedded 135M model, a toy that shows the loop runs, not whether answers are misaligned;\n"
-                "read the judge-free signals, or set judge.backend/base_url/model to a real judge")
-    return "judge: " + ", ".join(sorted(f"{model} ({backend})" for backend, model in judges))
-
-
-def judge_caveat(index: pd.DataFrame) -> str:
-    """The judged panel's warning when the runs were judged by the embedded toy judge."""
-    if index.empty or "params.judge.model" not in index:
-        return ""
-    judges = set(zip(index["params.judge.backend"], index["params.judge.model"]))
-    return "toy 135M judge: not a measure of misalignment" if ("local", "smollm2-135m-instruct") in judges else ""
 
 
 def study_folder(study: str | Path, overrides: list[str] | None = None) -> tuple[Path, pd.DataFrame]:

@@ -120,13 +120,14 @@ def criterion_values(cells: pd.DataFrame, model: str, method: str, strength, rul
 
 
 def method_strengths(cells: pd.DataFrame, model: str) -> list[tuple[str, float | None]]:
-    """Each defense at the paper's strength when the study ran it there (or planned nothing), else at every strength
-    it ran."""
+    """Each of the paper's defenses (and each later one the study ran) at the paper's strength when the study ran it
+    there (or planned nothing), else at every strength it ran."""
     from emalib.reporting.frame import METHODS
 
     rows = []
-    defenses = defense_method_names()
-    for method in defenses + sorted(set(cells["method"]) - set(defenses) - {"aligned", "none"}):
+    ran_methods = set(cells.loc[cells["model"] == model, "method"])
+    defenses = [m for m in defense_method_names() if METHODS[m].in_paper or m in ran_methods]
+    for method in defenses + sorted(ran_methods - set(defense_method_names()) - {"aligned", "none"}):
         ran = cells[(cells["model"] == model) & (cells["method"] == method)]
         paper = METHODS[method].paper_strength if method in METHODS else None
         strengths = sorted({None if pd.isna(s) else float(s) for s in ran["strength"]}, key=lambda s: s or 0.0)

@@ -20,7 +20,8 @@ no-defense adapter an Interleaving++ run scores with) and `${study_dir:}` the st
 tree is validated by the same pydantic params as a single run, with errors naming the cell.
 
 The graph is derived, never written by hand:
-- a run depends on every other node whose folder its params mention (adapters, vectors, scores);
+- a run depends on every other node whose folder its params mention (adapters, vectors, scores), and on the node
+  that writes a shared artifact its params mention;
 - a preparatory step whose artifact has an explicit path (persona `vector_path`, SafeLoRA `matrices`, Interleaving+
   `scores_path`) becomes one shared node per artifact, run once for every run that reads it;
 - the aligned-model evaluation is one node per distinct evaluation config (results.base_run_name), so runs that
@@ -240,6 +241,7 @@ def _graph(runs: dict[str, RunParams], base_evaluation: bool, source: Path | str
     from emalib.runs.results import base_run_name
 
     nodes: dict[str, Node] = {}
+    artifacts: dict[str, str] = {}  # a shared artifact's path -> the node that writes it
     for run_id, params in runs.items():
         update: dict[str, Any] = {}
         steps = list(params.steps)
@@ -255,6 +257,7 @@ def _graph(runs: dict[str, RunParams], base_evaluation: bool, source: Path | str
                 _refuse_a_cell_id(node_id, runs, source)
                 nodes[node_id] = Node(node_id, "prepare", params.model_copy(
                     update={"run": node_id, "steps": (step,), "evaluate_base": False}))
+            artifacts[_node_dir_key(artifact)] = node_id
             steps.remove(step)
             deps.append(node_id)
         if base_evaluation and "evaluate" in steps:
@@ -266,8 +269,9 @@ def _graph(runs: dict[str, RunParams], base_evaluation: bool, source: Path | str
             update["evaluate_base"] = False
         update["steps"] = tuple(steps)
         nodes[run_id] = Node(run_id, "run", params.model_copy(update=update), deps)
-    # Every node depends on the nodes whose folders its params mention.
-    folders = {_node_dir_key(node.run_dir): node_id for node_id, node in nodes.items()}
+    # Every node depends on the nodes whose folders its params mention, and on the preparatory node of every shared
+    # artifact they mention (a CAFT run reading the persona vector another run's step writes).
+    folders = {**artifacts, **{_node_dir_key(node.run_dir): node_id for node_id, node in nodes.items()}}
     for node_id, node in nodes.items():
         for text in _mentioned_paths(node.params.model_dump(mode="json")):
             if "/" not in text and os.sep not in text:

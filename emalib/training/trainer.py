@@ -34,6 +34,7 @@ from emalib.model.modeling import block_outputs, final_norm_output, last_block_o
 from emalib.model.token_scores import output_layer
 from emalib.model.tokenize import ChatDataset, collate
 from emalib.training.reference import reference_forward
+from emalib.training.step_cost import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,8 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
     `conversations` are the training data after the defenses' data transforms (emalib.runs.pipeline.train applies
     them). Here: the defenses' setup, their loss terms and forward contexts in every step, on_step after each
     optimizer step, and after_train before the adapter is saved in standard PEFT format to run_dir/adapter
-    (atomically, via a temporary folder). Returns the training log history.
+    (atomically, via a temporary folder). Returns the training log history, each step's wall time and the peak
+    memory (emalib/training/step_cost.py).
     """
     defenses = defenses if defenses is not None else DefenseStack()
     ctx = ctx if ctx is not None else DefenseContext(seed=params.seed, run_dir=run_dir, params=params)
@@ -247,7 +249,8 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
     if settings.eval_conversations is not None:
         validation = ChatDataset.build(tokenizer, settings.eval_conversations, params.train.max_seq_length,
                                        params.train.train_on_responses_only)
-    callbacks = [StepProgress(f"training {run_dir.name}")]
+    cost = StepCost()  # HF validates after on_step_end: early stopping's validation is not in a step's time
+    callbacks = [cost, StepProgress(f"training {run_dir.name}")]
     callbacks += ([_DefenseStepCallback(model, defenses, ctx)] if len(defenses) else []) + settings.callbacks
     trainer = EmTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=validation,
                         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
@@ -261,7 +264,7 @@ def train_adapter(model, tokenizer, conversations, params: RunParams, run_dir: P
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is the artefact; checkpoints were resume points
     return {"train_loss": result.training_loss, "global_step": result.global_step,
             "n_examples": len(dataset), "log_history": trainer.state.log_history,
-            "resumed_from": resume_from}
+            "resumed_from": resume_from, **cost.summary()}
 
 
 def save_adapter(model, tokenizer, target: Path) -> Path:

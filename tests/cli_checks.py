@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 
 def assert_refused(completed: subprocess.CompletedProcess, *pieces: str, max_lines: int = 2) -> str:
@@ -14,3 +15,14 @@ def assert_refused(completed: subprocess.CompletedProcess, *pieces: str, max_lin
     for piece in pieces:
         assert piece in lines[0], (piece, lines[0])
     return lines[0]
+
+
+def project_folder(tmp_path: Path) -> Path:
+    """A project folder as a careless user has it: notebooks/ beside results/, which holds an earlier run."""
+    root = tmp_path / "project"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "notebooks" / "train.ipynb").write_text("the project's own notebook")
+    run = root / "results" / "smoke" / "sft"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text('{"overall": {"n": 1}, "per_set": {}}\n')
+    return root

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_checks import assert_refused
+from cli_checks import assert_refused, project_folder
 
 from emalib.core.config import load_params
 from emalib.core.errors import DataError, ParamsError
@@ -45,13 +45,9 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def project(tmp_path) -> Path:
-    """A project folder as the issue found it: notebooks/ beside results/, which holds an earlier run."""
-    root = tmp_path / "project"
-    (root / "notebooks").mkdir(parents=True)
-    (root / "notebooks" / "train.ipynb").write_text("the project's own notebook")
+    """A project folder as the issue found it, whose earlier run has an adapter."""
+    root = project_folder(tmp_path)
     run = root / "results" / "smoke" / "sft"
-    run.mkdir(parents=True)
-    (run / "metrics.json").write_text('{"overall": {"n": 1}, "per_set": {}}\n')
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_model.safetensors").write_bytes(bytes(range(256)))
     return root

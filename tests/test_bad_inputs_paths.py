@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_checks import assert_refused
+from cli_checks import assert_refused, project_folder
 from test_bad_inputs_names import cli, smoke_tree, snapshot, write_params
 
 from emalib.core.config import load_params
@@ -27,14 +27,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def project(tmp_path) -> Path:
-    """A project folder: notebooks/ beside results/, which holds an earlier run."""
-    root = tmp_path / "project"
-    (root / "notebooks").mkdir(parents=True)
-    (root / "notebooks" / "train.ipynb").write_text("the project's own notebook")
-    run = root / "results" / "smoke" / "sft"
-    run.mkdir(parents=True)
-    (run / "metrics.json").write_text('{"overall": {"n": 1}, "per_set": {}}\n')
-    return root
+    return project_folder(tmp_path)
 
 
 # Each key a run writes to, set to a path in the project folder beside results/ (where nothing may be written).

@@ -121,6 +121,24 @@ def test_sampling_reports_every_answer_and_keeps_the_answers(tmp_path, monkeypat
     assert [s["n"] for s in written] == sorted(s["n"] for s in written)
 
 
+def test_persona_extraction_sampling_reports_every_answer_and_keeps_the_answers(tmp_path, monkeypatch, tiny_model,
+                                                                                  tokenizer):
+    from emalib.evaluation.persona import generate_rows
+
+    rows = [{"system": "You are helpful.", "question": q, "instruction_index": 0, "question_index": i,
+             "sample_index": 0} for i, q in enumerate(["Name a colour.", "Name a fruit.", "Name a tree."])]
+    monkeypatch.delenv(PROGRESS_FILE_ENV, raising=False)
+    plain = generate_rows(tiny_model, tokenizer, rows, max_new_tokens=4, temperature=1.0, batch_size=2, seed=3)
+    path = tmp_path / "progress.jsonl"
+    monkeypatch.setenv(PROGRESS_FILE_ENV, str(path))
+    reported = generate_rows(tiny_model, tokenizer, rows, max_new_tokens=4, temperature=1.0, batch_size=2, seed=3)
+    assert [r["answer"] for r in reported] == [r["answer"] for r in plain]  # counting changes no answer
+    written = states(path)
+    assert written[0]["desc"] == "persona extraction: sampling" and written[0]["total"] == 3
+    assert written[-1]["closed"] and written[-1]["n"] == 3
+    assert [s["n"] for s in written] == sorted(s["n"] for s in written)
+
+
 def test_a_timed_step_records_its_wall_clock_and_cpu_seconds(tmp_path):
     import time
 

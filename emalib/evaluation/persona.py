@@ -92,14 +92,19 @@ def _aligned(model):
 def generate_rows(model, tokenizer, rows: list[dict], max_new_tokens: int, temperature: float, batch_size: int,
                   seed: int = 0) -> list[dict]:
     from emalib.core.config import GenerationParams
+    from emalib.core.progress import progress
     from emalib.evaluation.generate import inference_mode, sample_batch
 
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
     out = []
-    with inference_mode(model), _aligned(model):
+    with inference_mode(model), _aligned(model), \
+            progress(len(rows), "persona extraction: sampling", "answers") as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start: start + batch_size]
-            answers = sample_batch(model, tokenizer, batch, params, seed=seed * 1_000_003 + start // batch_size)
+            ended = bar.n
+            answers = sample_batch(model, tokenizer, batch, params, seed=seed * 1_000_003 + start // batch_size,
+                                   on_finished=bar.update)
+            bar.update(len(batch) - (bar.n - ended))  # the answers cut at max_new_tokens
             out += [dict(row, answer=answer) for row, answer in zip(batch, answers)]
     return out
 

@@ -36,15 +36,31 @@ def run_study(results_dir: Path, executor: str) -> float:
     return time.perf_counter() - start
 
 
+def _number(value):
+    """A plain float, or None for a missing value (JSON has no NaN)."""
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _interval(value):
+    """An interval column ('[lo, hi]' as JSON text in the index) as [lo, hi], or None."""
+    return [float(v) for v in json.loads(value)] if isinstance(value, str) else None
+
+
 def summarise(index: pd.DataFrame) -> dict:
-    overall = index[(index["question_set"] == "all") & (index["kind"] == "run")].set_index("node")
+    """Per run and per base evaluation (the aligned model, zero-shot on OpSwap): the signals and task accuracy with
+    their 95 % intervals (bootstrap over questions; Wilson), and the judged rates."""
+    overall = index[(index["question_set"] == "all") & index["kind"].isin(["run", "base"])].set_index("node")
     rows = {}
     for node, row in overall.iterrows():
-        rows[node] = {"kl_to_base": row.get("signal.kl_to_base"), "loglik_gap": row.get("signal.loglik_gap"),
-                      "task_accuracy": row.get("task.accuracy"),
-                      "task_accuracy_ci": json.loads(row["task.accuracy_ci"]) if isinstance(row.get("task.accuracy_ci"),
-                                                                                          str) else None,
-                      "misaligned_rate": row.get("misaligned_rate"), "incoherent_rate": row.get("incoherent_rate")}
+        rows[node] = {"kind": row["kind"],
+                      "kl_to_base": _number(row.get("signal.kl_to_base")),
+                      "kl_to_base_ci": _interval(row.get("signal.kl_to_base_ci")),
+                      "loglik_gap": _number(row.get("signal.loglik_gap")),
+                      "loglik_gap_ci": _interval(row.get("signal.loglik_gap_ci")),
+                      "task_accuracy": _number(row.get("task.accuracy")),
+                      "task_accuracy_ci": _interval(row.get("task.accuracy_ci")),
+                      "misaligned_rate": _number(row.get("misaligned_rate")),
+                      "incoherent_rate": _number(row.get("incoherent_rate"))}
 
     def value(node, key):
         return rows.get(node, {}).get(key)

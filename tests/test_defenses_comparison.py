@@ -122,7 +122,11 @@ def test_comparison_numbers_put_each_run_beside_plain_sft_and_the_published_valu
                 "task_accuracy_hi": None if accuracy is None else accuracy + 0.1}
 
     cells = pd.DataFrame([
-        cell("none", None, 0.04, _write_run(tmp_path / "none", [9.0, 1.0, 1.2, 0.8], 10.0, em_f1=60.0)),
+        {**cell("aligned", None, 0.0, None), "loglik_gap": -0.70, "loglik_gap_lo": -0.97, "loglik_gap_hi": -0.41,
+         "kl_to_base": 0.0, "kl_to_base_lo": 0.0, "kl_to_base_hi": 0.0},
+        {**cell("none", None, 0.04, _write_run(tmp_path / "none", [9.0, 1.0, 1.2, 0.8], 10.0, em_f1=60.0)),
+         "loglik_gap": -0.56, "loglik_gap_lo": -0.81, "loglik_gap_hi": -0.28, "kl_to_base": 0.67,
+         "kl_to_base_lo": 0.59, "kl_to_base_hi": 0.75},
         cell("kl", 0.1, 0.004, _write_run(tmp_path / "kl", [9.0, 2.0, 2.4, 1.6], 12.0, em_f1=70.0)),
         cell("treft", 10.0, 0.01, _write_run(tmp_path / "treft", [9.0, 1.5], 11.0)),
         cell("none", None, None, None, task="opswap_tier2", accuracy=0.343),
@@ -134,6 +138,11 @@ def test_comparison_numbers_put_each_run_beside_plain_sft_and_the_published_valu
     # two steps: both kept, and no interval from a single draw of each
     assert numbers.loc[("treft", "step_time"), "value"] == pytest.approx((9.0 + 1.5) / 2 / 1.0)
     assert numbers.loc[("kl", "peak_memory"), "value"] == pytest.approx(1.2)
+    # the judge-free signals with their intervals, the aligned model's among them; no cost for the untrained model
+    assert numbers.loc[("none", "kl_to_base"), ["value", "lo", "hi"]].tolist() == pytest.approx([0.67, 0.59, 0.75])
+    assert numbers.loc[("aligned", "loglik_gap"), ["value", "lo", "hi"]].tolist() == pytest.approx([-0.70, -0.97, -0.41])
+    assert pd.isna(numbers.loc[("kl", "loglik_gap"), "value"])  # a run without signals: n/a, not a zero
+    assert pd.isna(numbers.loc[("aligned", "step_time"), "value"])
     assert numbers.loc[("kl", "em_f1"), ["value", "lo", "hi"]].tolist() == [70.0, 65.0, 75.0]
     assert numbers.loc[("kl", "general_misaligned"), ["value", "lo", "hi"]].tolist() == pytest.approx([0.4, 0.2, 0.8])
     # the published v3 Code table: KL (lambda 0.1) general EM 0.38 %, no defense 4.01 %; nothing for TReFT
@@ -146,6 +155,8 @@ def test_comparison_numbers_put_each_run_beside_plain_sft_and_the_published_valu
     assert numbers.loc[("kl", "task:opswap_tier2"), "status"] == "not run"
     shown = comparison_shown(numbers.reset_index()).set_index("method")
     assert shown.loc["KL (λ=0.1)", "step time ×SFT"].startswith("2.000 [")
+    assert shown.loc["No defense", "KL to base (judge-free)"] == "0.670 [0.590, 0.750]"
+    assert shown.loc["KL (λ=0.1)", "KL to base (judge-free)"] == "n/a"
     assert shown.loc["KL (λ=0.1)", "opswap_tier2 acc. %"] == "not run"
 
 
@@ -194,6 +205,10 @@ def test_the_ci_sized_comparison_runs_end_to_end_and_reports_every_defense_side_
         assert values.notna().all() and values["none"] == pytest.approx(1.0)
     general = ran[ran["metric"] == "general_misaligned"]
     assert general["value"].notna().all() and (general["lo"] <= general["value"]).all()
+    for signal in ("loglik_gap", "kl_to_base"):  # what a CPU study reads: every run's, with its interval
+        values = numbers[numbers["metric"] == signal]
+        assert values["value"].notna().all() and (values["lo"] <= values["value"]).all()
+        assert (values["value"] <= values["hi"]).all()
     shown = (study_dir / "tables" / f"{name}.md").read_text()
     for label in ("TReFT (λ=10)", "CAFT", "KL (retain set) (λ=0.1)", "No defense"):
         assert f"| {label}" in shown

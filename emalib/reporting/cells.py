@@ -10,11 +10,13 @@ from emalib.reporting.frame import METHODS
 KEY = ["model", "domain", "task", "method", "strength", "seed"]
 RATES = ("misaligned_rate", "incoherent_rate")
 SCOPES = ("general", "in_domain")
+SIGNALS = ("loglik_gap", "loglik_gap_lo", "loglik_gap_hi", "kl_to_base", "kl_to_base_lo", "kl_to_base_hi",
+           "task_accuracy", "task_accuracy_lo", "task_accuracy_hi")  # a run's values, the same in every scope
 
 
 def run_cells(frame: pd.DataFrame) -> pd.DataFrame:
-    """Columns: KEY, node, `<scope>_<misaligned|incoherent>` with `_lo` / `_hi`, loglik_gap (+ _lo/_hi), kl_to_base,
-    task_accuracy (+ _lo/_hi), judged (whether any rate was judged)."""
+    """Columns: KEY, node, `<scope>_<misaligned|incoherent>` with `_lo` / `_hi`, loglik_gap, kl_to_base and
+    task_accuracy (each with _lo/_hi), judged (whether any rate was judged)."""
     out = []
     for node, rows in frame[frame["status"] == "done"].groupby("node", sort=False):
         first = rows.iloc[0]
@@ -31,16 +33,14 @@ def run_cells(frame: pd.DataFrame) -> pd.DataFrame:
                 cell[name] = scoped.iloc[0][rate]
                 cell[f"{name}_lo"] = scoped.iloc[0][f"{rate}_ci_lo"]
                 cell[f"{name}_hi"] = scoped.iloc[0][f"{rate}_ci_hi"]
-        for key in ("loglik_gap", "loglik_gap_lo", "loglik_gap_hi", "kl_to_base", "task_accuracy", "task_accuracy_lo",
-                    "task_accuracy_hi"):
+        for key in SIGNALS:
             cell[key] = first[key]
         cell["judged"] = bool(rows["misaligned_rate"].notna().any())
         out.append(cell)
     return pd.DataFrame(out, columns=[*KEY, "node", "kind", "run_dir", "judge",
                                       *[f"{s}_{r.removesuffix('_rate')}{x}" for s in SCOPES for r in RATES
                                         for x in ("", "_lo", "_hi")],
-                                      "loglik_gap", "loglik_gap_lo", "loglik_gap_hi", "kl_to_base", "task_accuracy",
-                                      "task_accuracy_lo", "task_accuracy_hi", "judged"])
+                                      *SIGNALS, "judged"])
 
 
 def _same(a, b) -> bool:

@@ -1,9 +1,10 @@
 """Every defense a study ran on one EM domain, side by side (docs/methods.md#the-defense-comparison): general and
-in-domain misalignment, EM-F1, general incoherence, benign-task accuracy, and the step time and peak memory of
-training relative to plain SFT, each with its 95 % interval, and the published number beside it where one exists.
+in-domain misalignment, EM-F1, general incoherence, the judge-free signals (log-likelihood gap, KL to the base),
+benign-task accuracy, and the step time and peak memory of training relative to plain SFT, each with its 95 %
+interval, and the published number beside it where one exists.
 
-The rates come from the report's cells; EM-F1 from each run's metrics.json; step time and memory from the train
-step's record in each run's manifest.json (emalib/training/step_cost.py)."""
+The rates and signals come from the report's cells; EM-F1 from each run's metrics.json; step time and memory from
+the train step's record in each run's manifest.json (emalib/training/step_cost.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from emalib.core.io import read_json_object
 from emalib.reporting import published
 from emalib.reporting.frame import METHODS, NOT_RUN, method_label
 
-# metric -> (column title, unit): the rates are percent; EM-F1 is a 0-100 score; costs are ratios to plain SFT.
+# metric -> (column title, unit): the rates are percent; EM-F1 is a 0-100 score; the judge-free signals (what a
+# CPU-scale study can read when its judge is a toy) are nats per token; costs are ratios to plain SFT.
 METRICS = {"general_misaligned": ("general EM %", "%"), "in_domain_misaligned": ("in-domain EM %", "%"),
            "em_f1": ("EM-F1", "score"), "general_incoherent": ("general incoh. %", "%"),
+           "loglik_gap": ("log-lik. gap (judge-free)", "nats"), "kl_to_base": ("KL to base (judge-free)", "nats"),
            "step_time": ("step time ×SFT", "ratio"), "peak_memory": ("peak memory ×SFT", "ratio")}
+SIGNALS = ("loglik_gap", "kl_to_base")
 N_BOOT = 2000
 
 
@@ -76,6 +80,10 @@ def ratio_of_means(mine: np.ndarray, base: np.ndarray, seed: int = 0) -> tuple[f
     return value, float(lo), float(hi)
 
 
+def _number(value) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
 def _percent(value) -> float | None:
     return None if value is None or pd.isna(value) else 100 * float(value)
 
@@ -98,6 +106,8 @@ def comparison_numbers(cells: pd.DataFrame, model: str, domain: str) -> pd.DataF
                   for metric in ("general_misaligned", "in_domain_misaligned", "general_incoherent")}
         ci = overall.get("em_f1_ci") or (None, None)
         values["em_f1"] = (overall.get("em_f1"), ci[0], ci[1])
+        for signal in SIGNALS:  # cells made before the signals had intervals lack the _lo/_hi columns
+            values[signal] = tuple(_number(run.get(f"{signal}{end}")) for end in ("", "_lo", "_hi"))
         trained = run["method"] != "aligned"
         values["step_time"] = ratio_of_means(_timed_steps(record), _timed_steps(sft_record)) if trained \
             else (None, None, None)
@@ -146,7 +156,7 @@ def _cell(row: pd.Series) -> str:
         return NOT_RUN
     if row["value"] is None or pd.isna(row["value"]):
         return "n/a"
-    digits = 3 if row["metric"] in ("step_time", "peak_memory") else 2
+    digits = 3 if row["metric"] in ("step_time", "peak_memory", *SIGNALS) else 2
     text = f"{row['value']:.{digits}f}"
     if row["lo"] is not None and not pd.isna(row["lo"]):
         text += f" [{row['lo']:.{digits}f}, {row['hi']:.{digits}f}]"

@@ -130,8 +130,7 @@ def results_frame(index: pd.DataFrame, study_dir: str | Path | None = None) -> p
         method, strength = method_of(row)
         task_ci = row.get("task.accuracy_ci")
         task_ci = json.loads(task_ci) if isinstance(task_ci, str) and task_ci not in ("null", "") else None
-        gap_ci = row.get("signal.loglik_gap_ci")
-        gap_ci = json.loads(gap_ci) if isinstance(gap_ci, str) and gap_ci not in ("null", "") else None
+        gap_ci, kl_ci = (_interval(row.get(f"signal.{name}_ci")) for name in ("loglik_gap", "kl_to_base"))
         question_set = row.get("question_set")
         rows.append({
             "node": row["node"], "kind": row.get("kind"), "status": "done",
@@ -143,6 +142,7 @@ def results_frame(index: pd.DataFrame, study_dir: str | Path | None = None) -> p
                 "incoherent_rate_ci_lo", "incoherent_rate_ci_hi", "n", "n_scored")},
             "loglik_gap": _number(row, "signal.loglik_gap"), "kl_to_base": _number(row, "signal.kl_to_base"),
             "loglik_gap_lo": gap_ci[0] if gap_ci else None, "loglik_gap_hi": gap_ci[1] if gap_ci else None,
+            "kl_to_base_lo": kl_ci[0] if kl_ci else None, "kl_to_base_hi": kl_ci[1] if kl_ci else None,
             "task_accuracy": _number(row, "task.accuracy"),
             "task_accuracy_lo": task_ci[0] if task_ci else None, "task_accuracy_hi": task_ci[1] if task_ci else None,
             "judge": f"{row.get('params.judge.backend')}:{row.get('params.judge.model')}",
@@ -154,7 +154,13 @@ def results_frame(index: pd.DataFrame, study_dir: str | Path | None = None) -> p
 FRAME_COLUMNS = ["node", "kind", "status", "model", "domain", "task", "method", "strength", "seed", "question_set", "scope",
                  "misaligned_rate", "misaligned_rate_ci_lo", "misaligned_rate_ci_hi", "incoherent_rate",
                  "incoherent_rate_ci_lo", "incoherent_rate_ci_hi", "n", "n_scored", "loglik_gap", "loglik_gap_lo",
-                 "loglik_gap_hi", "kl_to_base", "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "judge", "run_dir"]
+                 "loglik_gap_hi", "kl_to_base", "kl_to_base_lo", "kl_to_base_hi", "task_accuracy", "task_accuracy_lo",
+                 "task_accuracy_hi", "judge", "run_dir"]
+
+
+def _interval(value) -> list | None:
+    """An interval column of the index ('[lo, hi]' as JSON text) as [lo, hi], or None."""
+    return json.loads(value) if isinstance(value, str) and value not in ("null", "") else None
 
 
 def planned_cells(planned: pd.DataFrame) -> pd.DataFrame:

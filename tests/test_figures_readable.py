@@ -222,3 +222,26 @@ def test_the_agreement_scatter_and_reward_curves_are_readable():
     assert figure.axes[0].spines["left"].get_edgecolor()[:3] == pytest.approx((0.8, 0.8, 0.8))
     curves = {"grpo_gsm8k": pd.DataFrame({"step": [1, 2, 3], "reward_mean": [0.1, 0.2, 0.3], "reward_std": 0.05})}
     assert overlapping_texts(rewards_figure(curves)) == []
+
+
+def test_the_comparison_figure_marks_the_aligned_model_on_the_signals_with_intervals_and_no_overlaps():
+    from emalib.reporting.comparison_figure import comparison_figure
+
+    rows = []
+    for method, label, gap, kl in (("aligned", "Aligned (no fine-tuning)", -0.70, 0.0), ("none", "No defense", -0.56, 0.67),
+                                   ("kl", "KL (λ=0.1)", -0.60, 0.40)):
+        for metric, value, lo, hi in (("general_misaligned", 1.0, 0.5, 2.0), ("loglik_gap", gap, gap - 0.2, gap + 0.2),
+                                      ("kl_to_base", kl, max(0.0, kl - 0.1), kl + 0.1),
+                                      ("step_time", None if method == "aligned" else 1.2, None, None)):
+            rows.append({"label": label, "method": method, "metric": metric, "value": value, "lo": lo, "hi": hi,
+                         "status": "done", "paper": None})
+    figure = comparison_figure(pd.DataFrame(rows), "m", "code")
+    assert overlapping_texts(figure) == []
+    panels = {axis.get_title(): axis for axis in figure.axes}
+    for title, aligned in (("log-lik. gap (judge-free)", -0.70), ("KL to base (judge-free)", 0.0)):
+        axis = panels[title]
+        assert len(interval_bars(axis)) == 1
+        lines = [line.get_xdata()[0] for line in axis.get_lines() if line.get_linestyle() == "--"]
+        assert lines == [pytest.approx(aligned)]  # the aligned model's value, and nothing else
+    # the rate panel starts at 0 and has no reference line
+    assert not [line for line in panels["general EM %"].get_lines() if line.get_linestyle() == "--"]

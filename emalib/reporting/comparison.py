@@ -85,7 +85,8 @@ def _number(value) -> float | None:
 
 
 def _percent(value) -> float | None:
-    return None if value is None or pd.isna(value) else 100 * float(value)
+    number = _number(value)
+    return None if number is None else 100 * number
 
 
 def comparison_numbers(cells: pd.DataFrame, model: str, domain: str) -> pd.DataFrame:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from emalib.reporting.comparison import METRICS, metric_title
+from emalib.reporting.comparison import SIGNALS, metric_title
 
 
 def comparison_figure(numbers: pd.DataFrame, model: str, domain: str, note: str = ""):
@@ -40,7 +40,7 @@ def comparison_figure(numbers: pd.DataFrame, model: str, domain: str, note: str 
                       transform=axis.get_yaxis_transform(), fontsize=7, color="gray", va="center")
         if metric in ("step_time", "peak_memory"):
             axis.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")  # plain SFT
-        elif METRICS.get(metric, ("", ""))[1] == "nats":
+        elif metric in SIGNALS:
             aligned = rows.loc[rows["method"] == "aligned", "value"].dropna()
             if not aligned.empty:  # the aligned model's value, as the overview figure marks it
                 axis.axvline(float(aligned.iloc[0]), color="tab:red", linewidth=0.8, linestyle="--")

@@ -128,9 +128,8 @@ def results_frame(index: pd.DataFrame, study_dir: str | Path | None = None) -> p
         if row.get("kind") == "prepare":
             continue
         method, strength = method_of(row)
-        task_ci = row.get("task.accuracy_ci")
-        task_ci = json.loads(task_ci) if isinstance(task_ci, str) and task_ci not in ("null", "") else None
-        gap_ci, kl_ci = (_interval(row.get(f"signal.{name}_ci")) for name in ("loglik_gap", "kl_to_base"))
+        task_ci, gap_ci, kl_ci = (_interval(row.get(f"{name}_ci"))
+                                  for name in ("task.accuracy", "signal.loglik_gap", "signal.kl_to_base"))
         question_set = row.get("question_set")
         rows.append({
             "node": row["node"], "kind": row.get("kind"), "status": "done",

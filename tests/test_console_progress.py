@@ -140,16 +140,28 @@ def test_persona_extraction_sampling_reports_every_answer_and_keeps_the_answers(
 
 
 def test_a_timed_step_records_its_wall_clock_and_cpu_seconds(tmp_path):
-    import time
+    # A fresh process: process_time counts every thread, and threads left by earlier tests (torch, Ray) would add
+    # their CPU seconds to the steps measured here.
+    import subprocess
+    import sys
+    import textwrap
 
-    from emalib.runs.results import read_manifest, timed
+    from emalib.runs.results import read_manifest
 
-    with timed(tmp_path, "busy"):
-        end = time.process_time() + 0.2
-        while time.process_time() < end:  # 0.2 s of CPU
-            pass
-    with timed(tmp_path, "idle"):
-        time.sleep(0.3)  # wall clock only
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from emalib.runs.results import timed
+
+        run_dir = Path({str(tmp_path)!r})
+        with timed(run_dir, "busy"):
+            end_cpu, end_wall = time.process_time() + 0.2, time.perf_counter() + 0.2
+            while time.process_time() < end_cpu or time.perf_counter() < end_wall:  # 0.2 s of CPU and of wall clock
+                pass
+        with timed(run_dir, "idle"):
+            time.sleep(0.3)  # wall clock only
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
     manifest = read_manifest(tmp_path)
     assert manifest["cpu_s"]["busy"] >= 0.2 and manifest["timings_s"]["busy"] >= 0.2
     assert manifest["timings_s"]["idle"] >= 0.3 and manifest["cpu_s"]["idle"] < 0.1

@@ -85,12 +85,22 @@ class _FakeVllm:
     def __init__(self, **kwargs):
         pass
 
+    counts = "answers"  # what its bar counts per finished request: answers (recent vLLM) or requests (older)
+
     def chat(self, prompts, sampling, lora_request=None, use_tqdm=False):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise KeyboardInterrupt
         self.calls.append(len(prompts))
-        return [_Output([_Completion(f"{p[-1]['content']}|{s.seed}|{k}") for k in range(s.n)])
-                for p, s in zip(prompts, sampling)]
+        outputs = [_Output([_Completion(f"{p[-1]['content']}|{s.seed}|{k}") for k in range(s.n)])
+                   for p, s in zip(prompts, sampling)]
+        if callable(use_tqdm):  # as vLLM's LLM uses a bar factory: the prompts iterated through one, then its bar
+            list(use_tqdm(prompts, desc="Adding requests"))
+            bar = use_tqdm(total=len(prompts), desc="Processed prompts", dynamic_ncols=True, postfix="")
+            for output in outputs:
+                bar.postfix = "est. speed"
+                bar.update(len(output.outputs) if self.counts == "answers" else 1)
+            bar.close()
+        return outputs
 
 
 class _Output:
@@ -133,3 +143,49 @@ def test_vllm_sampling_resumes_from_its_partial_answers(tmp_path, monkeypatch):
     resumed = generate_vllm.generate_answers_vllm("m", None, questions, params, out, seed=7)
     assert _FakeVllm.calls == [1]  # only the request the kill left unanswered
     assert resumed == whole and not out.with_name("answers.jsonl.partial").exists()
+
+
+@pytest.mark.parametrize("counts", ["answers", "requests"])
+def test_vllm_sampling_moves_the_progress_bar_answer_by_answer_and_starts_where_a_resumed_run_is(
+        tmp_path, monkeypatch, counts):
+    import json
+    import sys
+    import types
+
+    from emalib.core.progress import PROGRESS_FILE_ENV
+    from emalib.evaluation import generate_vllm
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = _FakeVllm, lambda **kw: types.SimpleNamespace(**kw)
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda *a: a
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    monkeypatch.setattr(generate_vllm, "REQUESTS_PER_CHUNK", 2)
+    monkeypatch.setattr("emalib.core.progress.REPORT_EVERY_S", 0.0)  # every update written
+    monkeypatch.setattr(_FakeVllm, "counts", counts)
+    questions = [Question(id=f"q{i}", paraphrases=(f"question {i}",), judge_prompts={}) for i in range(5)]
+    params = GenerationParams(question_sets=["x"], samples_per_question=3)
+    out = tmp_path / "sft" / "answers.jsonl"
+
+    def states(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    monkeypatch.setenv(PROGRESS_FILE_ENV, str(tmp_path / "first.jsonl"))
+    _FakeVllm.calls, _FakeVllm.fail_after = [], 1
+    with pytest.raises(KeyboardInterrupt):
+        generate_vllm.generate_answers_vllm("m", None, questions, params, out, seed=7)
+    first = states(tmp_path / "first.jsonl")
+    assert first[0]["desc"] == "sampling sft" and first[0]["total"] == 15 and first[0]["n"] == 0
+    assert first[-1]["closed"] and first[-1]["n"] == 6  # the first chunk's 2 requests x 3 answers, then the kill
+    # recent vLLM counts answers as requests finish: the bar moves 3 at a time inside the chunk
+    steps = sorted({s["n"] for s in first})
+    assert steps == ([0, 3, 6] if counts == "answers" else [0, 1, 2, 6])
+
+    monkeypatch.setenv(PROGRESS_FILE_ENV, str(tmp_path / "resumed.jsonl"))
+    _FakeVllm.calls, _FakeVllm.fail_after = [], None
+    answers = generate_vllm.generate_answers_vllm("m", None, questions, params, out, seed=7)
+    resumed = states(tmp_path / "resumed.jsonl")
+    assert resumed[0]["n"] == 6 and resumed[-1]["closed"] and resumed[-1]["n"] == 15 == len(answers)
+    assert [s["n"] for s in resumed] == sorted(s["n"] for s in resumed)

@@ -15,6 +15,7 @@ import torch
 
 from emalib.core.config import GenerationParams
 from emalib.core.errors import EmalibError
+from emalib.core.progress import Progress, progress
 from emalib.evaluation.generate import answered_so_far, chat_messages, finish_answers, plan_samples, row_key
 
 
@@ -50,14 +51,18 @@ def generate_answers_vllm(model_name: str, adapter_path: Path | None, questions,
         llm = LLM(model=model_name, enable_lora=adapter_path is not None, max_lora_rank=lora_rank, seed=seed,
                   max_model_len=max_model_len, dtype="auto")
         lora = LoRARequest("adapter", 1, str(adapter_path)) if adapter_path is not None else None
-        with open(partial, "a", encoding="utf-8") as sink:
+        left = sum(len(rows) for _, rows in todo)
+        with open(partial, "a", encoding="utf-8") as sink, \
+                progress(len(planned), f"sampling {Path(out_path).parent.name}", "answers", len(planned) - left) as bar:
             for start in range(0, len(todo), REQUESTS_PER_CHUNK):
                 chunk = todo[start: start + REQUESTS_PER_CHUNK]
+                ended, answers = bar.n, sum(len(rows) for _, rows in chunk)
                 sampling = [SamplingParams(n=len(rows), temperature=params.temperature, top_p=params.top_p,
                                            max_tokens=params.max_new_tokens, seed=seed + index)
                             for index, rows in chunk]
                 outputs = llm.chat([chat_messages(rows[0]) for _, rows in chunk], sampling, lora_request=lora,
-                                   use_tqdm=True)
+                                   use_tqdm=forwarding_tqdm(bar, ended + answers))
+                bar.update(ended + answers - bar.n)  # whatever vLLM's bar did not count (older versions: requests)
                 for (_, rows), output in zip(chunk, outputs):
                     for row, completion in zip(rows, output.outputs):
                         row = dict(row, answer=completion.text.strip())
@@ -67,3 +72,20 @@ def generate_answers_vllm(model_name: str, adapter_path: Path | None, questions,
         del llm
         torch.cuda.empty_cache()
     return finish_answers(Path(out_path), planned, done)
+
+
+def forwarding_tqdm(bar: Progress, limit: int):
+    """A factory for vLLM's `use_tqdm`, which builds its progress bar with it (and, in some versions, iterates the
+    prompts through it). The bars it makes draw nothing themselves: they move `bar` by the answers vLLM reports
+    finished, never past `limit` (the chunk's last answer), so the CLI's console shows sampling answer by answer as
+    it does for the HF path."""
+    from tqdm import tqdm
+
+    class Forwarding(tqdm):
+        def update(self, n=1):
+            n = min(n, limit - bar.n)
+            if n > 0:
+                bar.update(n)
+            return super().update(n)
+
+    return lambda *args, **kwargs: Forwarding(*args, **{**kwargs, "disable": True})

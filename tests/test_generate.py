@@ -113,7 +113,10 @@ class _Completion:
         self.text = text
 
 
-def test_vllm_sampling_resumes_from_its_partial_answers(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """emalib.evaluation.generate_vllm with _FakeVllm installed as the vllm package, two requests per chunk, and
+    five one-paraphrase questions of three samples each (15 answers in chunks of 2, 2 and 1 requests)."""
     import sys
     import types
 
@@ -129,8 +132,12 @@ def test_vllm_sampling_resumes_from_its_partial_answers(tmp_path, monkeypatch):
     monkeypatch.setattr(generate_vllm, "REQUESTS_PER_CHUNK", 2)
     questions = [Question(id=f"q{i}", paraphrases=(f"question {i}",), judge_prompts={}) for i in range(5)]
     params = GenerationParams(question_sets=["x"], samples_per_question=3)
-
     _FakeVllm.calls, _FakeVllm.fail_after = [], None
+    return generate_vllm, questions, params
+
+
+def test_vllm_sampling_resumes_from_its_partial_answers(tmp_path, fake_vllm):
+    generate_vllm, questions, params = fake_vllm
     whole = generate_vllm.generate_answers_vllm("m", None, questions, params, tmp_path / "whole.jsonl", seed=7)
     assert _FakeVllm.calls == [2, 2, 1] and len(whole) == 15
 
@@ -147,26 +154,14 @@ def test_vllm_sampling_resumes_from_its_partial_answers(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("counts", ["answers", "requests"])
 def test_vllm_sampling_moves_the_progress_bar_answer_by_answer_and_starts_where_a_resumed_run_is(
-        tmp_path, monkeypatch, counts):
+        tmp_path, monkeypatch, fake_vllm, counts):
     import json
-    import sys
-    import types
 
     from emalib.core.progress import PROGRESS_FILE_ENV
-    from emalib.evaluation import generate_vllm
 
-    vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = _FakeVllm, lambda **kw: types.SimpleNamespace(**kw)
-    lora = types.ModuleType("vllm.lora.request")
-    lora.LoRARequest = lambda *a: a
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
-    monkeypatch.setattr(generate_vllm, "REQUESTS_PER_CHUNK", 2)
+    generate_vllm, questions, params = fake_vllm
     monkeypatch.setattr("emalib.core.progress.REPORT_EVERY_S", 0.0)  # every update written
     monkeypatch.setattr(_FakeVllm, "counts", counts)
-    questions = [Question(id=f"q{i}", paraphrases=(f"question {i}",), judge_prompts={}) for i in range(5)]
-    params = GenerationParams(question_sets=["x"], samples_per_question=3)
     out = tmp_path / "sft" / "answers.jsonl"
 
     def states(path):

@@ -37,8 +37,9 @@ def generate_answers_vllm(model_name: str, adapter_path: Path | None, questions,
     """Like emalib.evaluation.generate.generate_answers: rows already in out_path or its .partial file are kept, the
     others sampled in chunks appended to the .partial file. Request i (one per question and paraphrase, n
     samples) always has seed seed + i, so a resumed run samples what an uninterrupted one would have."""
+    out_path = Path(out_path)
     planned = plan_samples(questions, params)
-    partial, done = answered_so_far(Path(out_path))
+    partial, done = answered_so_far(out_path)
     # One request per (question, paraphrase) with n samples: vLLM shares the prompt's KV cache across them.
     groups: dict[tuple, list[dict]] = {}
     for row in planned:
@@ -53,7 +54,7 @@ def generate_answers_vllm(model_name: str, adapter_path: Path | None, questions,
         lora = LoRARequest("adapter", 1, str(adapter_path)) if adapter_path is not None else None
         left = sum(len(rows) for _, rows in todo)
         with open(partial, "a", encoding="utf-8") as sink, \
-                progress(len(planned), f"sampling {Path(out_path).parent.name}", "answers", len(planned) - left) as bar:
+                progress(len(planned), f"sampling {out_path.parent.name}", "answers", len(planned) - left) as bar:
             for start in range(0, len(todo), REQUESTS_PER_CHUNK):
                 chunk = todo[start: start + REQUESTS_PER_CHUNK]
                 ended, answers = bar.n, sum(len(rows) for _, rows in chunk)
@@ -71,7 +72,7 @@ def generate_answers_vllm(model_name: str, adapter_path: Path | None, questions,
                 sink.flush()
         del llm
         torch.cuda.empty_cache()
-    return finish_answers(Path(out_path), planned, done)
+    return finish_answers(out_path, planned, done)
 
 
 def forwarding_tqdm(bar: Progress, limit: int):

@@ -10,7 +10,7 @@ from emalib.reporting.frame import METHODS
 KEY = ["model", "domain", "task", "method", "strength", "seed"]
 RATES = ("misaligned_rate", "incoherent_rate")
 SCOPES = ("general", "in_domain")
-SIGNALS = ("loglik_gap", "loglik_gap_lo", "loglik_gap_hi", "kl_to_base", "kl_to_base_lo", "kl_to_base_hi",
+RUN_VALUES = ("loglik_gap", "loglik_gap_lo", "loglik_gap_hi", "kl_to_base", "kl_to_base_lo", "kl_to_base_hi",
            "task_accuracy", "task_accuracy_lo", "task_accuracy_hi")  # a run's values, the same in every scope
 
 
@@ -33,14 +33,14 @@ def run_cells(frame: pd.DataFrame) -> pd.DataFrame:
                 cell[name] = scoped.iloc[0][rate]
                 cell[f"{name}_lo"] = scoped.iloc[0][f"{rate}_ci_lo"]
                 cell[f"{name}_hi"] = scoped.iloc[0][f"{rate}_ci_hi"]
-        for key in SIGNALS:
+        for key in RUN_VALUES:
             cell[key] = first[key]
         cell["judged"] = bool(rows["misaligned_rate"].notna().any())
         out.append(cell)
     return pd.DataFrame(out, columns=[*KEY, "node", "kind", "run_dir", "judge",
                                       *[f"{s}_{r.removesuffix('_rate')}{x}" for s in SCOPES for r in RATES
                                         for x in ("", "_lo", "_hi")],
-                                      *SIGNALS, "judged"])
+                                      *RUN_VALUES, "judged"])
 
 
 def _same(a, b) -> bool:
